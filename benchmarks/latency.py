@@ -1,0 +1,83 @@
+"""Single-query latency of every student variant against the teacher measured the reference way.
+
+In one process: the teacher as the book timed it (fp32 ``transformers`` pipeline, one query per
+call), and the student in PyTorch fp32, PyTorch int8, ONNX Runtime and ONNX Runtime int8
+(kdlib predictors). Latency is timed over the first 100 test queries after a warm-up; each
+variant's p50 is the median over ``--repeats`` rounds, interleaved so that changes in machine load
+hit every variant alike. Also prints test accuracy of each variant and every file size.
+Targets: best student p50 >= 8x lower than the teacher's, accuracy within 1.5 points; ONNX int8
+file <= 30 % of the fp32 ONNX file.
+
+    KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json \
+        .venv/bin/python benchmarks/latency.py --run minilm [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from kdlib.benchmark import compute_accuracy, compute_size, env_fingerprint, time_pipeline
+from kdlib.data import label_names, load_intent_data
+from kdlib.models import load_classifier, load_tokenizer
+from kdlib.optimize import build_variants
+from kdlib.predictors import PipelinePredictor, TorchPredictor
+from kdlib.profiles import RunPaths, prepare_session
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="minilm", help="run whose teacher and student to load")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    session = prepare_session(42, args.threads)
+    paths = RunPaths.of("outputs", args.run)
+    data = load_intent_data(args.data)
+    labels = label_names(data)
+    teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)
+    student, student_tok = load_classifier(paths.student_dir, labels), load_tokenizer(paths.student_dir)
+
+    predictors = {"teacher (pipeline, fp32)": PipelinePredictor(teacher, teacher_tok)}
+    predictors["student"] = TorchPredictor(student, student_tok)
+    predictors.update(build_variants(student, student_tok, paths.onnx_dir / "latency", threads=args.threads))
+
+    queries = data["test"]["text"][: args.queries]
+    p50s: dict[str, list[float]] = {name: [] for name in predictors}
+    for _ in range(args.repeats):
+        for name, predictor in predictors.items():
+            p50s[name].append(time_pipeline(predictor, queries)["time_p50_ms"])
+
+    teacher_p50 = float(np.median(p50s["teacher (pipeline, fp32)"]))
+    rows = {}
+    for name, predictor in predictors.items():
+        scoring = TorchPredictor(teacher, teacher_tok) if name.startswith("teacher") else predictor
+        accuracy = compute_accuracy(scoring, data["test"])
+        p50 = float(np.median(p50s[name]))
+        rows[name] = {
+            "p50_ms": p50,
+            "speedup_vs_teacher": teacher_p50 / p50,
+            "accuracy": accuracy["accuracy"],
+            "in_scope_accuracy": accuracy.get("in_scope_accuracy"),
+            "oos_recall": accuracy.get("oos_recall"),
+            "size_mb": compute_size(predictor)["size_mb"],
+            "p50_all_repeats_ms": p50s[name],
+        }
+    onnx_ratio = rows["student-onnx-int8"]["size_mb"] / rows["student-onnx"]["size_mb"]
+    print(json.dumps({"variants": rows, "onnx_int8_over_fp32_size": onnx_ratio, "session": session,
+                      "env": env_fingerprint()}, indent=2))
+    print(f"\nmedian p50 over {args.repeats} rounds of {len(queries)} single queries, threads={session['threads']}")
+    print(f"{'variant':<26} {'p50 ms':>8} {'speed-up':>9} {'accuracy':>9} {'OOS rec.':>9} {'MB':>8}")
+    for name, row in rows.items():
+        print(f"{name:<26} {row['p50_ms']:8.2f} {row['speedup_vs_teacher']:8.1f}x {row['accuracy']:9.4f} "
+              f"{row['oos_recall']:9.4f} {row['size_mb']:8.1f}")
+    print(f"ONNX int8 file / fp32 ONNX file: {onnx_ratio:.1%}")
+
+
+if __name__ == "__main__":
+    main()

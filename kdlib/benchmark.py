@@ -1,0 +1,307 @@
+"""Accuracy, size and latency of a classifier, measured the reference way and a little better.
+
+The reference study (*NLP with Transformers*, ch. 8) reports three figures per model: accuracy on
+the CLINC150 test split, the size of the saved state dict in MB, and the mean and standard
+deviation of single-query latency over 100 ``pipeline`` calls. :class:`PerformanceBenchmark`
+keeps those keys (``accuracy``, ``size_mb``, ``time_avg_ms``, ``time_std_ms``) and adds:
+
+* batched, length-sorted inference for accuracy (same predictions, many times faster);
+* in-scope accuracy, out-of-scope recall / precision (the CLINC150 paper's metrics) and macro-F1;
+* latency percentiles and batch throughput, with the thread count they were measured at;
+* an environment fingerprint, so that every figure says where it came from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from kdlib.data import OOS_LABEL
+from kdlib.predictors import Predictor, TorchPredictor
+
+Clock = Callable[[], float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+    """Predicted label names, in input order, from length-sorted batches (little padding waste)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    predictions: list[str] = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, label in zip(chunk, predictor.predict([texts[i] for i in chunk]), strict=True):
+            predictions[i] = label
+    return predictions
+
+
+def classification_metrics(
+    gold: Sequence[str], predicted: Sequence[str], oos_label: str | None = OOS_LABEL
+) -> dict:
+    """Accuracy and macro-F1; with an OOS label present, also the CLINC150 paper's metrics:
+
+    * ``in_scope_accuracy``: accuracy on queries whose gold label is not OOS;
+    * ``oos_recall``: share of OOS queries predicted as OOS;
+    * ``oos_precision``: share of OOS predictions that really are OOS.
+    """
+    if len(gold) != len(predicted) or not gold:
+        raise ValueError(
+            f"Need as many predictions as gold labels (got {len(predicted)} and {len(gold)}), at least one."
+        )
+    gold_a, pred_a = np.asarray(gold, dtype=object), np.asarray(predicted, dtype=object)
+    correct = gold_a == pred_a
+    metrics = {"accuracy": float(correct.mean())}
+    f1s = []
+    for label in sorted(set(gold)):
+        tp = float(np.sum((pred_a == label) & (gold_a == label)))
+        fp = float(np.sum((pred_a == label) & (gold_a != label)))
+        fn = float(np.sum((pred_a != label) & (gold_a == label)))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    metrics["macro_f1"] = float(np.mean(f1s))
+    if oos_label is not None and oos_label in set(gold):
+        in_scope = gold_a != oos_label
+        is_oos = ~in_scope
+        predicted_oos = pred_a == oos_label
+        metrics["in_scope_accuracy"] = float(correct[in_scope].mean()) if in_scope.any() else float("nan")
+        metrics["oos_recall"] = float(predicted_oos[is_oos].mean())
+        metrics["oos_precision"] = float(is_oos[predicted_oos].mean()) if predicted_oos.any() else 0.0
+    return metrics
+
+
+def compute_accuracy(
+    predictor: Predictor, dataset: Dataset, *, batch_size: int = 64, oos_label: str | None = OOS_LABEL
+) -> dict:
+    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split; gold and predicted compared by name."""
+    names = dataset.features["label"].names
+    unknown = sorted(set(names) - set(predictor.labels))
+    if unknown:
+        raise ValueError(f"The model cannot predict label(s) {unknown[:10]} of the data: label sets differ.")
+    gold = [names[i] for i in dataset["label"]]
+    with torch.inference_mode():
+        predicted = predict_labels(predictor, dataset["text"], batch_size)
+    return classification_metrics(gold, predicted, oos_label if oos_label in names else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Size
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_size(predictor: Predictor) -> dict:
+    """Size in MB (bytes / 2**20) of the saved weights, and the parameter count when known."""
+    size = predictor.size_bytes()
+    return {"size_mb": size / 2**20, "size_bytes": size, "num_parameters": predictor.num_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency and throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def latency_stats(latencies_ms: Sequence[float]) -> dict:
+    """Mean and standard deviation (the reference's ``np.std``) plus p50 / p95 / p99, in ms."""
+    values = np.asarray(latencies_ms, dtype=float)
+    return {
+        "time_avg_ms": float(values.mean()),
+        "time_std_ms": float(values.std()),
+        "time_p50_ms": float(np.percentile(values, 50)),
+        "time_p95_ms": float(np.percentile(values, 95)),
+        "time_p99_ms": float(np.percentile(values, 99)),
+        "latency_queries": int(values.size),
+    }
+
+
+def time_pipeline(
+    predictor: Callable[[str], object],
+    queries: Sequence[str],
+    *,
+    warmup: int = 10,
+    clock: Clock = time.perf_counter,
+) -> dict:
+    """Time one call per query (tokenisation included), after ``warmup`` untimed calls."""
+    if not queries:
+        raise ValueError("time_pipeline needs at least one query.")
+    for query in list(queries)[:warmup]:
+        predictor(query)
+    latencies = []
+    for query in queries:
+        start = clock()
+        predictor(query)
+        latencies.append((clock() - start) * 1000)
+    return latency_stats(latencies)
+
+
+def time_throughput(
+    predictor: Predictor, texts: Sequence[str], *, batch_size: int = 32, clock: Clock = time.perf_counter
+) -> dict:
+    """Queries per second when ``texts`` are sent in batches of ``batch_size``."""
+    texts = list(texts)
+    predictor.logits(texts[:batch_size])  # warm-up
+    start = clock()
+    for i in range(0, len(texts), batch_size):
+        predictor.logits(texts[i : i + batch_size])
+    elapsed = clock() - start
+    return {
+        "throughput_qps": len(texts) / elapsed if elapsed > 0 else float("inf"),
+        "throughput_batch_size": batch_size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a figure was measured
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=cwd or Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def env_fingerprint(device: str | None = None) -> dict:
+    """Versions, hardware and threads: recorded with every result so figures can be compared fairly."""
+    import transformers
+
+    import kdlib
+
+    return {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "kdlib_version": kdlib.__version__,
+        "git_commit": git_commit(),
+        "python_version": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+class PerformanceBenchmark:
+    """Accuracy, size and latency of one model variant, under the reference study's names.
+
+    ``model`` is a :class:`~kdlib.predictors.Predictor` (any variant: fp32, int8, ONNX Runtime) or
+    a ``transformers`` model, which is wrapped together with ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        model,
+        dataset: Dataset,
+        name: str = "baseline",
+        *,
+        tokenizer=None,
+        model_ref: str | None = None,
+        n_latency_queries: int = 100,
+        warmup: int = 10,
+        batch_size: int = 64,
+        throughput_batch_size: int = 32,
+        threads: int | None = None,
+        clock: Clock = time.perf_counter,
+    ) -> None:
+        if isinstance(model, Predictor):
+            self.predictor = model
+        else:
+            if tokenizer is None:
+                raise ValueError("Pass `tokenizer=` with a transformers model (or pass a Predictor).")
+            self.predictor = TorchPredictor(model, tokenizer)
+        self.dataset = dataset
+        self.name = name
+        self.model_ref = model_ref
+        self.n_latency_queries = n_latency_queries
+        self.warmup = warmup
+        self.batch_size = batch_size
+        self.throughput_batch_size = throughput_batch_size
+        self.threads = threads
+        self.clock = clock
+
+    def compute_accuracy(self) -> dict:
+        return compute_accuracy(self.predictor, self.dataset, batch_size=self.batch_size)
+
+    def compute_size(self) -> dict:
+        return compute_size(self.predictor)
+
+    def time_pipeline(self) -> dict:
+        queries = self.dataset["text"][: self.n_latency_queries]
+        stats = time_pipeline(self.predictor, queries, warmup=self.warmup, clock=self.clock)
+        stats.update(
+            time_throughput(
+                self.predictor,
+                self.dataset["text"][:512],
+                batch_size=self.throughput_batch_size,
+                clock=self.clock,
+            )
+        )
+        return stats
+
+    def run_benchmark(self) -> dict[str, dict]:
+        """``{name: metrics}`` like the reference, metrics including the environment fingerprint."""
+        previous_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            metrics = {**self.compute_accuracy(), **self.compute_size(), **self.time_pipeline()}
+            metrics.update(
+                {
+                    "model_ref": self.model_ref,
+                    "test_rows": len(self.dataset),
+                    "predictor": self.predictor.describe(),
+                    "env": env_fingerprint(
+                        getattr(self.predictor, "device", None) and str(self.predictor.device)
+                    ),
+                }
+            )
+        finally:
+            torch.set_num_threads(previous_threads)
+        return {self.name: metrics}
+
+
+def median_of_repeats(fn: Callable[[], object], repeats: int = 3, clock: Clock = time.perf_counter) -> dict:
+    """Run ``fn`` ``repeats`` times; the median and every wall time in seconds, and the last result.
+
+    Single timings on a shared machine are noisy; the median of a few repeats is the figure to report.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    seconds, result = [], None
+    for _ in range(repeats):
+        start = clock()
+        result = fn()
+        seconds.append(clock() - start)
+    return {"median_s": float(np.median(seconds)), "all_s": seconds, "result": result}

@@ -1,0 +1,419 @@
+"""Loading and validating intent-classification data from every source kdlib supports.
+
+Every loader returns the same thing, a ``datasets.DatasetDict`` with ``train`` / ``validation`` /
+``test`` splits, a ``text`` column and a ``label`` column of type ``ClassLabel`` whose names are the
+intents. Downstream code (models, benchmark, distillation) only ever sees that shape, so a new
+source needs a new loader here and nothing else.
+
+Where the data comes from, in order: the ``source`` argument (a notebook parameter), the
+``KDLIB_DATA`` environment variable, then the Hugging Face Hub's ``clinc_oos`` / ``plus``.
+
+* a ``.json`` file: an original CLINC150 release file (``data_oos_plus.json`` ...);
+* a directory: your own ``train`` / ``validation`` / ``test`` files in CSV or JSON Lines;
+* anything else: a Hub dataset id, optionally with a config after a colon (``clinc_oos:plus``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+DATA_ENV_VAR = "KDLIB_DATA"
+DEFAULT_HUB_SOURCE = "clinc_oos:plus"
+OOS_LABEL = "oos"
+SPLITS = ("train", "validation", "test")
+
+# CLINC150 release files: our split name -> (in-scope key, out-of-scope key).
+CLINC_RELEASE_KEYS = {
+    "train": ("train", "oos_train"),
+    "validation": ("val", "oos_val"),
+    "test": ("test", "oos_test"),
+}
+# File stems accepted for each split of a user's own folder, first match wins.
+FOLDER_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), "test": ("test",)}
+FOLDER_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Input data that kdlib cannot use; the message names the file and how to fix it."""
+
+
+def resolve_data_source(source: str | os.PathLike | None = None) -> str:
+    """Pick the data source: the explicit argument, else ``$KDLIB_DATA``, else the Hub's CLINC150."""
+    if source not in (None, ""):
+        return str(source)
+    return os.environ.get(DATA_ENV_VAR) or DEFAULT_HUB_SOURCE
+
+
+def load_intent_data(
+    source: str | os.PathLike | None = None,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    validation_fraction: float = 0.1,
+    seed: int = 42,
+) -> DatasetDict:
+    """Load intent data from a CLINC150 release file, a folder of CSV/JSONL files, or the Hub.
+
+    ``text_column`` / ``label_column`` name the columns of a folder or Hub dataset (the Hub's
+    ``clinc_oos`` uses ``intent`` for labels and is recognised automatically).
+    """
+    resolved = resolve_data_source(source)
+    path = Path(resolved).expanduser()
+    if path.suffix.lower() == ".json" or path.is_file():
+        return load_clinc_release(path)
+    if path.is_dir():
+        return load_folder(
+            path,
+            text_column=text_column,
+            label_column=label_column,
+            validation_fraction=validation_fraction,
+            seed=seed,
+        )
+    if looks_like_path(resolved):
+        raise DataError(
+            f"Data source {resolved!r} looks like a path but does not exist. Point the `data_source` "
+            f"parameter or ${DATA_ENV_VAR} at a CLINC150 release .json file or a folder of "
+            "train/validation/test files."
+        )
+    return load_hub(resolved, text_column=text_column, label_column=label_column)
+
+
+def looks_like_path(source: str) -> bool:
+    """A local path rather than a Hub id (``name``, ``owner/name`` or ``owner/name:config``)."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.split(":", 1)[0].count("/") > 1
+        or source.lower().endswith((".json", ".jsonl", ".csv"))
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLINC150 release files
+# ---------------------------------------------------------------------------------------------
+
+
+def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
+    """Read an original CLINC150 release file (``data_oos_plus.json``, ``data_full.json`` ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"CLINC150 file {path} not found. Download the release files (e.g. data_oos_plus.json) "
+            f"and pass their path as `data_source` or ${DATA_ENV_VAR}."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not readable JSON ({err}). Expected a CLINC150 release file.") from None
+    if not isinstance(raw, dict):
+        raise DataError(
+            f"{path}: expected a JSON object with keys train/val/test/oos_*, got {type(raw).__name__}."
+        )
+    needed = [key for pair in CLINC_RELEASE_KEYS.values() for key in pair]
+    missing = [key for key in needed if key not in raw]
+    if missing:
+        raise DataError(
+            f"{path}: missing key(s) {missing}. A CLINC150 release file has the keys {needed}, "
+            "each a list of [text, intent] pairs."
+        )
+    splits: dict[str, tuple[list[str], list[str]]] = {}
+    for split, keys in CLINC_RELEASE_KEYS.items():
+        texts: list[str] = []
+        labels: list[str] = []
+        for key in keys:
+            rows = raw[key]
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: key {key!r} must be a list of [text, intent] pairs.")
+            for i, row in enumerate(rows):
+                if not (
+                    isinstance(row, list | tuple) and len(row) == 2 and all(isinstance(v, str) for v in row)
+                ):
+                    raise DataError(
+                        f"{path}: {key}[{i}] is {row!r}, expected a [text, intent] pair of strings."
+                    )
+                if not row[0].strip():
+                    raise DataError(f"{path}: {key}[{i}] has empty text (intent {row[1]!r}). Remove or fill it.")
+                texts.append(row[0])
+                labels.append(row[1])
+        splits[split] = (texts, labels)
+    return build_dataset_dict(splits, origin=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's own folder of CSV / JSON Lines files
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for stem in FOLDER_SPLIT_STEMS[split]:
+        for suffix in FOLDER_SUFFIXES:
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a CSV or JSON Lines file as dicts; errors name the file and line."""
+    if path.suffix.lower() == ".csv":
+        try:
+            with path.open(encoding="utf-8", newline="") as handle:
+                return list(csv.DictReader(handle))
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise DataError(f"{path} is not a readable CSV file ({err}).") from None
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err}). Save it as UTF-8 JSON Lines.") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}, line {line_number}: not valid JSON ({err.msg}). Expected JSON Lines: one object per line."
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}."
+            )
+        rows.append(row)
+    return rows
+
+
+def _columns(
+    path: Path, rows: list[dict], text_column: str, label_column: str
+) -> tuple[list[str], list[str]]:
+    if not rows:
+        raise DataError(f"{path} has no rows. Each split needs at least one example.")
+    for i, row in enumerate(rows):
+        if None in row:
+            raise DataError(
+                f"{path}: data row {i + 1} has more fields than the header; quote text that contains commas."
+            )
+    seen = set().union(*(row.keys() for row in rows))
+    missing = [c for c in (text_column, label_column) if c not in seen]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {sorted(seen)}. Pass `text_column=` / "
+            "`label_column=` to name your columns."
+        )
+    texts, labels = [], []
+    for i, row in enumerate(rows):
+        text, label = row.get(text_column), row.get(label_column)
+        if label is None or str(label).strip() == "":
+            raise DataError(f"{path}: row {i + 1} has no label in column {label_column!r}.")
+        if text is None or not str(text).strip():
+            raise DataError(
+                f"{path}: row {i + 1} has empty text in column {text_column!r} (label {label!r}). "
+                "Remove the row or fill in its text."
+            )
+        texts.append("" if text is None else str(text))
+        labels.append(str(label))
+    return texts, labels
+
+
+def load_folder(
+    folder: str | os.PathLike,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    validation_fraction: float = 0.1,
+    seed: int = 42,
+) -> DatasetDict:
+    """Read ``train`` / ``validation`` / ``test`` (.csv, .jsonl or .json lines) from a folder.
+
+    Without a validation file a stratified ``validation_fraction`` of train is held out with
+    ``seed``, so model selection never peeks at the test split.
+    """
+    folder = Path(folder)
+    files = {split: _find_split_file(folder, split) for split in SPLITS}
+    if files["train"] is None:
+        raise DataError(
+            f"{folder}: no train file. Add train.csv or train.jsonl (columns {text_column!r}, {label_column!r})."
+        )
+    if files["test"] is None:
+        raise DataError(
+            f"{folder}: no test file. kdlib measures accuracy on a held-out test split: add test.csv or "
+            "test.jsonl with the same columns as train."
+        )
+    splits = {
+        split: _columns(path, _read_rows(path), text_column, label_column)
+        for split, path in files.items()
+        if path is not None
+    }
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = stratified_holdout(
+            *splits["train"], validation_fraction, seed
+        )
+    return build_dataset_dict(splits, origin=str(folder), files=files)
+
+
+def stratified_holdout(
+    texts: Sequence[str], labels: Sequence[str], fraction: float, seed: int
+) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """Split (texts, labels) into train and held-out parts with the same label proportions."""
+    if not 0 < fraction < 1:
+        raise DataError(f"validation_fraction must be between 0 and 1, got {fraction}.")
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for label in sorted(by_label):
+        indices = by_label[label]
+        rng.shuffle(indices)
+        if len(indices) < 2:
+            continue  # a label seen once stays in train
+        n_held = min(max(round(len(indices) * fraction), 1), len(indices) - 1)
+        held.update(indices[:n_held])
+    keep = [i for i in range(len(texts)) if i not in held]
+    out = [i for i in range(len(texts)) if i in held]
+    return ([texts[i] for i in keep], [labels[i] for i in keep]), (
+        [texts[i] for i in out],
+        [labels[i] for i in out],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Hub
+# ---------------------------------------------------------------------------------------------
+
+
+def load_hub(name: str, *, text_column: str = "text", label_column: str = "label") -> DatasetDict:
+    """Load a Hub dataset (``name`` or ``name:config``) and bring it to kdlib's shape."""
+    from datasets import load_dataset
+
+    dataset_id, _, config = name.partition(":")
+    try:
+        raw = load_dataset(dataset_id, config or None)
+    except Exception as err:  # the Hub raises many types: connection, not found, gated ...
+        raise DataError(
+            f"Could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without "
+            f"Hub access, point `data_source` or ${DATA_ENV_VAR} at a local CLINC150 .json file or folder."
+        ) from err
+    if label_column not in raw["train"].column_names and "intent" in raw["train"].column_names:
+        label_column = "intent"  # clinc_oos names its label column `intent`
+    splits = {}
+    for split in SPLITS:
+        source_split = split if split in raw else {"validation": "val"}.get(split, split)
+        if source_split not in raw:
+            raise DataError(f"Hub dataset {name!r} has no {split!r} split; it has {list(raw)}.")
+        ds = raw[source_split]
+        missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"Hub dataset {name!r} split {split!r}: missing column(s) {missing}; found {ds.column_names}. "
+                "Pass `text_column=` / `label_column=`."
+            )
+        feature = ds.features[label_column]
+        labels = ds[label_column]
+        if isinstance(feature, ClassLabel):
+            labels = [feature.int2str(int(i)) for i in labels]
+        splits[split] = (list(ds[text_column]), [str(v) for v in labels])
+    label_feature = raw["train"].features[label_column]
+    names = list(label_feature.names) if isinstance(label_feature, ClassLabel) else None
+    return build_dataset_dict(splits, origin=f"hub:{name}", label_names=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The common shape
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset_dict(
+    splits: dict[str, tuple[list[str], list[str]]],
+    *,
+    origin: str,
+    label_names: Sequence[str] | None = None,
+    files: dict[str, Path | None] | None = None,
+) -> DatasetDict:
+    """Validate raw (texts, labels) splits and build the ``DatasetDict`` every kdlib step expects.
+
+    Label names come from ``label_names`` when the source defines an order (a Hub ClassLabel),
+    else they are the sorted names seen in train, so the same data always gives the same ids.
+    """
+    files = files or {}
+    where = {split: str(files.get(split) or origin) for split in SPLITS}
+    for split in SPLITS:
+        texts, labels = splits[split]
+        if not texts:
+            raise DataError(f"{where[split]}: the {split} split has no rows.")
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                raise DataError(
+                    f"{where[split]}: {split} row {i + 1} has empty text (label {labels[i]!r}). "
+                    "Remove the row or fill in its text."
+                )
+    train_labels = set(splits["train"][1])
+    for split in ("validation", "test"):
+        unseen = sorted(set(splits[split][1]) - train_labels)
+        if unseen:
+            raise DataError(
+                f"{where[split]}: label(s) {unseen} appear in {split} but never in train; a classifier "
+                "cannot learn them. Add training examples or remove those rows."
+            )
+    names = list(label_names) if label_names is not None else sorted(train_labels)
+    unknown = sorted(train_labels - set(names))
+    if unknown:
+        raise DataError(f"{origin}: label(s) {unknown} are not in the dataset's label list.")
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    index = {name: i for i, name in enumerate(names)}
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"text": splits[split][0], "label": [index[v] for v in splits[split][1]]}, features=features
+            )
+            for split in SPLITS
+        }
+    )
+
+
+def label_names(data: DatasetDict | Dataset) -> list[str]:
+    """The intent names, in label-id order."""
+    ds = data["train"] if isinstance(data, DatasetDict) else data
+    return list(ds.features["label"].names)
+
+
+def oos_label(data: DatasetDict | Dataset) -> str | None:
+    """The out-of-scope label name when the data has one (CLINC150's ``oos``), else ``None``."""
+    return OOS_LABEL if OOS_LABEL in label_names(data) else None
+
+
+def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -> DatasetDict:
+    """A reproducible random slice of each split (for the smoke profile and quick experiments).
+
+    Label names are kept whole, so a model trained on the slice still has every intent's id.
+    """
+    out = {}
+    for split, ds in data.items():
+        n = sizes.get(split)
+        out[split] = ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+    return DatasetDict(out)
+
+
+def describe(data: DatasetDict) -> dict[str, object]:
+    """Split sizes, label count and the OOS label: the facts a notebook prints about its data."""
+    return {
+        **{f"{split}_rows": len(data[split]) for split in data},
+        "labels": len(label_names(data)),
+        "oos_label": oos_label(data),
+    }
+
+
+def examples_frame(split: Dataset, n: int = 5, seed: int = 42):
+    """A few random rows with label names, for a reader to see what the data looks like."""
+    import pandas as pd
+
+    rows = split.shuffle(seed=seed).select(range(min(n, len(split))))
+    names = split.features["label"].names
+    return pd.DataFrame({"text": rows["text"], "intent": [names[i] for i in rows["label"]]})

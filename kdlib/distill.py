@@ -1,0 +1,522 @@
+"""Knowledge distillation with the ``transformers`` Trainer, as in *NLP with Transformers* ch. 8.
+
+The student minimises
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
+
+where the KL term uses batch-mean reduction (``nn.KLDivLoss(reduction="batchmean")`` in the
+reference) and the ``T**2`` factor keeps its gradients on the same scale as the CE term's when
+the temperature changes (Hinton et al., 2015). ``alpha = 1`` is plain fine-tuning, which is how
+notebook 01 fine-tunes the teacher with the same code.
+
+Two departures from the reference, both tested:
+
+* **Cached teacher logits.** The teacher is frozen, so its logits for a training example never
+  change. :func:`add_teacher_logits` computes them once, batched, in eval mode, and stores them as a
+  ``teacher_logits`` column; the loss then reads them from the batch instead of running the
+  teacher at every step of every epoch. Pass ``teacher_model=`` to keep the online teacher.
+* **Exact under gradient accumulation and several processes.** With transformers 5 the Trainer
+  passes ``num_items_in_batch`` (the number of labelled examples in the whole accumulated batch);
+  the loss is then a sum over examples divided by it, so one batch of 8 and two accumulated
+  batches of 4 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from kdlib.models import MODEL_INPUT_NAMES, forward_inputs
+
+TEACHER_LOGITS = "teacher_logits"
+NO_LOG = "No log"
+EPOCH_TABLE_COLUMNS = ["Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy"]
+RUN_CONFIG_FILE = "kdlib_run.json"
+
+
+def check_alpha_temperature(alpha: float, temperature: float) -> None:
+    """Refuse values for which the loss is meaningless, with the valid range in the message."""
+    if not _is_real(alpha) or math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"alpha must be in [0, 1] (the weight of the hard-label cross-entropy); got {alpha!r}."
+        )
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be > 0 and finite (it divides the logits); got {temperature!r}.")
+
+
+def _is_real(value) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the two distillation knobs of the reference.
+
+    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain fine-tuning).
+    temperature: softens both distributions in the KL term; must be > 0.
+    """
+
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the cross-entropy term, in [0, 1]."})
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term, > 0."})
+
+    def __post_init__(self):
+        check_alpha_temperature(self.alpha, self.temperature)
+        super().__post_init__()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference loss. Without ``num_items_in_batch`` it is a batch mean (CE mean, KL batchmean);
+    with it, per-example losses are summed and divided by it (exact under gradient accumulation)."""
+    check_alpha_temperature(alpha, temperature)
+    per_example = alpha * F.cross_entropy(student_logits, labels, reduction="none")
+    if alpha < 1.0:
+        if teacher_logits is None:
+            raise ValueError(
+                "alpha < 1 needs teacher logits: add a cached `teacher_logits` column (add_teacher_logits) "
+                "or pass `teacher_model=` to DistillationTrainer."
+            )
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"Teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
+                "differ in shape: teacher and student must share the label set."
+            )
+        log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+        p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
+        kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=-1)
+        per_example = per_example + (1.0 - alpha) * temperature**2 * kl
+    if num_items_in_batch is None:
+        return per_example.mean()
+    return per_example.sum() / num_items_in_batch
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose loss is :func:`distillation_loss`.
+
+    The teacher's logits come from a cached ``teacher_logits`` column, or from ``teacher_model``
+    run on each batch (the reference's way) when that is given.
+    """
+
+    def __init__(self, *args, teacher_model: PreTrainedModel | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DistillationTrainingArguments):
+            raise TypeError("DistillationTrainer needs DistillationTrainingArguments (alpha, temperature).")
+        self.teacher = teacher_model
+        if self.teacher is not None:
+            self.teacher.to(self.args.device).eval()
+            for param in self.teacher.parameters():
+                param.requires_grad_(False)
+        # Ask the Trainer to count labelled examples per accumulated batch for every model type.
+        self.model_accepts_loss_kwargs = True
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if TEACHER_LOGITS not in self._signature_columns:
+            self._signature_columns.append(TEACHER_LOGITS)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        cached = inputs.pop(TEACHER_LOGITS, None)
+        outputs = model(**inputs)
+        teacher_logits = cached
+        if self.teacher is not None and self.args.alpha < 1.0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward_inputs(self.teacher, inputs)).logits
+        if num_items_in_batch is not None:
+            num_items_in_batch = (
+                num_items_in_batch.to(outputs.logits.device)
+                if torch.is_tensor(num_items_in_batch)
+                else num_items_in_batch
+            )
+        loss = distillation_loss(
+            outputs.logits,
+            teacher_logits,
+            labels,
+            alpha=self.args.alpha,
+            temperature=self.args.temperature,
+            num_items_in_batch=num_items_in_batch,
+        )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch is summed over processes while DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_dataset(
+    data: DatasetDict, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128
+) -> DatasetDict:
+    """Token ids (no padding: batches are padded dynamically) and ``label``, text dropped."""
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return data.map(encode, batched=True, remove_columns=["text"], desc="Tokenising")
+
+
+@torch.inference_mode()
+def teacher_logits_for(
+    teacher: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 128
+) -> np.ndarray:
+    """The teacher's logits for every row of a tokenised dataset, batched and in eval mode."""
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    collator = DataCollatorWithPadding(tokenizer)
+    model_inputs = [c for c in MODEL_INPUT_NAMES if c in dataset.column_names]
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+    out = np.zeros((len(dataset), teacher.config.num_labels), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collator([{c: dataset[int(i)][c] for c in model_inputs} for i in rows])
+        logits = teacher(**forward_inputs(teacher, {k: v.to(device) for k, v in batch.items()})).logits
+        out[rows] = logits.float().cpu().numpy()
+    return out
+
+
+def add_teacher_logits(
+    data: DatasetDict | Dataset,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    splits: tuple[str, ...] = ("train", "validation"),
+    batch_size: int = 128,
+) -> DatasetDict | Dataset:
+    """Add a ``teacher_logits`` column (computed once) to tokenised splits."""
+    if isinstance(data, Dataset):
+        logits = teacher_logits_for(teacher, data, tokenizer, batch_size=batch_size)
+        return data.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
+    return DatasetDict(
+        {
+            name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size) if name in splits else ds
+            for name, ds in data.items()
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-epoch table of the reference model card
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_table(log_history: list[dict]) -> pd.DataFrame:
+    """Training Loss | Epoch | Step | Validation Loss | Accuracy, one row per evaluation.
+
+    The training loss is the one logged since the previous evaluation ("No log" when none was,
+    as in the Hugging Face model cards).
+    """
+    rows, last_eval_step = [], -1
+    train_logs = [e for e in log_history if "loss" in e and "eval_loss" not in e]
+    for entry in (e for e in log_history if "eval_loss" in e):
+        step = entry["step"]
+        since = [e for e in train_logs if last_eval_step < e["step"] <= step]
+        rows.append(
+            {
+                "Training Loss": round(since[-1]["loss"], 4) if since else NO_LOG,
+                "Epoch": round(float(entry["epoch"]), 2),
+                "Step": int(step),
+                "Validation Loss": round(float(entry["eval_loss"]), 4),
+                "Accuracy": round(float(entry.get("eval_accuracy", float("nan"))), 4),
+            }
+        )
+        last_eval_step = step
+    return pd.DataFrame(rows, columns=EPOCH_TABLE_COLUMNS)
+
+
+def compute_accuracy_metric(eval_pred) -> dict:
+    """``compute_metrics`` for the Trainer: accuracy of the argmax."""
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# One call that trains: notebook 01 (alpha = 1) and notebook 02 use it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run; the reference's values are the defaults."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    learning_rate: float = 2e-5
+    batch_size: int = 48
+    epochs: float = 5
+    seed: int = 42
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    max_length: int = 128
+    cache_teacher_logits: bool = True
+    group_by_length: bool = True
+    max_steps: int = -1
+
+    def __post_init__(self):
+        check_alpha_temperature(self.alpha, self.temperature)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel
+    trainer: DistillationTrainer
+    epoch_table: pd.DataFrame
+    config: TrainConfig
+    resumed_from: str | None = None
+    train_seconds: float = 0.0
+    log_history: list = field(default_factory=list)
+
+
+def make_training_arguments(
+    config: TrainConfig, output_dir: str | Path, **overrides
+) -> DistillationTrainingArguments:
+    """The reference's TrainingArguments (Adam 0.9/0.999/1e-8, linear schedule, eval every epoch)."""
+    steps_per_warmup = overrides.pop("warmup_steps", None)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        alpha=config.alpha,
+        temperature=config.temperature,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 64),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        weight_decay=config.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        lr_scheduler_type="linear",
+        # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps
+        warmup_steps=steps_per_warmup if steps_per_warmup is not None else config.warmup_ratio,
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Several CPU processes (torchrun / accelerate launch): without use_cpu accelerate does not
+        # wrap the model in DDP and each process would train on its own.
+        kwargs.update(use_cpu=True, ddp_backend="gloo")
+    kwargs.update(overrides)
+    return DistillationTrainingArguments(**kwargs)
+
+
+def _run_fingerprint(config: TrainConfig, extra: dict) -> dict:
+    return {"config": asdict(config), **extra}
+
+
+def checkpoint_dir(base: str | Path, config: TrainConfig, **extra) -> Path:
+    """``base/<hash of the settings>``: a rerun with the same settings finds (and resumes) its own
+    checkpoints, a run with other settings starts in a fresh folder instead of failing."""
+    import hashlib
+
+    text = json.dumps(_run_fingerprint(config, extra), sort_keys=True, default=str)
+    return Path(base) / hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def train_student(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    *,
+    output_dir: str | Path,
+    config: TrainConfig,
+    teacher: PreTrainedModel | None = None,
+    resume: bool = True,
+    fingerprint: dict | None = None,
+    **training_overrides,
+) -> TrainResult:
+    """Train ``student`` on ``data`` (text + ClassLabel label) with the distillation loss.
+
+    Checkpoints are written every epoch under ``output_dir``; calling again with the same
+    ``output_dir`` and the same settings resumes from the last one. Different settings in a
+    folder that holds checkpoints is an error rather than a silent mix of two runs.
+    """
+    import time
+
+    if config.alpha < 1.0 and teacher is None:
+        raise ValueError(f"alpha={config.alpha} < 1 distils from a teacher: pass `teacher=`.")
+    set_seed(config.seed)
+    output_dir = Path(output_dir)
+    run_file = output_dir / RUN_CONFIG_FILE
+    runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
+    overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
+    this_run = _run_fingerprint(config, {**(fingerprint or {}), "training_overrides": overrides})
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last_checkpoint and resume:
+        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if previous != json.loads(json.dumps(this_run, default=str)):
+            raise ValueError(
+                f"{output_dir} holds checkpoints of a run with other settings ({run_file}). Use another "
+                "output directory, or pass resume=False to start over (its checkpoints are deleted)."
+            )
+    elif last_checkpoint and not resume:
+        for checkpoint in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        last_checkpoint = None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(this_run, indent=2, default=str))
+
+    tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
+    online_teacher = None
+    if config.alpha < 1.0:
+        if config.cache_teacher_logits:
+            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
+        else:
+            online_teacher = teacher
+    args = make_training_arguments(config, output_dir, **training_overrides)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        teacher_model=online_teacher,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_accuracy_metric,
+    )
+    trainer.remove_callback(PrinterCallback)  # the epoch table below says it once, readably
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last_checkpoint)
+    elapsed = time.perf_counter() - start
+    history = list(trainer.state.log_history)
+    return TrainResult(
+        model=trainer.model,
+        trainer=trainer,
+        epoch_table=epoch_table(history),
+        config=config,
+        resumed_from=last_checkpoint,
+        train_seconds=elapsed,
+        log_history=history,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft targets, for the figure that explains them
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def soft_targets(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, temperatures: list[float]
+) -> dict[float, np.ndarray]:
+    """The model's class probabilities for ``text`` at each temperature: softmax(logits / T)."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = tokenizer(text, return_tensors="pt").to(device)
+    logits = model(**forward_inputs(model, encoded)).logits[0].float()
+    return {float(t): F.softmax(logits / t, dim=-1).cpu().numpy() for t in temperatures}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameter search (the book's Optuna search over epochs, alpha and T)
+# ---------------------------------------------------------------------------------------------
+
+
+def suggest_hyperparameters(trial) -> dict:
+    """The reference's search space: epochs 5-10, alpha 0-1, temperature 2-20."""
+    return {
+        "epochs": trial.suggest_int("epochs", 5, 10),
+        "alpha": trial.suggest_float("alpha", 0.0, 1.0),
+        "temperature": trial.suggest_int("temperature", 2, 20),
+    }
+
+
+def hyperparameter_search(
+    make_student,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    *,
+    teacher: PreTrainedModel,
+    base_config: TrainConfig,
+    n_trials: int,
+    storage_path: str | Path,
+    output_dir: str | Path,
+    study_name: str = "distillation",
+    space=suggest_hyperparameters,
+) -> dict:
+    """Maximise validation accuracy over ``space`` with Optuna; returns the best parameters.
+
+    The study lives in a SQLite file, so an interrupted search resumes: trials already finished
+    count towards ``n_trials``. ``make_student()`` returns a fresh student for each trial.
+    ``n_trials = 0`` skips the search and returns ``{}``.
+    """
+    if n_trials <= 0:
+        return {}
+    import optuna
+
+    storage_path = Path(storage_path)
+    storage_path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=f"sqlite:///{storage_path}",
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=base_config.seed),
+    )
+
+    def objective(trial) -> float:
+        config = replace(base_config, **space(trial))
+        result = train_student(
+            make_student(),
+            tokenizer,
+            data,
+            teacher=teacher,
+            config=config,
+            output_dir=Path(output_dir) / f"trial-{trial.number}",
+            resume=False,
+            save_strategy="no",
+        )
+        metrics = result.trainer.evaluate()
+        shutil.rmtree(Path(output_dir) / f"trial-{trial.number}", ignore_errors=True)
+        return float(metrics["eval_accuracy"])
+
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    remaining = n_trials - len(finished)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining)
+    return dict(study.best_params)

@@ -1,0 +1,524 @@
+"""Smaller and faster variants of a trained classifier, each behind the same :class:`Predictor` interface.
+
+Distillation shrinks the *architecture*; the variants here shrink the *representation* and the
+*runtime* of whatever model comes out, so that :class:`~kdlib.benchmark.PerformanceBenchmark`
+can put every combination side by side:
+
+* ``int8`` - PyTorch dynamic quantisation: the weights of every ``nn.Linear`` stored as int8,
+  activations quantised on the fly. No calibration data and no export step, and the linear
+  layers are where a transformer spends most of its CPU time, so it is the cheapest speed-up
+  to try. The embeddings stay fp32, so the state dict shrinks less than 4x.
+* ``onnx`` - the fp32 model exported to ONNX and run by ONNX Runtime. Same weights and the same
+  predictions (to float rounding), but ORT fuses attention / LayerNorm / GELU and has no
+  Python dispatch overhead per op, which matters most for single short queries.
+* ``onnx-int8`` - the ONNX graph quantised by ONNX Runtime (MatMul weights *and* the embedding
+  tables), which combines both gains and gives the smallest file.
+
+Every file written here is written beside its target and then moved into place with
+:func:`os.replace`, so an interrupted export never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdlib.predictors import DEFAULT_MAX_LENGTH, Predictor, TorchPredictor
+
+LABELS_KEY = "kdlib.labels"
+QUANTIZATION_KEY = "kdlib.quantization"
+MODEL_TYPE_KEY = "kdlib.model_type"
+TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+VARIANTS = ("int8", "onnx", "onnx-int8")
+# Texts of different lengths, so the example batch has padding (attention mask with zeros) and
+# neither dimension is 0 or 1, which torch.export would specialise to a constant.
+_EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the export")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch dynamic quantisation
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """An int8 copy of ``model``: ``nn.Linear`` weights in int8, activations quantised per batch.
+
+    Works on a deep copy moved to the CPU (quantised kernels are CPU-only), so the fp32 model the
+    caller holds stays untouched and keeps being usable for training or as the parity reference.
+    ``torch.ao.quantization`` is deprecated in favour of torchao but still works in torch 2.13;
+    its deprecation warnings are silenced here because there is nothing the caller can do about them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
+        from torch.ao.quantization import quantize_dynamic
+
+        fp32 = copy.deepcopy(model).to("cpu").eval()
+        return quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def torch_int8_predictor(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_length: int = DEFAULT_MAX_LENGTH
+) -> TorchPredictor:
+    """The int8 model behind the common interface (on the CPU, the only device it runs on)."""
+    return TorchPredictor(
+        quantize_dynamic_int8(model), tokenizer, labels=_model_labels(model), device="cpu",
+        max_length=max_length, backend="pytorch-int8",
+        num_parameters=sum(p.numel() for p in model.parameters()),  # same weights, stored as int8
+    )
+
+
+def _model_labels(model: torch.nn.Module) -> list[str] | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export
+# ---------------------------------------------------------------------------------------------
+
+
+def model_input_names(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Tokenizer outputs that ``model.forward`` accepts, in the tokenizer's order.
+
+    DistilBERT takes no ``token_type_ids``, so its graph must not declare them.
+    """
+    accepted = set(inspect.signature(model.forward).parameters)
+    produced = list(getattr(tokenizer, "model_input_names", None) or TOKENIZER_INPUTS)
+    names = [n for n in produced if n in accepted and n in TOKENIZER_INPUTS]
+    if "input_ids" not in names:
+        raise TypeError(f"{type(model).__name__}.forward takes no `input_ids`: not a text classifier.")
+    return names
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path, suffix: str = ".onnx") -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_onnx(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    check: bool = True,
+) -> Path:
+    """Export a BERT / DistilBERT sequence classifier to one self-contained ONNX file.
+
+    Inputs are the tokenizer outputs the model's ``forward`` takes (int64, axes ``batch`` and
+    ``sequence`` dynamic), the output is ``logits`` (``batch`` x labels). The label names go into
+    the file's ``metadata_props`` (key ``kdlib.labels``, JSON), so :class:`OnnxPredictor` can be
+    rebuilt from the file and a tokenizer alone.
+
+    Why the dynamo exporter (``torch.onnx.export(dynamo=True)`` with ``dynamic_shapes``): with
+    transformers 5 the attention-mask code branches on tensor values in Python. The legacy
+    TorchScript tracer freezes such branches to whatever the example batch did (it warns
+    "Converting a tensor to a Python boolean might cause the trace to be incorrect"), so the
+    graph is only right if the example happened to take the general path; ``torch.export``
+    traces the model symbolically and checks the dynamic dimensions instead. It is also torch's
+    default, maintained exporter since 2.9, and with torch 2.13 + transformers 5.23 it exports
+    BERT and DistilBERT cleanly (opset 20). If it fails (an op some other architecture uses),
+    the legacy exporter is tried once, with a warning, on a padded example so the general
+    masking path is the one traced - and with ``check`` its result must still match.
+
+    All weights are stored inside the one file (``external_data=False``), so its size is the
+    model's size; protobuf caps that at 2 GB, far above the models this toolkit distils.
+    With ``check``, the written file is run by ONNX Runtime on a padded example batch and must
+    match PyTorch's logits (max abs diff 1e-3) before it replaces anything at ``path``.
+    """
+    path = Path(path)
+    names = model_input_names(model, tokenizer)
+    was_training = model.training
+    cpu_model = model if _device_of(model).type == "cpu" else copy.deepcopy(model).to("cpu")
+    cpu_model.eval()
+    encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
+    inputs = {n: encoded[n].to(torch.long) for n in names}
+    metadata = {LABELS_KEY: json.dumps(_model_labels(model)),
+                MODEL_TYPE_KEY: str(getattr(getattr(model, "config", None), "model_type", ""))}
+    try:
+        with _atomic_path(path) as tmp:
+            try:
+                _export_dynamo(cpu_model, inputs, tmp, opset, metadata)
+            except Exception as err:  # any exporter failure: try the other exporter once
+                warnings.warn(f"Dynamo ONNX export failed ({type(err).__name__}: {err}); using the legacy "
+                              "TorchScript exporter.", RuntimeWarning, stacklevel=2)
+                _export_torchscript(cpu_model, inputs, tmp, opset, metadata)
+            if check:
+                _check_export(cpu_model, inputs, tmp)
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _export_dynamo(
+    model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
+) -> None:
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    with warnings.catch_warnings(), _quiet_ort_logging():
+        # Harmless: all inputs share the batch / sequence axes, so torch keeps one name for each.
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            model, (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic, input_names=list(inputs),
+            output_names=["logits"], opset_version=opset, optimize=True, verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program.")
+    # Node metadata holds debugging aids (stack traces with local paths, FX node dumps): several
+    # times the weights of a tiny model, and nothing a deployed file should carry.
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
+    program.model.metadata_props.update(metadata)
+    program.save(out, external_data=False)
+
+
+def _export_torchscript(
+    model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
+) -> None:
+    import onnx
+
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    axes["logits"] = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _PositionalInputs(model, list(inputs)).eval(), tuple(inputs.values()), str(out), dynamo=False,
+            input_names=list(inputs), output_names=["logits"], dynamic_axes=axes, opset_version=opset or 17,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(out))
+    _set_metadata(proto, metadata)
+    onnx.save(proto, str(out))
+
+
+class _PositionalInputs(torch.nn.Module):
+    """Positional inputs in the tokenizer's order, passed to the model by name, logits out.
+
+    The legacy exporter passes inputs positionally, and BERT's forward order (input_ids,
+    attention_mask, token_type_ids) is not the tokenizer's (token_type_ids before attention_mask).
+    """
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, args, strict=True))).logits
+
+
+def _set_metadata(proto, metadata: dict) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: float = 1e-3) -> None:
+    """Refuse a file whose logits differ from PyTorch's: a wrong graph must not replace a good one."""
+    import onnxruntime as ort
+
+    model.eval()  # an exporter may have restored some module's training mode (dropout on)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a two-text batch: threads would only add start-up cost
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {n: v.numpy() for n, v in inputs.items()})[0]
+    with torch.inference_mode():
+        expected = model(**inputs).logits.float().numpy()
+    diff = float(np.abs(got - expected).max())
+    if not diff <= atol:
+        raise RuntimeError(f"The exported ONNX graph disagrees with PyTorch (max abs logit diff {diff:.3g}).")
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (weights not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+class OnnxPredictor(Predictor):
+    """An ONNX file run by ONNX Runtime on the CPU, with its tokenizer.
+
+    ``labels`` default to the names :func:`export_onnx` stored in the file. ``threads`` sets ORT's
+    intra-op thread pool (None: ORT's default, one per physical core), so latency can be compared
+    with PyTorch at the same thread count.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        labels: Sequence[str] | None = None,
+        threads: int | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.threads = threads
+        proto = onnx.load(str(self.path), load_external_data=False)
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        if labels is None:
+            if LABELS_KEY not in metadata:
+                raise ValueError(f"{self.path.name} stores no label names ({LABELS_KEY}); pass `labels=`.")
+            labels = json.loads(metadata[LABELS_KEY])
+        self.labels = list(labels)
+        self.quantization = metadata.get(QUANTIZATION_KEY)
+        self._num_parameters = sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer)
+        self._external_files = sorted(
+            {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        )
+        del proto
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._output = "logits" if "logits" in outputs else outputs[0]
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        feed = {}
+        for name in self.input_names:
+            if name in encoded:
+                feed[name] = np.asarray(encoded[name], dtype=np.int64)
+            elif name == "token_type_ids":  # a tokenizer that omits them means "all segment 0"
+                feed[name] = np.zeros_like(np.asarray(encoded["input_ids"], dtype=np.int64))
+            else:
+                raise KeyError(f"The ONNX graph needs input {name!r}, which the tokenizer does not produce.")
+        return np.asarray(self.session.run([self._output], feed)[0], dtype=np.float32)
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the .onnx file plus any external-data files it references."""
+        sidecars = sum(os.path.getsize(self.path.parent / f) for f in self._external_files)
+        return os.path.getsize(self.path) + sidecars
+
+    def num_parameters(self) -> int | None:
+        """Elements in the graph initializers (for an int8 file: int8 weights plus scales / zero points)."""
+        return self._num_parameters or None
+
+    def describe(self) -> dict:
+        int8 = self.quantization == "int8"
+        return {
+            "backend": "onnxruntime-int8" if int8 else "onnxruntime",
+            "device": "cpu",
+            "dtype": "int8" if int8 else "float32",
+            "threads": self.threads,
+            "path": self.path.name,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime dynamic quantisation
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_onnx_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    quantize_embeddings: bool = True,
+    per_channel: bool = True,
+) -> Path:
+    """Quantise an fp32 ONNX file with ONNX Runtime's dynamic quantisation (8-bit weights).
+
+    What gets quantised:
+
+    * ``MatMul`` with a constant weight (every encoder projection and feed-forward layer) becomes
+      ``MatMulInteger`` with int8 weights (``QInt8``, symmetric, one scale per output channel with
+      ``per_channel``), activations quantised to uint8 at run time; activation x activation
+      MatMuls (attention scores) stay fp32 (``MatMulConstBOnly``).
+    * ``Gather`` on an fp32 table (word / position / token-type embeddings) with
+      ``quantize_embeddings``: the table is stored in 8 bits (ORT treats it like an activation:
+      uint8, one scale per table) and dequantised after the lookup. For a small encoder the
+      word-embedding matrix is a large share of the weights (about 40 % of MiniLM-L6), so without
+      it the file would shrink to ~65 % instead of ~25 % of the fp32 file; it moved MiniLM's
+      logits no more than the MatMul quantisation alone did.
+    * ``Gemm`` (the 2-D pooler / classifier layers in the exported graph) is not quantised:
+      ORT's dynamic (IntegerOps) mode has no Gemm kernel; they hold a few thousand weights.
+
+    ``per_channel`` is on by default: on MiniLM it cut the largest logit deviation from fp32 by
+    about a third for +0.5 % file size and no measurable latency cost. The graph is first run
+    through ``quant_pre_process`` (shape inference + ORT optimisation), as ORT recommends; if that
+    fails the raw graph is quantised instead, with a warning. The label metadata is carried over
+    and ``kdlib.quantization=int8`` added, so :class:`OnnxPredictor` reports the int8 backend.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: the quantiser runs in a work folder
+    metadata = onnx_metadata(src)
+    metadata[QUANTIZATION_KEY] = "int8"
+    ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
+    with _atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work:
+        source = _preprocess(src, Path(work) / "pre.onnx")
+        with warnings.catch_warnings(), _quiet_ort_logging(), _working_directory(Path(work)):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                source, tmp, op_types_to_quantize=ops, per_channel=per_channel, weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        proto = onnx.load(str(tmp))
+        _set_metadata(proto, metadata)
+        onnx.save(proto, str(tmp))
+    return dst
+
+
+def _preprocess(src: Path, out: Path) -> Path:
+    """``quant_pre_process`` with symbolic shapes, else without them, else the graph as exported.
+
+    Run inside the work folder: when symbolic shape inference fails, ORT dumps
+    ``sym_shape_infer_temp.onnx`` (and external-data files) into the current directory.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    error: Exception | None = None
+    for options in ({"auto_merge": True}, {"skip_symbolic_shape": True}):
+        try:
+            with warnings.catch_warnings(), _quiet_ort_logging(), _working_directory(out.parent):
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(src), str(out), **options)
+            return out
+        except Exception as err:  # pre-processing is an optimisation: try less of it
+            error = err
+    warnings.warn(f"ONNX quantisation pre-processing failed ({type(error).__name__}: {error}); "
+                  "quantising the graph as exported.", RuntimeWarning, stacklevel=3)
+    # A copy in the work folder: the quantiser writes a "-inferred" file beside its input.
+    raw = out.with_name("raw.onnx")
+    shutil.copyfile(src, raw)
+    return raw
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """``contextlib.chdir`` for Python 3.10 (process-wide: do not quantise from several threads)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """ORT's quantiser logs advice through the root logger; keep it out of notebooks' output."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity and the variant set
+# ---------------------------------------------------------------------------------------------
+
+
+def parity_check(
+    reference: Predictor, candidate: Predictor, texts: Sequence[str], batch_size: int = 64
+) -> dict:
+    """How far a variant's outputs are from the reference's on the same texts.
+
+    ``max_abs_logit_diff`` catches a broken export (fp32 ONNX should be ~1e-6);
+    ``prediction_agreement`` (share of identical argmax) is what quantisation is allowed to move.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("parity_check needs at least one text.")
+    if list(reference.labels) != list(candidate.labels):
+        raise ValueError("The predictors have different labels (or label order): logits do not compare.")
+    max_diff, agree = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        ref, cand = reference.logits(batch), candidate.logits(batch)
+        max_diff = max(max_diff, float(np.abs(ref - cand).max()))
+        agree += int((ref.argmax(axis=-1) == cand.argmax(axis=-1)).sum())
+    return {"max_abs_logit_diff": max_diff, "prediction_agreement": agree / len(texts), "n": len(texts)}
+
+
+def build_variants(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    *,
+    threads: int | None = None,
+    variants: Sequence[str] = VARIANTS,
+    prefix: str = "student",
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> dict[str, Predictor]:
+    """The requested variants of ``model`` as ``{f"{prefix}-{variant}": predictor}``.
+
+    ONNX files go to ``out_dir/model.onnx`` and ``out_dir/model-int8.onnx``; ``onnx-int8`` reuses
+    (or writes) the fp32 file. ``threads`` applies to the ONNX Runtime sessions.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}.")
+    out_dir = Path(out_dir)
+    fp32_path, int8_path = out_dir / "model.onnx", out_dir / "model-int8.onnx"
+    result: dict[str, Predictor] = {}
+    if "int8" in variants:
+        result[f"{prefix}-int8"] = torch_int8_predictor(model, tokenizer, max_length=max_length)
+    if "onnx" in variants or "onnx-int8" in variants:
+        export_onnx(model, tokenizer, fp32_path)
+    if "onnx" in variants:
+        result[f"{prefix}-onnx"] = OnnxPredictor(fp32_path, tokenizer, threads=threads, max_length=max_length)
+    if "onnx-int8" in variants:
+        quantize_onnx_int8(fp32_path, int8_path)
+        result[f"{prefix}-onnx-int8"] = OnnxPredictor(
+            int8_path, tokenizer, threads=threads, max_length=max_length
+        )
+    return result

@@ -1,0 +1,324 @@
+"""Figures of the study: accuracy vs latency, training curves and a teacher's soft targets.
+
+Every function builds its own :class:`~matplotlib.figure.Figure` (no global ``pyplot`` state, no
+``plt.show()``), so it works headless (Agg, papermill, CI) and displays in a notebook when the
+returned figure is the last value of a cell. With ``out_stem`` the figure is also saved as
+``<stem>.png`` (for the README) and ``<stem>.svg`` (for print), each written atomically.
+
+:func:`plot_metrics` is the reference book's (*NLP with Transformers*, ch. 8) bubble chart, updated
+for current matplotlib (``Legend.legend_handles``) and extended with the Pareto front and with
+several runs overlaid.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+LATENCY_LABEL = "Average latency (ms)"
+ACCURACY_LABEL = "Accuracy (%)"
+PARETO_LABEL = "Pareto front"
+
+# One marker shape per run, one colour per variant: overlaid runs stay readable in print.
+RUN_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "p", "h", "*"]
+PARETO_LINESTYLES = ["-", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+MAX_BUBBLE_AREA = 1500.0  # points**2 of the largest model's bubble
+LEGEND_MARKER_AREA = 60.0  # uniform legend markers: bubble sizes would make them huge
+PNG_DPI = 150
+
+_METRIC_COLUMNS = ("variant", "accuracy", "time_avg_ms", "size_mb")
+
+
+def new_figure(**kwargs) -> Figure:
+    """A figure outside ``pyplot``: not shown twice in notebooks, never leaked, drawable headless.
+
+    The Agg canvas makes ``fig.canvas.draw()`` and layout queries work without any GUI backend;
+    notebooks still display the returned figure through their own formatter.
+    """
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _stem_path(out_stem: str | os.PathLike) -> Path:
+    stem = Path(out_stem)
+    if stem.suffix.lower() in {".png", ".svg"}:  # tolerate "fig.png" given as the stem
+        stem = stem.with_suffix("")
+    return stem
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_savefig(fig: Figure, path: Path, fmt: str, **kwargs) -> Path:
+    """Save through a temporary file in the target folder, then rename: no half-written figure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; figures are meant to be shared
+                os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            fig.savefig(handle, format=fmt, bbox_inches="tight", **kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig: Figure, out_stem: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (dpi 150) and ``<stem>.svg``; returns both paths.
+
+    SVG text stays text (``svg.fonttype = "none"``), so it is searchable and small, and the date
+    metadata is left out so that re-rendering an unchanged figure gives an unchanged file.
+    """
+    stem = _stem_path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    png = _atomic_savefig(fig, stem.parent / f"{stem.name}.png", "png", dpi=PNG_DPI)
+    with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": "kdlib"}):
+        svg = _atomic_savefig(fig, stem.parent / f"{stem.name}.svg", "svg", metadata={"Date": None})
+    return png, svg
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy vs latency
+# ---------------------------------------------------------------------------------------------
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows no other row beats: none is both faster and at least as accurate. Sorted by latency.
+
+    These are the only variants worth deploying: each one is the most accurate at its speed. A
+    row is also beaten by one exactly as fast and more accurate; exact duplicates both stay.
+    Compare rows of one run only; latencies from different runs (machines) are not comparable.
+    """
+    missing = [c for c in ("accuracy", "time_avg_ms") if c not in table.columns]
+    if missing:
+        raise ValueError(f"pareto_front needs columns {missing} (a comparison_table()).")
+    rows = table.dropna(subset=["accuracy", "time_avg_ms"])
+    time = rows["time_avg_ms"].astype(float).to_numpy()
+    acc = rows["accuracy"].astype(float).to_numpy()
+    # dominated[i]: some j with time_j <= time_i and acc_j >= acc_i, strictly better in one of them.
+    no_worse = (time[None, :] <= time[:, None]) & (acc[None, :] >= acc[:, None])
+    better = (time[None, :] < time[:, None]) | (acc[None, :] > acc[:, None])
+    dominated = (no_worse & better).any(axis=1)
+    front = rows[~dominated]
+    return front.sort_values(["time_avg_ms", "accuracy"], ascending=[True, False], kind="stable")
+
+
+def _check_metric_table(table: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in _METRIC_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.results.comparison_table().")
+    table = table.copy()
+    if "run" not in table.columns:
+        table["run"] = ""
+    table["run"] = table["run"].fillna("").astype(str)
+    table["variant"] = table["variant"].astype(str)
+    for column in ("accuracy", "time_avg_ms", "size_mb"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table.dropna(subset=["accuracy", "time_avg_ms"]).reset_index(drop=True)
+
+
+def _bubble_areas(sizes: pd.Series, scale: float) -> np.ndarray:
+    """Marker area proportional to size in MB (unknown sizes get a small default bubble)."""
+    return sizes.fillna(0).to_numpy(dtype=float) * scale + np.where(sizes.isna(), 40.0, 0.0)
+
+
+def plot_metrics(
+    table: pd.DataFrame,
+    highlight: str | None = None,
+    *,
+    out_stem: str | os.PathLike | None = None,
+    runs_as_markers: bool = True,
+) -> Figure:
+    """Accuracy (%) against mean latency, bubble area proportional to model size.
+
+    One point per (run, variant): each variant has its own colour and, when ``runs_as_markers``,
+    each run its own marker shape. ``highlight`` (a variant name) is drawn as a dashed, unfilled
+    outline, as in the reference. The Pareto front of each run is drawn as a step line: the best
+    accuracy reachable within a given latency. The legend sits to the right, outside the axes.
+    """
+    table = _check_metric_table(table)
+    if table.empty:
+        raise ValueError("plot_metrics: no row has both an accuracy and a latency.")
+    variants = list(dict.fromkeys(table["variant"]))
+    runs = list(dict.fromkeys(table["run"]))
+    if highlight is not None and highlight not in variants:
+        raise ValueError(f"highlight={highlight!r} is not one of the variants {variants}.")
+    several_runs = len(runs) > 1
+    colours = mpl.colormaps["tab10"].colors
+    colour_of = {v: colours[i % len(colours)] for i, v in enumerate(variants)}
+    markers = RUN_MARKERS if runs_as_markers else ["o"]
+    marker_of = {r: markers[i % len(markers)] for i, r in enumerate(runs)}
+    max_size = table["size_mb"].max()
+    scale = MAX_BUBBLE_AREA / max_size if pd.notna(max_size) and max_size > 0 else 0.0
+
+    fig = new_figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for (run, variant), rows in table.groupby(["run", "variant"], sort=False):
+        label = f"{run}/{variant}" if several_runs else variant
+        style = {"marker": marker_of[run], "s": _bubble_areas(rows["size_mb"], scale), "label": label}
+        if variant == highlight:
+            style.update(facecolors="none", edgecolors=[colour_of[variant]], linestyles="--", linewidths=1.8)
+        else:
+            style.update(color=colour_of[variant], alpha=0.5, edgecolors="none")
+        ax.scatter(rows["time_avg_ms"], rows["accuracy"] * 100, **style)
+
+    for i, run in enumerate(runs):
+        front = pareto_front(table[table["run"] == run])
+        label = f"{PARETO_LABEL} ({run})" if several_runs else PARETO_LABEL
+        ax.step(
+            front["time_avg_ms"],
+            front["accuracy"] * 100,
+            where="post",
+            color="0.35",
+            linewidth=1,
+            linestyle=PARETO_LINESTYLES[i % len(PARETO_LINESTYLES)],
+            label=label,
+            zorder=0,
+        )
+
+    ax.set_xlabel(LATENCY_LABEL)
+    ax.set_ylabel(ACCURACY_LABEL)
+    ax.margins(0.15)
+    ax.grid(True, alpha=0.3)
+    _outside_legend(ax)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+def _outside_legend(ax: Axes) -> None:
+    """Legend right of the axes, with one marker size for all entries (not the bubble sizes)."""
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    for handle in legend.legend_handles:
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([LEGEND_MARKER_AREA])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(epoch_table: pd.DataFrame, *, out_stem: str | os.PathLike | None = None) -> Figure:
+    """Losses and validation accuracy per epoch, from the Trainer's per-epoch table.
+
+    Columns "Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy". The Trainer writes
+    "No log" for the training loss when fewer than ``logging_steps`` steps ran; those epochs are
+    left out of the training-loss line instead of failing.
+    """
+    needed = ("Epoch", "Training Loss", "Validation Loss", "Accuracy")
+    missing = [c for c in needed if c not in epoch_table.columns]
+    if missing:
+        raise ValueError(f"plot_training_curves needs columns {missing}.")
+    epoch = pd.to_numeric(epoch_table["Epoch"], errors="coerce")
+    train = pd.to_numeric(epoch_table["Training Loss"], errors="coerce")
+    valid = pd.to_numeric(epoch_table["Validation Loss"], errors="coerce")
+    accuracy = pd.to_numeric(epoch_table["Accuracy"], errors="coerce")
+
+    fig = new_figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    if train.notna().any():
+        loss_ax.plot(epoch[train.notna()], train.dropna(), marker="o", label="Training loss")
+    loss_ax.plot(epoch, valid, marker="o", label="Validation loss")
+    loss_ax.set_xlabel("Epoch")
+    loss_ax.set_ylabel("Loss")
+    loss_ax.set_title("Loss")
+    loss_ax.legend()
+    acc_ax.plot(epoch, accuracy, marker="o", color="C2")
+    acc_ax.set_xlabel("Epoch")
+    acc_ax.set_ylabel("Accuracy")
+    acc_ax.set_title("Validation accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft targets
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_probabilities(temperature: float, probs: np.ndarray, n_labels: int) -> np.ndarray:
+    values = np.asarray(probs, dtype=float).squeeze()
+    if values.shape != (n_labels,):
+        raise ValueError(f"Probabilities at T={temperature} have shape {values.shape}, not ({n_labels},).")
+    if (values < 0).any() or not np.isclose(values.sum(), 1.0, atol=1e-3):
+        raise ValueError(f"Values at T={temperature} are not probabilities (softmax(logits / T) expected).")
+    return values
+
+
+def plot_soft_targets(
+    probs_by_temperature: Mapping[float, np.ndarray],
+    labels: Sequence[str],
+    *,
+    top_k: int = 10,
+    query: str | None = None,
+    out_stem: str | os.PathLike | None = None,
+) -> Figure:
+    """The teacher's class probabilities for one query, at T = 1 and at higher temperatures.
+
+    At T = 1 nearly all mass sits on one class; dividing the logits by T > 1 spreads it over the
+    classes the teacher finds similar. That "dark knowledge" is what the student learns from.
+    Shows the ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not given), one
+    group of bars per class and one bar series per temperature.
+    """
+    if not probs_by_temperature:
+        raise ValueError("plot_soft_targets needs at least one temperature.")
+    temperatures = sorted(probs_by_temperature)
+    probs = {t: _as_probabilities(t, probs_by_temperature[t], len(labels)) for t in temperatures}
+    reference = 1.0 if 1.0 in probs else temperatures[0]
+    order = np.argsort(-probs[reference], kind="stable")[: max(1, top_k)]
+    names = [str(labels[i]) for i in order]
+
+    fig = new_figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.5))
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    width = 0.8 / len(temperatures)
+    for j, t in enumerate(temperatures):
+        ax.bar(x + (j - (len(temperatures) - 1) / 2) * width, probs[t][order], width, label=f"T = {t:g}")
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylabel("Probability")
+    ax.set_ylim(0, 1)
+    title = "Teacher's soft targets"
+    if query:
+        shown = query if len(query) <= 60 else query[:57] + "..."
+        title += f' for "{shown}"'
+    ax.set_title(title)
+    ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig

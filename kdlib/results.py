@@ -1,0 +1,200 @@
+"""Result records on disk and the comparison table built from them.
+
+One JSON record per (run, variant) lives at ``<results_dir>/<run>/<variant>.json``. Records are
+written atomically (temporary file in the same folder, then ``os.replace``), so a crash mid-write
+keeps the previous record whole; a new run gets its own folder and never touches another run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Columns of the comparison table, in order (README and notebook 03 describe each).
+TABLE_COLUMNS = [
+    "run",
+    "variant",
+    "accuracy",
+    "in_scope_accuracy",
+    "oos_recall",
+    "size_mb",
+    "num_parameters",
+    "time_avg_ms",
+    "time_std_ms",
+    "time_p50_ms",
+    "time_p95_ms",
+    "throughput_qps",
+    "speedup_vs_baseline",
+    "size_ratio_vs_baseline",
+    "threads",
+]
+
+
+def _check_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value or ""):
+        raise ValueError(
+            f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a file name)."
+        )
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
+    return Path(results_dir) / _check_name(run, "Run name") / f"{_check_name(variant, 'Variant name')}.json"
+
+
+def save_record(results_dir: str | os.PathLike, run: str, variant: str, metrics: dict) -> Path:
+    """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``."""
+    record = {**_json_safe(metrics), "run": run, "variant": variant}
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    return atomic_write_text(record_path(results_dir, run, variant), text + "\n")
+
+
+def save_benchmark(results_dir: str | os.PathLike, run: str, result: dict[str, dict]) -> list[Path]:
+    """Save every ``{variant: metrics}`` entry of a ``PerformanceBenchmark.run_benchmark()`` result."""
+    return [save_record(results_dir, run, variant, metrics) for variant, metrics in result.items()]
+
+
+def load_run(results_dir: str | os.PathLike, run: str) -> list[dict]:
+    """All records of one run, sorted by variant name; a clear error when the run has none."""
+    folder = Path(results_dir) / _check_name(run, "Run name")
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stem)
+    if not files:
+        raise FileNotFoundError(
+            f"No result records in {folder}. Run notebooks 01 and 02 with run_name={run!r} first."
+        )
+    records = []
+    for file in files:
+        try:
+            records.append(json.loads(file.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not a valid result record ({err}).") from None
+    return records
+
+
+def load_runs(results_dir: str | os.PathLike, runs: Iterable[str]) -> list[dict]:
+    return [record for run in runs for record in load_run(results_dir, run)]
+
+
+def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataFrame:
+    """One row per (run, variant) with the documented :data:`TABLE_COLUMNS`.
+
+    ``speedup_vs_baseline`` = baseline mean latency / variant mean latency and
+    ``size_ratio_vs_baseline`` = variant size / baseline size, both within the same run, since
+    speed is only comparable between figures measured in one run on one machine.
+    """
+    rows = []
+    for record in records:
+        row = {column: record.get(column) for column in TABLE_COLUMNS}
+        row["threads"] = (record.get("env") or {}).get("threads")
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    for column in ("time_avg_ms", "size_mb", "speedup_vs_baseline", "size_ratio_vs_baseline"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    for _run, group in table.groupby("run", sort=False):
+        base = group[group["variant"] == baseline]
+        if base.empty:
+            continue
+        base_time, base_size = base.iloc[0]["time_avg_ms"], base.iloc[0]["size_mb"]
+        index = group.index
+        table.loc[index, "speedup_vs_baseline"] = base_time / table.loc[index, "time_avg_ms"]
+        table.loc[index, "size_ratio_vs_baseline"] = table.loc[index, "size_mb"] / base_size
+    # The baseline first in each run, then the other variants in record order.
+    run_order = {run: i for i, run in enumerate(dict.fromkeys(table["run"]))}
+    sort_key = table["run"].map(run_order) * 2 + (table["variant"] != baseline)
+    return table.loc[sort_key.sort_values(kind="stable").index].reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        return str(value)
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def write_table(table: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` and ``<stem>.md`` atomically."""
+    stem = Path(path_stem)
+    csv_path = atomic_write_text(stem.parent / f"{stem.name}.csv", table.to_csv(index=False))
+    md_path = atomic_write_text(stem.parent / f"{stem.name}.md", to_markdown(table))
+    return csv_path, md_path
+
+
+# What a notebook shows of a benchmark: quality figures are deterministic for a fixed model and
+# data; speed figures vary run to run (nbval ignores the cell that shows them).
+QUALITY_COLUMNS = [
+    "accuracy",
+    "in_scope_accuracy",
+    "oos_recall",
+    "oos_precision",
+    "macro_f1",
+    "size_mb",
+    "num_parameters",
+]
+SPEED_COLUMNS = [
+    "time_avg_ms",
+    "time_std_ms",
+    "time_p50_ms",
+    "time_p95_ms",
+    "time_p99_ms",
+    "throughput_qps",
+    "threads",
+    "cpu",
+    "torch_version",
+]
+
+
+def summary_frame(result: dict[str, dict], columns: list[str]) -> pd.DataFrame:
+    """A one-row-per-variant view of ``run_benchmark()`` results (or records) for display."""
+    rows = {}
+    for name, metrics in result.items():
+        flat = {**(metrics.get("env") or {}), **metrics}
+        rows[name] = {column: flat.get(column) for column in columns}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=columns)

@@ -1,0 +1,171 @@
+"""Accuracy metrics, latency statistics and model size, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kdlib.benchmark import classification_metrics, compute_size, latency_stats, predict_labels, time_pipeline
+from kdlib.predictors import Predictor, TorchPredictor, state_dict_size_bytes
+
+# ---------------------------------------------------------------------------------------------
+# classification_metrics
+# ---------------------------------------------------------------------------------------------
+
+GOLD = ["a", "a", "b", "b", "c", "oos", "oos", "oos"]
+PRED = ["a", "b", "b", "b", "oos", "oos", "oos", "a"]
+# correct:    y    n    y    y    n      y      y      n   -> 5 / 8
+
+
+def test_classification_metrics_by_hand():
+    m = classification_metrics(GOLD, PRED, oos_label="oos")
+    # accuracy: 5 of 8 right.
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # in-scope (gold a, a, b, b, c): right on 0, 2, 3 -> 3 / 5.
+    assert m["in_scope_accuracy"] == pytest.approx(3 / 5)
+    # OOS recall: gold OOS at 5, 6, 7; predicted OOS at 5, 6 -> 2 / 3.
+    assert m["oos_recall"] == pytest.approx(2 / 3)
+    # OOS precision: predicted OOS at 4, 5, 6; really OOS at 5, 6 -> 2 / 3.
+    assert m["oos_precision"] == pytest.approx(2 / 3)
+    # F1 = 2tp / (2tp + fp + fn) per gold label:
+    #   a:   tp 1 (0), fp 1 (7), fn 1 (1) -> 2 / 4 = 1/2
+    #   b:   tp 2 (2, 3), fp 1 (1), fn 0  -> 4 / 5
+    #   c:   tp 0                        -> 0
+    #   oos: tp 2 (5, 6), fp 1 (4), fn 1 (7) -> 4 / 6 = 2/3
+    # macro = (1/2 + 4/5 + 0 + 2/3) / 4 = (15 + 24 + 0 + 20) / 30 / 4 = 59 / 120
+    assert m["macro_f1"] == pytest.approx(59 / 120)
+
+
+def test_classification_metrics_without_oos():
+    m = classification_metrics(["a", "b", "b"], ["a", "b", "a"], oos_label="oos")
+    # a: tp 1, fp 1, fn 0 -> 2/3; b: tp 1, fp 0, fn 1 -> 2/3.
+    assert m == pytest.approx({"accuracy": 2 / 3, "macro_f1": 2 / 3})
+    assert set(m) == {"accuracy", "macro_f1"}  # no OOS gold label: no OOS metrics
+    assert set(classification_metrics(GOLD, PRED, oos_label=None)) == {"accuracy", "macro_f1"}
+
+
+def test_oos_precision_is_zero_when_nothing_is_predicted_oos():
+    m = classification_metrics(["oos", "a"], ["a", "a"], oos_label="oos")
+    assert m["oos_recall"] == 0.0 and m["oos_precision"] == 0.0
+    assert m["in_scope_accuracy"] == 1.0
+
+
+def test_classification_metrics_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="as many predictions"):
+        classification_metrics(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        classification_metrics([], [])
+
+
+def test_predict_labels_keeps_input_order():
+    class LengthPredictor(Predictor):
+        """Predicts "long" for texts of 3+ characters and records the batches it was sent."""
+
+        labels = ["short", "long"]
+
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        def logits(self, texts):
+            self.batches.append(list(texts))
+            return np.array([[0.0, 1.0] if len(t) >= 3 else [1.0, 0.0] for t in texts])
+
+    predictor = LengthPredictor()
+    texts = ["aaaa", "b", "cc", "ddddd", "eee"]
+    assert predict_labels(predictor, texts, batch_size=2) == ["long", "short", "short", "long", "long"]
+    assert predictor.batches == [["b", "cc"], ["eee", "aaaa"], ["ddddd"]]  # sorted by length
+
+
+# ---------------------------------------------------------------------------------------------
+# latency_stats and time_pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latency_stats_exact():
+    # mean 500; deviations all +-250 -> population std (np.std) 250; median between 250 and 750.
+    stats = latency_stats([250.0, 750.0, 250.0, 750.0])
+    assert stats == {
+        "time_avg_ms": 500.0,
+        "time_std_ms": 250.0,
+        "time_p50_ms": 500.0,
+        "time_p95_ms": 750.0,
+        "time_p99_ms": 750.0,
+        "latency_queries": 4,
+    }
+
+
+def test_latency_percentiles_interpolate():
+    stats = latency_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    # sorted position of p95 = 0.95 * (5 - 1) = 3.8 -> 4 + 0.8 * (5 - 4) = 4.8
+    assert stats["time_p95_ms"] == pytest.approx(4.8)
+    assert stats["time_p50_ms"] == 3.0
+    assert stats["time_std_ms"] == pytest.approx(math.sqrt(2))  # (4 + 1 + 0 + 1 + 4) / 5 = 2
+
+
+def test_time_pipeline_with_a_scripted_clock():
+    events: list[tuple] = []
+    # start, end pairs in seconds (exact in binary): 0.25, 0.25, 0.75, 0.75 s -> 250 / 750 ms.
+    script = iter([0.0, 0.25, 1.0, 1.25, 2.0, 2.75, 3.0, 3.75])
+
+    def clock() -> float:
+        value = next(script)  # a StopIteration here means the clock was read more than scripted
+        events.append(("clock", value))
+        return value
+
+    def predictor(query: str) -> list[dict]:
+        events.append(("call", query))
+        return [{"label": "x", "score": 1.0}]
+
+    stats = time_pipeline(predictor, ["q1", "q2", "q3", "q4"], warmup=2, clock=clock)
+    assert stats == {
+        "time_avg_ms": 500.0,
+        "time_std_ms": 250.0,
+        "time_p50_ms": 500.0,
+        "time_p95_ms": 750.0,
+        "time_p99_ms": 750.0,
+        "latency_queries": 4,
+    }
+    # The two warm-up calls come first and are not timed; then each call sits between two clock reads.
+    assert events[:2] == [("call", "q1"), ("call", "q2")]
+    timed = events[2:]
+    assert [e[0] for e in timed] == ["clock", "call", "clock"] * 4
+    assert [e[1] for e in timed if e[0] == "call"] == ["q1", "q2", "q3", "q4"]
+
+
+def test_time_pipeline_needs_queries():
+    with pytest.raises(ValueError, match="at least one query"):
+        time_pipeline(lambda q: q, [], clock=lambda: 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Size
+# ---------------------------------------------------------------------------------------------
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_state_dict_size_matches_a_hand_saved_file(tmp_path):
+    model = small_model()
+    # torch.save names the zip's records after the file ("model/data.pkl"), so the byte count
+    # depends on the file name: save under the same name the library uses.
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    assert state_dict_size_bytes(model) == os.path.getsize(path)
+
+
+def test_compute_size_in_mebibytes(tmp_path):
+    model = small_model()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    predictor = TorchPredictor(model, tokenizer=None, labels=["neg", "pos"], device="cpu")
+    size = compute_size(predictor)
+    assert size["size_bytes"] == path.stat().st_size
+    assert size["size_mb"] == path.stat().st_size / 2**20
+    assert size["num_parameters"] == (4 * 3 + 3) + (3 * 2 + 2)  # 23

@@ -1,0 +1,686 @@
+"""Tests of kdlib.distill: the loss by hand, validation, cache = online, gradient accumulation,
+the epoch table, and train_student end to end (reproducibility, resume) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorWithPadding, TrainerCallback
+
+from kdlib import distill
+from kdlib.data import build_dataset_dict
+from kdlib.distill import (
+    EPOCH_TABLE_COLUMNS,
+    NO_LOG,
+    TEACHER_LOGITS,
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    TrainConfig,
+    add_teacher_logits,
+    distillation_loss,
+    epoch_table,
+    tokenize_dataset,
+    train_student,
+)
+from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, student_from_teacher
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures: synthetic keyword data, a tiny tokenizer, a fine-tuned tiny teacher
+# ---------------------------------------------------------------------------------------------
+
+KEYWORDS = {
+    "alarm": ["alarm", "wake me", "set timer"],
+    "balance": ["balance", "money left", "account total"],
+    "music": ["music", "play song", "volume up"],
+    "weather": ["weather", "rain today", "sunny"],
+}
+FILLERS = ["please", "can you", "now", "for me", "quick", "thanks", "hey", "i need"]
+LABELS = sorted(KEYWORDS)
+N_TRAIN_PER_LABEL = 30  # 120 training examples
+BATCH = 16
+STEPS_PER_EPOCH = math.ceil(len(LABELS) * N_TRAIN_PER_LABEL / BATCH)  # 8
+
+
+def _split(n_per_label: int, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label, keywords in KEYWORDS.items():
+        for _ in range(n_per_label):
+            words = [rng.choice(keywords), *rng.sample(FILLERS, rng.randint(0, 3))]
+            rng.shuffle(words)
+            texts.append(" ".join(words))
+            labels.append(label)
+    return texts, labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models run faster on one thread, and the CI box has two shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_dataset_dict(
+        {"train": _split(N_TRAIN_PER_LABEL, 0), "validation": _split(8, 1), "test": _split(8, 2)},
+        origin="synthetic",
+    )
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tokenized(data, tok):
+    return tokenize_dataset(data, tok)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data, tok, tmp_path_factory):
+    """alpha = 1: plain fine-tuning of a tiny BERT, as notebook 01 does with the same code."""
+    teacher = make_tiny_model("tiny-bert", LABELS, seed=0)
+    config = TrainConfig(alpha=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=6, seed=0)
+    return train_student(teacher, tok, data, output_dir=tmp_path_factory.mktemp("teacher"), config=config)
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_run):
+    return teacher_run.model.eval()
+
+
+def without_dropout(model):
+    """The same weights with every dropout probability at 0 (deterministic in train mode)."""
+    config = copy.deepcopy(model.config)
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                 "attention_dropout", "seq_classif_dropout", "qa_dropout"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    clone = type(model)(config)
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, alpha=0.5, temperature=2.0)
+    return DistillationTrainingArguments(**{**defaults, **kwargs})
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def accuracy(model, dataset, tok) -> float:
+    model.eval()
+    batch = DataCollatorWithPadding(tok)([{k: row[k] for k in ("input_ids", "attention_mask", "label")}
+                                          for row in dataset])
+    with torch.no_grad():
+        logits = model(**forward_inputs(model, batch)).logits
+    return float((logits.argmax(-1) == batch["labels"]).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss against a hand computation
+# ---------------------------------------------------------------------------------------------
+
+STUDENT = [[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]]
+TEACHER = [[2.0, 1.0, 0.0], [0.0, 0.5, 2.5]]
+TARGETS = [1, 0]
+
+
+def _hand_terms(temperature: float):
+    """Per-example CE and KL(p_teacher || p_student), written out in float64 numpy."""
+    s, t, y = np.array(STUDENT), np.array(TEACHER), np.array(TARGETS)
+
+    def log_softmax(x):
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    ce = -log_softmax(s)[np.arange(len(y)), y]
+    log_p_teacher = log_softmax(t / temperature)
+    log_p_student = log_softmax(s / temperature)
+    kl = (np.exp(log_p_teacher) * (log_p_teacher - log_p_student)).sum(axis=-1)
+    return ce, kl
+
+
+def _tensors():
+    return torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(TARGETS)
+
+
+def test_hand_terms_are_right():
+    """Pin the hand computation itself on one value worked out on paper (example 0, T = 1)."""
+    ce, kl = _hand_terms(1.0)
+    z = math.exp(1.0) + math.exp(2.0) + math.exp(0.5)
+    assert ce[0] == pytest.approx(math.log(z) - 2.0, abs=1e-12)
+    p = [math.exp(v) / sum(math.exp(u) for u in TEACHER[0]) for v in TEACHER[0]]
+    q = [math.exp(v) / z for v in STUDENT[0]]
+    assert kl[0] == pytest.approx(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True)), abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.3, 2.0), (0.5, 1.0), (0.9, 4.0)])
+def test_loss_matches_hand_computation(alpha, temperature):
+    ce, kl = _hand_terms(temperature)
+    batch = len(TARGETS)
+    expected = alpha * ce.mean() + (1 - alpha) * temperature**2 * kl.sum() / batch  # CE mean, KL batchmean
+    s, t, y = _tensors()
+    got = distillation_loss(s, t, y, alpha=alpha, temperature=temperature)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # The reference's own formulation (nn.KLDivLoss(reduction="batchmean")) agrees.
+    kl_ref = torch.nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(s / temperature, dim=-1), F.softmax(t / temperature, dim=-1)
+    )
+    reference = alpha * F.cross_entropy(s, y) + (1 - alpha) * temperature**2 * kl_ref
+    assert got.item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 5, torch.tensor(8)])
+def test_loss_with_num_items_in_batch_is_sum_over_n(n):
+    alpha, temperature = 0.3, 2.0
+    ce, kl = _hand_terms(temperature)
+    expected = (alpha * ce + (1 - alpha) * temperature**2 * kl).sum() / int(n)
+    got = distillation_loss(*_tensors(), alpha=alpha, temperature=temperature, num_items_in_batch=n)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_alpha_one_is_cross_entropy_and_needs_no_teacher():
+    s, _, y = _tensors()
+    ce, _ = _hand_terms(1.0)
+    got = distillation_loss(s, None, y, alpha=1.0, temperature=2.0)
+    assert got.item() == pytest.approx(ce.mean(), abs=1e-6)
+    assert torch.allclose(got, F.cross_entropy(s, y), atol=1e-7)
+
+
+def test_alpha_zero_is_pure_kl_term():
+    s, t, y = _tensors()
+    temperature = 3.0
+    _, kl = _hand_terms(temperature)
+    got = distillation_loss(s, t, y, alpha=0.0, temperature=temperature)
+    assert got.item() == pytest.approx(temperature**2 * kl.mean(), abs=1e-6)
+    # The labels play no part.
+    relabelled = distillation_loss(s, t, 2 - y, alpha=0.0, temperature=temperature)
+    assert relabelled.item() == pytest.approx(got.item())
+    # Teacher = student: nothing to learn.
+    same = distillation_loss(s, s, y, alpha=0.0, temperature=temperature)
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gradient_flows_to_student_only():
+    s, t, y = _tensors()
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    distillation_loss(s, t, y, alpha=0.5, temperature=2.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    # the teacher is a constant target; a gradient through it would be harmless but wasteful
+    assert t.grad is None or torch.isfinite(t.grad).all()
+
+
+def test_wrong_teacher_shape_is_a_clear_error():
+    s, _, y = _tensors()
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 3\).*shape"):
+        distillation_loss(s, torch.zeros(2, 4), y, alpha=0.5, temperature=2.0)
+    with pytest.raises(ValueError, match="shape"):
+        distillation_loss(s, torch.zeros(3, 3), y, alpha=0.5, temperature=2.0)
+
+
+def test_alpha_below_one_without_teacher_logits_is_a_clear_error():
+    s, _, y = _tensors()
+    with pytest.raises(ValueError, match="teacher"):
+        distillation_loss(s, None, y, alpha=0.5, temperature=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid alpha / temperature: the same clear error from every entry point
+# ---------------------------------------------------------------------------------------------
+
+BAD = [
+    ("alpha", -0.1, r"alpha must be in \[0, 1\]"),
+    ("alpha", 1.5, r"alpha must be in \[0, 1\]"),
+    ("alpha", float("nan"), r"alpha must be in \[0, 1\]"),
+    ("temperature", 0, r"temperature must be > 0"),
+    ("temperature", 0.0, r"temperature must be > 0"),
+    ("temperature", -1, r"temperature must be > 0"),
+    ("temperature", float("nan"), r"temperature must be > 0"),
+]
+
+
+@pytest.mark.parametrize("name, value, message", BAD)
+def test_invalid_alpha_temperature_in_training_arguments(name, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **{name: value})
+
+
+@pytest.mark.parametrize("name, value, message", BAD)
+def test_invalid_alpha_temperature_in_train_config(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, message", BAD)
+def test_invalid_alpha_temperature_in_loss(name, value, message):
+    kwargs = {"alpha": 0.5, "temperature": 2.0, name: value}
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(*_tensors(), **kwargs)
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0, 1), (1, 0.5), (0.5, 20.0)])
+def test_valid_edges_are_accepted(alpha, temperature, tmp_path):
+    assert make_args(tmp_path, alpha=alpha, temperature=temperature).alpha == alpha
+    assert TrainConfig(alpha=alpha, temperature=temperature).temperature == temperature
+    assert torch.isfinite(distillation_loss(*_tensors(), alpha=alpha, temperature=temperature))
+
+
+def test_train_student_refuses_distillation_without_teacher(data, tok, tmp_path):
+    with pytest.raises(ValueError, match="teacher"):
+        train_student(make_tiny_model("tiny-bert", LABELS), tok, data, output_dir=tmp_path,
+                      config=TrainConfig(alpha=0.5))
+
+
+def test_trainer_refuses_plain_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="DistillationTrainingArguments"):
+        DistillationTrainer(model=make_tiny_model("tiny-bert", LABELS),
+                            args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached teacher logits = online teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def test_add_teacher_logits_equals_teacher_on_each_example_alone(teacher, tokenized, tok):
+    # a small batch size so that batches mix lengths and are padded
+    cached = add_teacher_logits(tokenized, teacher, tok, batch_size=7)
+    assert TEACHER_LOGITS in cached["train"].column_names
+    assert TEACHER_LOGITS in cached["validation"].column_names
+    assert TEACHER_LOGITS not in cached["test"].column_names  # only the splits asked for
+    ds = cached["validation"]
+    lengths = {len(ids) for ids in ds["input_ids"]}
+    assert len(lengths) > 3, "the check is only meaningful when batches need padding"
+    teacher.eval()
+    for row in ds:
+        inputs = {k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.no_grad():
+            alone = teacher(**inputs).logits[0]
+        assert torch.allclose(torch.tensor(row[TEACHER_LOGITS]), alone, atol=1e-5), row
+    # a single Dataset works too, and gives the same numbers
+    single = add_teacher_logits(tokenized["validation"], teacher, tok)
+    np.testing.assert_allclose(np.array(single[TEACHER_LOGITS]), np.array(ds[TEACHER_LOGITS]), atol=1e-5)
+
+
+@pytest.mark.parametrize("student_kind", ["bert", "distilbert"])
+def test_compute_loss_cached_equals_online(student_kind, teacher, tokenized, tok, tmp_path):
+    cached = add_teacher_logits(tokenized, teacher, tok)
+    if student_kind == "bert":
+        student = student_from_teacher(teacher)
+    else:
+        student = make_tiny_model("tiny-distilbert", LABELS, seed=1)
+    student.eval()
+    args = make_args(tmp_path, alpha=0.3, temperature=3.0, per_device_eval_batch_size=12)
+    collator = DataCollatorWithPadding(tok)
+    with_cache = DistillationTrainer(model=student, args=args, eval_dataset=cached["validation"],
+                                     data_collator=collator)
+    online = DistillationTrainer(model=student, args=args, teacher_model=teacher, data_collator=collator)
+    # The batch exactly as the Trainer builds it (unused columns such as DistilBERT's token_type_ids removed).
+    batch = with_cache._prepare_inputs(next(iter(with_cache.get_eval_dataloader())))
+    assert TEACHER_LOGITS in batch and batch["input_ids"].shape[0] == 12
+    assert (batch["attention_mask"] == 0).any(), "the batch should be padded"
+    without_cache = {k: v for k, v in batch.items() if k != TEACHER_LOGITS}
+    for n in (None, 24):
+        loss_cached = with_cache.compute_loss(student, batch, num_items_in_batch=n)
+        loss_online = online.compute_loss(student, without_cache, num_items_in_batch=n)
+        assert loss_cached.item() == pytest.approx(loss_online.item(), abs=1e-6)
+    # compute_loss must not consume the caller's batch
+    assert TEACHER_LOGITS in batch and "labels" in batch
+    # ... and the cached column is really what the loss uses
+    confident = 10.0 * F.one_hot((batch["labels"] + 1) % len(LABELS), len(LABELS)).float()
+    other = dict(batch, **{TEACHER_LOGITS: confident})
+    baseline = with_cache.compute_loss(student, batch).item()
+    assert abs(with_cache.compute_loss(student, other).item() - baseline) > 0.1
+    # return_outputs gives the student's logits
+    loss, outputs = with_cache.compute_loss(student, batch, return_outputs=True)
+    assert outputs.logits.shape == (12, len(LABELS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation: one batch of 8 = two accumulated batches of 4
+# ---------------------------------------------------------------------------------------------
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["cached", "online"])
+def test_gradient_accumulation_is_exact(online, teacher, tokenized, tok, tmp_path):
+    cached = add_teacher_logits(tokenized, teacher, tok)
+    student = without_dropout(student_from_teacher(teacher))
+    student.train()
+    args = make_args(tmp_path, alpha=0.5, temperature=2.0, gradient_accumulation_steps=2,
+                     per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher if online else None)
+    collator = DataCollatorWithPadding(tok)
+    # rows of very different lengths, so the two halves are padded differently from the whole
+    ds = cached["train"]
+    order = np.argsort([len(ids) for ids in ds["input_ids"]])
+    rows = [ds[int(i)] for i in (*order[:3], *order[-1:], *order[3:4], *order[-3:])]
+    assert len({len(r["input_ids"]) for r in rows}) >= 4
+
+    def batch(part):
+        b = collator([dict(r) for r in part])
+        return {k: v for k, v in b.items() if not (online and k == TEACHER_LOGITS)}
+
+    whole, first, second = batch(rows), batch(rows[:4]), batch(rows[4:])
+    # dropout is off, so train mode is deterministic
+    with torch.no_grad():
+        assert torch.equal(student(**forward_inputs(student, whole)).logits,
+                           student(**forward_inputs(student, whole)).logits)
+
+    student.zero_grad()
+    loss_whole = trainer.training_step(student, whole, num_items_in_batch=8)
+    grads_whole = _grads(student)
+    student.zero_grad()
+    loss_1 = trainer.training_step(student, first, num_items_in_batch=8)
+    loss_2 = trainer.training_step(student, second, num_items_in_batch=8)
+    grads_accumulated = _grads(student)
+
+    assert grads_whole.keys() == grads_accumulated.keys() and len(grads_whole) > 10
+    for name, g in grads_whole.items():
+        torch.testing.assert_close(grads_accumulated[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    # The loss is already normalised by num_items_in_batch, so training_step does not divide it again:
+    # the two returned half-losses add up to the mean loss of the whole batch ...
+    assert (loss_1 + loss_2).item() == pytest.approx(loss_whole.item(), abs=1e-6)
+    # ... which is the batch-mean distillation loss (num_items_in_batch=None).
+    with torch.no_grad():
+        assert loss_whole.item() == pytest.approx(trainer.compute_loss(student, whole).item(), abs=1e-6)
+
+    # Without num_items_in_batch, training_step divides each batch mean by the accumulation steps:
+    # equal halves then give the same gradient too.
+    trainer.current_gradient_accumulation_steps = 2
+    student.zero_grad()
+    mean_1 = trainer.training_step(student, first)
+    mean_2 = trainer.training_step(student, second)
+    for name, g in grads_whole.items():
+        torch.testing.assert_close(student.get_parameter(name).grad, g, atol=1e-6, rtol=1e-5, msg=name)
+    assert (mean_1 + mean_2).item() == pytest.approx(loss_whole.item(), abs=1e-6)
+
+
+def test_gradient_accumulation_with_unequal_batches(teacher, tokenized, tok, tmp_path):
+    """3 + 5 examples: only the num_items_in_batch form is exact, the per-batch mean is not."""
+    cached = add_teacher_logits(tokenized, teacher, tok)
+    student = without_dropout(student_from_teacher(teacher))
+    # A model that does not advertise loss kwargs: the Trainer would then treat the loss as a per-batch
+    # mean and divide it by the accumulation steps; DistillationTrainer must still count examples.
+    student.accepts_loss_kwargs = False
+    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, gradient_accumulation_steps=2))
+    assert trainer.model_accepts_loss_kwargs
+    collator = DataCollatorWithPadding(tok)
+    rows = [dict(cached["train"][i]) for i in range(0, 120, 15)]
+    student.zero_grad()
+    trainer.training_step(student, collator(rows), num_items_in_batch=8)
+    reference = _grads(student)
+    student.zero_grad()
+    trainer.training_step(student, collator(rows[:3]), num_items_in_batch=torch.tensor(8))
+    trainer.training_step(student, collator(rows[3:]), num_items_in_batch=torch.tensor(8))
+    for name, g in reference.items():
+        torch.testing.assert_close(student.get_parameter(name).grad, g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch table
+# ---------------------------------------------------------------------------------------------
+
+
+def test_epoch_table_from_hand_written_log_history():
+    history = [
+        # no training-loss log before the first evaluation (fewer steps than logging_steps)
+        {"eval_loss": 1.23456, "eval_accuracy": 0.25, "epoch": 1.0, "step": 8},
+        {"loss": 1.5, "grad_norm": 3.0, "learning_rate": 1e-5, "epoch": 1.5, "step": 12},
+        {"loss": 0.987654, "grad_norm": 2.0, "learning_rate": 1e-5, "epoch": 2.0, "step": 16},
+        {"eval_loss": 0.876543, "eval_accuracy": 0.56789, "epoch": 2.0, "step": 16},
+        {"loss": 0.5, "epoch": 2.3333333, "step": 20},
+        {"eval_loss": 0.5, "eval_accuracy": 0.75, "epoch": 2.3333333, "step": 20},
+        {"train_runtime": 1.0, "train_loss": 0.9, "epoch": 2.3333333, "step": 20},
+    ]
+    table = epoch_table(history)
+    assert list(table.columns) == EPOCH_TABLE_COLUMNS
+    expected = pd.DataFrame(
+        [
+            [NO_LOG, 1.0, 8, 1.2346, 0.25],
+            [0.9877, 2.0, 16, 0.8765, 0.5679],  # the last training loss since the previous evaluation
+            [0.5, 2.33, 20, 0.5, 0.75],
+        ],
+        columns=EPOCH_TABLE_COLUMNS,
+    )
+    pd.testing.assert_frame_equal(table, expected)
+    assert NO_LOG == "No log"
+
+
+def test_epoch_table_empty_and_without_accuracy():
+    empty = epoch_table([])
+    assert list(empty.columns) == EPOCH_TABLE_COLUMNS and len(empty) == 0
+    table = epoch_table([{"loss": 2.0, "epoch": 1.0, "step": 3}, {"eval_loss": 1.0, "epoch": 1.0, "step": 3}])
+    assert table["Training Loss"].tolist() == [2.0]
+    assert math.isnan(table["Accuracy"].iloc[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# train_student end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _distil_config(**kwargs) -> TrainConfig:
+    defaults = dict(alpha=0.5, temperature=2.0, learning_rate=3e-3, batch_size=BATCH, epochs=2, seed=7)
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+def test_teacher_fine_tuning_learns(teacher_run, tokenized, tok):
+    table = teacher_run.epoch_table
+    assert list(table.columns) == EPOCH_TABLE_COLUMNS
+    assert table["Step"].tolist() == [STEPS_PER_EPOCH * e for e in range(1, 7)]
+    assert table["Epoch"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert NO_LOG not in table["Training Loss"].tolist()  # logging_strategy="epoch"
+    assert table["Validation Loss"].iloc[-1] < table["Validation Loss"].iloc[0]
+    # chance is 0.25; keyword data is easy
+    assert table["Accuracy"].iloc[-1] >= 0.6
+    # the table's accuracy is that of the returned model
+    assert accuracy(teacher_run.model, tokenized["validation"], tok) == pytest.approx(
+        table["Accuracy"].iloc[-1], abs=1e-4)
+    assert teacher_run.resumed_from is None and teacher_run.train_seconds > 0
+
+
+@pytest.fixture(scope="module")
+def distil_runs(teacher, data, tok, tmp_path_factory):
+    """The same cached distillation twice (same seed), plus one with another seed."""
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("other_seed", 8)):
+        student = student_from_teacher(teacher)
+        initial = state(student)
+        result = train_student(student, tok, data, output_dir=tmp_path_factory.mktemp(f"distil_{name}"),
+                               teacher=teacher, config=_distil_config(seed=seed))
+        runs[name] = (student, initial, result)
+    return runs
+
+
+def test_distillation_trains_the_returned_model(distil_runs, tokenized, tok):
+    student, initial, result = distil_runs["a"]
+    assert result.model is student
+    final = state(result.model)
+    changed = [k for k in initial if not torch.equal(initial[k], final[k])]
+    assert "classifier.weight" in changed and len(changed) > len(initial) // 2
+    table = result.epoch_table
+    assert table["Step"].tolist() == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert table["Epoch"].tolist() == [1.0, 2.0]
+    assert result.trainer.state.global_step == 2 * STEPS_PER_EPOCH
+    assert accuracy(result.model, tokenized["validation"], tok) == pytest.approx(
+        table["Accuracy"].iloc[-1], abs=1e-4)
+    assert result.config.alpha == 0.5 and result.log_history == result.trainer.state.log_history
+
+
+def test_same_seed_reproduces_exactly(distil_runs):
+    _, _, a = distil_runs["a"]
+    _, _, b = distil_runs["b"]
+    pd.testing.assert_frame_equal(a.epoch_table, b.epoch_table)
+    wa, wb = state(a.model), state(b.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # ... and the check can fail: another seed (another data order) gives other weights
+    _, _, other = distil_runs["other_seed"]
+    wo = state(other.model)
+    assert not all(torch.equal(wa[k], wo[k]) for k in wa)
+
+
+def test_distilbert_student_with_bert_teacher_cache_and_online(teacher, data, tok, tmp_path):
+    results = {}
+    for cache in (True, False):
+        student = make_tiny_model("tiny-distilbert", LABELS, seed=3)
+        results[cache] = train_student(student, tok, data, output_dir=tmp_path / str(cache), teacher=teacher,
+                                       config=_distil_config(cache_teacher_logits=cache))
+    cached, online = results[True], results[False]
+    assert TEACHER_LOGITS in cached.trainer.train_dataset.column_names
+    assert online.trainer.teacher is teacher
+    assert TEACHER_LOGITS not in online.trainer.train_dataset.column_names
+    for result in (cached, online):
+        assert result.epoch_table["Step"].tolist() == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+        assert np.isfinite(result.epoch_table["Validation Loss"]).all()
+    # the teacher's logits are the same either way, so the two runs train alike
+    np.testing.assert_allclose(cached.epoch_table["Validation Loss"], online.epoch_table["Validation Loss"],
+                               atol=1e-3)
+    wc, wo = state(cached.model), state(online.model)
+    for k in wc:
+        torch.testing.assert_close(wc[k], wo[k], atol=1e-4, rtol=1e-4, msg=k)
+    # the teacher stays frozen and unchanged
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class _InterruptAfterFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == STEPS_PER_EPOCH:
+            raise Interrupted(f"killed after saving step {state.global_step}")
+
+
+class _CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+class _InterruptingTrainer(DistillationTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_InterruptAfterFirstCheckpoint())
+
+
+class _CountingTrainer(DistillationTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_CountSteps())
+
+
+def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monkeypatch):
+    config = _distil_config(epochs=2)
+
+    def run(output_dir, **kwargs):
+        student = student_from_teacher(teacher)
+        return train_student(student, tok, data, output_dir=output_dir, teacher=teacher, config=config,
+                             **kwargs)
+
+    reference = run(tmp_path / "uninterrupted")
+
+    folder = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(distill, "DistillationTrainer", _InterruptingTrainer)
+        with pytest.raises(Interrupted):
+            run(folder)
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
+
+    monkeypatch.setattr(distill, "DistillationTrainer", _CountingTrainer)
+    resumed = run(folder)
+    # only the second epoch was trained by this call
+    counter = next(c for c in resumed.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
+    assert counter.steps == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+    assert resumed.resumed_from is not None
+    assert resumed.resumed_from.endswith(f"checkpoint-{STEPS_PER_EPOCH}")
+    assert resumed.trainer.state.global_step == 2 * STEPS_PER_EPOCH
+    assert resumed.epoch_table["Step"].tolist() == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    # the checkpoint's RNG and data-order state are restored: the result is the uninterrupted one
+    pd.testing.assert_frame_equal(resumed.epoch_table, reference.epoch_table, atol=1e-4)
+    w_ref, w_res = state(reference.model), state(resumed.model)
+    for k in w_ref:
+        torch.testing.assert_close(w_res[k], w_ref[k], atol=1e-5, rtol=1e-5, msg=k)
+
+    # other settings in the same folder: refused, nothing touched
+    with pytest.raises(ValueError, match="other settings"):
+        train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                      config=_distil_config(epochs=2, learning_rate=1e-3))
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{2 * STEPS_PER_EPOCH}"]
+
+    # resume=False starts over (its checkpoints deleted), here with other settings: one epoch
+    fresh = train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                          config=_distil_config(epochs=1), resume=False)
+    assert fresh.resumed_from is None
+    assert fresh.trainer.state.global_step == STEPS_PER_EPOCH
+    assert fresh.epoch_table["Step"].tolist() == [STEPS_PER_EPOCH]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
+    assert json.loads((folder / distill.RUN_CONFIG_FILE).read_text())["config"]["epochs"] == 1
+
+
+def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp_path, monkeypatch):
+    config = _distil_config(epochs=1)
+    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config)
+    monkeypatch.setattr(distill, "DistillationTrainer", _CountingTrainer)
+    again = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config)
+    counter = next(c for c in again.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
+    assert counter.steps == []
+    assert again.resumed_from.endswith(f"checkpoint-{STEPS_PER_EPOCH}")
+    pd.testing.assert_frame_equal(again.epoch_table, first.epoch_table)
+    w1, w2 = state(first.model), state(again.model)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression tests for bugs found in review
+# ---------------------------------------------------------------------------------------------
+
+
+def test_infinite_temperature_is_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(*_tensors(), alpha=0.5, temperature=float("inf"))
+
+
+def test_train_config_warmup_ratio_is_used(tmp_path):
+    args = distill.make_training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
+    assert args.get_warmup_steps(100) == 10
+
+
+def test_resume_refuses_other_training_overrides(teacher, data, tok, tmp_path):
+    config = _distil_config(epochs=1)
+    train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                  config=config, lr_scheduler_type="constant")
+    with pytest.raises(ValueError, match="other settings"):
+        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                      config=config, lr_scheduler_type="linear")
