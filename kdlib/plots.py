@@ -13,7 +13,6 @@ several runs overlaid.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from kdlib.results import atomic_open
 
 LATENCY_LABEL = "Average latency (ms)"
 ACCURACY_LABEL = "Accuracy (%)"
@@ -62,33 +63,10 @@ def _stem_path(out_stem: str | os.PathLike) -> Path:
     return stem
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (thread-safe)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_savefig(fig: Figure, path: Path, fmt: str, **kwargs) -> Path:
     """Save through a temporary file in the target folder, then rename: no half-written figure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; figures are meant to be shared
-                os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            fig.savefig(handle, format=fmt, bbox_inches="tight", **kwargs)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format=fmt, bbox_inches="tight", **kwargs)
     return path
 
 

@@ -17,36 +17,18 @@ import copy
 import json
 import math
 import os
-import random
 
 import torch
 import torch.distributed as dist
 
-from kdlib.data import build_dataset_dict
+from kdlib.data import build_dataset_dict, synthetic_intents
 from kdlib.distill import TrainConfig, train_student
 from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teacher
 
-KEYWORDS = {
-    "alarm": ["alarm", "wake me", "set timer"],
-    "balance": ["balance", "money left", "account total"],
-    "music": ["music", "play song", "volume up"],
-    "weather": ["weather", "rain today", "sunny"],
-}
-FILLERS = ["please", "can you", "now", "for me", "quick", "thanks", "hey", "i need"]
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")
 
 
-def synthetic_split(n_per_label: int, seed: int) -> tuple[list[str], list[str]]:
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for label, keywords in KEYWORDS.items():
-        for _ in range(n_per_label):
-            words = [rng.choice(keywords), *rng.sample(FILLERS, rng.randint(0, 3))]
-            rng.shuffle(words)
-            texts.append(" ".join(words))
-            labels.append(label)
-    return texts, labels
 
 
 def without_dropout(model):
@@ -94,9 +76,9 @@ def main() -> None:
 
     data = build_dataset_dict(
         {
-            "train": synthetic_split(args.per_label, 0),
-            "validation": synthetic_split(8, 1),
-            "test": synthetic_split(8, 2),
+            "train": synthetic_intents(args.per_label, 0),
+            "validation": synthetic_intents(8, 1),
+            "test": synthetic_intents(8, 2),
         },
         origin="synthetic",
     )

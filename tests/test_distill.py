@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from kdlib import distill
-from kdlib.data import build_dataset_dict
+from kdlib.data import SYNTHETIC_KEYWORDS, build_dataset_dict, synthetic_intents
 from kdlib.distill import (
     EPOCH_TABLE_COLUMNS,
     NO_LOG,
@@ -36,29 +35,13 @@ from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, s
 # Shared fixtures: synthetic keyword data, a tiny tokenizer, a fine-tuned tiny teacher
 # ---------------------------------------------------------------------------------------------
 
-KEYWORDS = {
-    "alarm": ["alarm", "wake me", "set timer"],
-    "balance": ["balance", "money left", "account total"],
-    "music": ["music", "play song", "volume up"],
-    "weather": ["weather", "rain today", "sunny"],
-}
-FILLERS = ["please", "can you", "now", "for me", "quick", "thanks", "hey", "i need"]
-LABELS = sorted(KEYWORDS)
+LABELS = sorted(SYNTHETIC_KEYWORDS)
 N_TRAIN_PER_LABEL = 30  # 120 training examples
 BATCH = 16
 STEPS_PER_EPOCH = math.ceil(len(LABELS) * N_TRAIN_PER_LABEL / BATCH)  # 8
 
 
-def _split(n_per_label: int, seed: int) -> tuple[list[str], list[str]]:
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for label, keywords in KEYWORDS.items():
-        for _ in range(n_per_label):
-            words = [rng.choice(keywords), *rng.sample(FILLERS, rng.randint(0, 3))]
-            rng.shuffle(words)
-            texts.append(" ".join(words))
-            labels.append(label)
-    return texts, labels
+_split = synthetic_intents
 
 
 @pytest.fixture(scope="module", autouse=True)

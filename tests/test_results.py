@@ -232,8 +232,9 @@ def test_comparison_table_other_baseline():
         {"run": "a", "variant": "student", "time_avg_ms": 5.0, "size_mb": 50.0},
     ]
     table = comparison_table(records, baseline="student")
-    assert table["speedup_vs_baseline"].astype(float).tolist() == [0.5, 1.0]
-    assert table["size_ratio_vs_baseline"].astype(float).tolist() == [2.0, 1.0]
+    assert table["variant"].tolist() == ["student", "teacher"], "the baseline comes first"
+    assert table["speedup_vs_baseline"].astype(float).tolist() == [1.0, 0.5]
+    assert table["size_ratio_vs_baseline"].astype(float).tolist() == [1.0, 2.0]
 
 
 def test_to_markdown_rows(two_run_table):
