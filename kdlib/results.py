@@ -103,9 +103,23 @@ def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
     return Path(results_dir) / _check_name(run, "Run name") / f"{_check_name(variant, 'Variant name')}.json"
 
 
+def portable_ref(ref: str | None) -> str | None:
+    """A model path inside the project, relative to it (records are committed and shared)."""
+    from kdlib.profiles import project_root
+
+    if not ref or not os.path.isabs(ref):
+        return ref
+    try:
+        return str(Path(ref).resolve().relative_to(project_root()))
+    except ValueError:
+        return ref
+
+
 def save_record(results_dir: str | os.PathLike, run: str, variant: str, metrics: dict) -> Path:
     """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``."""
     record = {**_json_safe(metrics), "run": run, "variant": variant}
+    if "model_ref" in record:
+        record["model_ref"] = portable_ref(record["model_ref"])
     text = json.dumps(record, indent=2, sort_keys=True, default=str)
     return atomic_write_text(record_path(results_dir, run, variant), text + "\n")
 

@@ -84,6 +84,16 @@ def run_notebooks(
     return timings
 
 
+def strip_local_paths(notebook: Path) -> None:
+    """Drop papermill's absolute input/output paths from a notebook meant to be committed."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    for key in ("input_path", "output_path"):
+        nb.metadata.get("papermill", {}).pop(key, None)
+    nbformat.write(nb, notebook)
+
+
 def parse_value(text: str):
     """``-p key value`` values are YAML: numbers, booleans, null and lists work as expected."""
     return yaml.safe_load(text)
@@ -144,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in timings.items():
         print(f"  {name:<24} {seconds / 60:6.1f} min ({seconds:.0f} s)")
     print(f"  {'total':<24} {sum(timings.values()) / 60:6.1f} min")
+    if args.into:
+        for name in timings:
+            strip_local_paths(executed_dir / f"{name}.ipynb")
     if args.update_notebooks:
         for name in timings:
             shutil.copyfile(executed_dir / f"{name}.ipynb", root / "notebooks" / f"{name}.ipynb")
+            strip_local_paths(root / "notebooks" / f"{name}.ipynb")
         print("notebooks/ updated with the executed notebooks.")
     return 0
 

@@ -272,3 +272,15 @@ def test_write_table_csv_reads_back_the_same(tmp_path, two_run_table):
     pd.testing.assert_frame_equal(back[TABLE_COLUMNS[2:]], expected[TABLE_COLUMNS[2:]])
     assert md_path.read_text() == to_markdown(two_run_table)
     assert files_in(tmp_path / "out") == ["comparison.csv", "comparison.md"]
+
+
+def test_model_paths_inside_the_project_are_saved_relative(tmp_path):
+    from kdlib.profiles import project_root
+    from kdlib.results import portable_ref
+
+    inside = project_root() / "outputs" / "models" / "x" / "student"
+    assert portable_ref(str(inside)) == "outputs/models/x/student"
+    assert portable_ref(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+    assert portable_ref("distilbert-base-uncased") == "distilbert-base-uncased"
+    path = save_record(tmp_path, "r", "student", {"model_ref": str(inside), "accuracy": 0.5})
+    assert json.loads(path.read_text())["model_ref"] == "outputs/models/x/student"
