@@ -36,6 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlib.predictors import DEFAULT_MAX_LENGTH, Predictor, TorchPredictor
+from kdlib.results import atomic_path
 
 LABELS_KEY = "kdlib.labels"
 QUANTIZATION_KEY = "kdlib.quantization"
@@ -105,20 +106,6 @@ def model_input_names(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
     return names
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path, suffix: str = ".onnx") -> Iterator[Path]:
-    """A temporary file beside ``path`` that replaces ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_onnx(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -160,7 +147,7 @@ def export_onnx(
     metadata = {LABELS_KEY: json.dumps(_model_labels(model)),
                 MODEL_TYPE_KEY: str(getattr(getattr(model, "config", None), "model_type", ""))}
     try:
-        with _atomic_path(path) as tmp:
+        with atomic_path(path, suffix=".tmp.onnx") as tmp:
             try:
                 _export_dynamo(cpu_model, inputs, tmp, opset, metadata)
             except Exception as err:  # any exporter failure: try the other exporter once
@@ -396,7 +383,10 @@ def quantize_onnx_int8(
     metadata = onnx_metadata(src)
     metadata[QUANTIZATION_KEY] = "int8"
     ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
-    with _atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work:
+    with (
+        atomic_path(dst, suffix=".tmp.onnx") as tmp,
+        tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work,
+    ):
         source = _preprocess(src, Path(work) / "pre.onnx")
         with warnings.catch_warnings(), _quiet_ort_logging(), _working_directory(Path(work)):
             warnings.simplefilter("ignore")

@@ -62,24 +62,33 @@ def current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """A temporary file path beside ``path`` that replaces ``path`` only if the block succeeds.
 
-    On any error the temporary file is removed and ``path`` keeps its earlier content.
+    For writers that want a file name (ONNX, savefig); on any error the temporary file is removed
+    and ``path`` keeps its earlier content. The file gets the usual permissions, not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``."""
+    encoding = {} if "b" in mode else {"encoding": "utf-8"}
+    with atomic_path(path) as tmp, open(tmp, mode, **encoding) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -104,7 +104,7 @@ def test_failed_rename_keeps_the_earlier_record(tmp_path, monkeypatch):
 def test_failed_write_midway_keeps_the_earlier_record(tmp_path, monkeypatch):
     path = save_record(tmp_path, "r", "student", metrics(0.80, 7.0, 66.0))
     before = path.read_bytes()
-    real_fdopen = os.fdopen
+    real_open = open
 
     class HalfWriter:
         """Writes half of the text, then fails (a full disk, a killed process)."""
@@ -123,7 +123,8 @@ def test_failed_write_midway_keeps_the_earlier_record(tmp_path, monkeypatch):
             self.handle.flush()
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(results.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    # atomic_open writes through the builtin open(); a module global shadows it for this test.
+    monkeypatch.setattr(results, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError, match="No space left"):
         save_record(tmp_path, "r", "student", metrics(0.86, 6.5, 66.0, note="x" * 10_000))
     assert path.read_bytes() == before
