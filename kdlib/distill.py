@@ -227,6 +227,20 @@ def add_teacher_logits(
     )
 
 
+def prepare_datasets(
+    data: DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    teacher: PreTrainedModel | None = None,
+    max_length: int = 128,
+) -> DatasetDict:
+    """Tokenise ``data`` and, given a teacher, add its cached logits: the work every training run on
+    the same data and teacher shares. The logits are raw (temperature is applied in the loss), so
+    one preparation serves runs with any alpha and T, e.g. all trials of a hyperparameter search."""
+    tokenized = tokenize_dataset(data, tokenizer, max_length=max_length)
+    return add_teacher_logits(tokenized, teacher, tokenizer) if teacher is not None else tokenized
+
+
 # ---------------------------------------------------------------------------------------------
 # The per-epoch table of the reference model card
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +382,7 @@ def train_student(
     teacher: PreTrainedModel | None = None,
     resume: bool = True,
     fingerprint: dict | None = None,
+    prepared: DatasetDict | None = None,
     **training_overrides,
 ) -> TrainResult:
     """Train ``student`` on ``data`` (text + ClassLabel label) with the distillation loss.
@@ -375,6 +390,8 @@ def train_student(
     Checkpoints are written every epoch under ``output_dir``; calling again with the same
     ``output_dir`` and the same settings resumes from the last one. Different settings in a
     folder that holds checkpoints is an error rather than a silent mix of two runs.
+    ``prepared`` (from :func:`prepare_datasets` on the same ``data``) skips tokenising and the
+    teacher-logit cache when several runs share them.
     """
     import time
 
@@ -401,13 +418,22 @@ def train_student(
     output_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(this_run, indent=2, default=str))
 
-    tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
+    if prepared is None:
+        tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
+    else:
+        columns = prepared["train"].column_names if "train" in prepared else []
+        if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
+            raise ValueError(
+                "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
+                f"splits; got splits {sorted(prepared)}, train columns {columns}."
+            )
+        tokenized = prepared
     online_teacher = None
     if config.alpha < 1.0:
-        if config.cache_teacher_logits:
-            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
-        else:
+        if not config.cache_teacher_logits:
             online_teacher = teacher
+        elif TEACHER_LOGITS not in tokenized["train"].column_names:
+            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
     args = make_training_arguments(config, output_dir, **training_overrides)
     trainer = DistillationTrainer(
         model=student,
@@ -499,8 +525,15 @@ def hyperparameter_search(
         sampler=optuna.samplers.TPESampler(seed=base_config.seed),
     )
 
+    # Tokenise and compute the teacher's logits once for all trials, not once per trial.
+    prepared = None
+
     def objective(trial) -> float:
+        nonlocal prepared
         config = replace(base_config, **space(trial))
+        if prepared is None:
+            cache = teacher if base_config.cache_teacher_logits else None
+            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
         result = train_student(
             make_student(),
             tokenizer,
@@ -509,6 +542,7 @@ def hyperparameter_search(
             config=config,
             output_dir=Path(output_dir) / f"trial-{trial.number}",
             resume=False,
+            prepared=prepared,
             save_strategy="no",
         )
         metrics = result.trainer.evaluate()

@@ -277,9 +277,16 @@ def _has_submodule(model: torch.nn.Module, name: str) -> bool:
 
 
 def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
-    """Evenly spaced layer indices, half of them by default (6 -> [0, 2, 4], 12 -> [0, 2, ..., 10])."""
+    """Evenly spaced layer indices counted back from the last one, half of them by default
+    (6 -> [1, 3, 5], 12 -> [1, 3, ..., 11]).
+
+    The last layer is always kept: the teacher's pooler and classifier were fine-tuned on its
+    output (DistilBERT's own initialisation keeps BERT's last layer too). On CLINC150 with the
+    MiniLM teacher, validation accuracy after distillation was 0.9439 with [1, 3, 5], 0.9387 with
+    [0, 2, 5] and 0.9358 with [0, 2, 4] (README, "Choosing the student's layers").
+    """
     keep = keep or max(1, num_layers // 2)
-    return sorted({round(i * num_layers / keep) for i in range(keep)})
+    return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
 
 
 def student_from_teacher(
@@ -287,8 +294,8 @@ def student_from_teacher(
 ) -> PreTrainedModel:
     """A shallower copy of the teacher, DistilBERT-style: embeddings, head and the chosen layers.
 
-    Sanh et al. (2019) initialise DistilBERT from every other layer of BERT; starting from the
-    teacher's own weights converges much faster than from scratch.
+    Sanh et al. (2019) initialise DistilBERT from every other layer of BERT (layers 0, 2, 4, 7, 9
+    and 11); starting from the teacher's own weights converges much faster than from scratch.
     """
     prefix, layers = _layer_list(teacher)
     keep = list(keep_layers) if keep_layers is not None else default_keep_layers(len(layers))

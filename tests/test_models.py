@@ -328,16 +328,19 @@ def assert_copied(teacher, student, keep, prefix):
 
 
 def test_default_keep_layers():
-    assert default_keep_layers(6) == [0, 2, 4]
-    assert default_keep_layers(12) == [0, 2, 4, 6, 8, 10]
-    assert default_keep_layers(4) == [0, 2]
+    assert default_keep_layers(6) == [1, 3, 5]
+    assert default_keep_layers(12) == [1, 3, 5, 7, 9, 11]
+    assert default_keep_layers(4) == [1, 3]
     assert default_keep_layers(1) == [0]
-    assert default_keep_layers(6, 2) == [0, 3]
+    assert default_keep_layers(6, 2) == [2, 5]
+    # the last layer, which the classification head was trained on, is always kept
+    assert all(default_keep_layers(n, k)[-1] == n - 1 for n in range(1, 13) for k in range(1, n + 1))
+    assert all(len(default_keep_layers(n, k)) == k for n in range(1, 13) for k in range(1, n + 1))
 
 
 @pytest.mark.parametrize("kind", ["tiny-bert", "tiny-distilbert"])
-@pytest.mark.parametrize(("num_layers", "keep", "expected_keep"), [(6, None, [0, 2, 4]), (4, None, [0, 2]),
-                                                                   (4, [1, 3], [1, 3]), (4, [3], [3])])
+@pytest.mark.parametrize(("num_layers", "keep", "expected_keep"), [(6, None, [1, 3, 5]), (4, None, [1, 3]),
+                                                                   (4, [0, 2], [0, 2]), (4, [3], [3])])
 def test_student_from_teacher_copies_chosen_layers(kind, tiny_labels, num_layers, keep, expected_keep):
     teacher = make_tiny_model(kind, tiny_labels, num_layers=num_layers, seed=11)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -398,7 +401,7 @@ def test_init_student_teacher_layers(tiny_labels):
     teacher = make_tiny_model("tiny-bert", tiny_labels, num_layers=4, seed=1)
     student = init_student("teacher_layers", teacher=teacher, labels=tiny_labels)
     assert layer_count(student) == 2
-    assert_copied(teacher, student, [0, 2], LAYER_PREFIX["tiny-bert"])
+    assert_copied(teacher, student, [1, 3], LAYER_PREFIX["tiny-bert"])
     custom = init_student("teacher_layers", teacher=teacher, labels=tiny_labels, keep_layers=[3])
     assert_copied(teacher, custom, [3], LAYER_PREFIX["tiny-bert"])
 

@@ -13,14 +13,8 @@ from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teac
 LABELS = ["alarm", "music", "weather"]
 
 
-def tmp_teacher_dir():
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="kdlib-search-teacher-")
-
-
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     torch.set_num_threads(1)
     words = {"alarm": "wake me up at", "music": "play a song by", "weather": "will it rain in"}
     rows = [(f"{words[label]} {i}", label) for i in range(20) for label in LABELS]
@@ -28,7 +22,7 @@ def setup():
     data = build_dataset_dict({"train": split, "validation": split, "test": split}, origin="synthetic")
     tokenizer = make_tiny_tokenizer()
     teacher = train_student(
-        make_tiny_model("tiny-bert", LABELS), tokenizer, data, output_dir=tmp_teacher_dir(),
+        make_tiny_model("tiny-bert", LABELS), tokenizer, data, output_dir=tmp_path_factory.mktemp("teacher"),
         config=TrainConfig(alpha=1.0, epochs=2, learning_rate=5e-3, batch_size=16), resume=False,
         save_strategy="no",
     ).model
@@ -69,3 +63,47 @@ def test_zero_trials_skips_the_search(setup, tmp_path):
         n_trials=0, storage_path=tmp_path / "optuna.db", output_dir=tmp_path,
     )
     assert best == {} and not (tmp_path / "optuna.db").exists()
+
+
+def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, monkeypatch):
+    import kdlib.distill as distill
+
+    data, tokenizer, teacher = setup
+    calls = {"tokenise": 0, "logits": 0}
+    tokenize, logits_for = distill.tokenize_dataset, distill.teacher_logits_for
+
+    def counting_tokenize(*args, **kwargs):
+        calls["tokenise"] += 1
+        return tokenize(*args, **kwargs)
+
+    def counting_logits(*args, **kwargs):
+        calls["logits"] += 1
+        return logits_for(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "tokenize_dataset", counting_tokenize)
+    monkeypatch.setattr(distill, "teacher_logits_for", counting_logits)
+    hyperparameter_search(
+        lambda: student_from_teacher(teacher), tokenizer, data, n_trials=3, teacher=teacher,
+        base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
+        storage_path=tmp_path / "optuna.db", output_dir=tmp_path / "trials",
+        space=lambda trial: {"alpha": trial.suggest_float("alpha", 0.0, 0.9)},
+    )
+    # one tokenisation; one logit pass per cached split (train, validation), not per trial
+    assert calls == {"tokenise": 1, "logits": 2}
+
+
+def test_prepared_data_trains_like_raw_data(setup, tmp_path):
+    from kdlib.distill import prepare_datasets
+
+    data, tokenizer, teacher = setup
+    config = TrainConfig(alpha=0.5, temperature=3, epochs=1, batch_size=16, learning_rate=5e-3)
+    kwargs = dict(teacher=teacher, config=config, resume=False, save_strategy="no")
+    raw = train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "raw", **kwargs)
+    prepared = prepare_datasets(data, tokenizer, teacher=teacher)
+    again = train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "prepared",
+                          prepared=prepared, **kwargs)
+    for (name, a), (_, b) in zip(raw.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="prepare_datasets"):
+        train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "bad",
+                      prepared=data, **kwargs)
