@@ -6,7 +6,7 @@ way), and distillation reading cached teacher logits (kdlib's default). Prints t
 time of each over a few repeats and the ratios to plain fine-tuning. Target: cached <= 1.10x.
 
     KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json \
-        .venv/bin/python benchmarks/distill_overhead.py --run minilm [--rows 3000] [--repeats 3]
+        .venv/bin/python benchmarks/distill_overhead.py --run minilm [--rows 3000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--rows", type=int, default=3000, help="training rows in the slice")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 

@@ -1,0 +1,53 @@
+"""scripts/recipe.py, the script behind the README's recipe figures, on tiny models and a data slice."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from kdlib.models import load_classifier, make_tiny_model, make_tiny_tokenizer, num_layers, save_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recipe.py"
+LABELS = ["alarm", "music", "oos"]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("recipe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    words = {"alarm": "wake me up at", "music": "play a song by", "oos": "how tall is"}
+    rows = [f"{words[label]} {i},{label}" for i in range(12) for label in LABELS]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows))
+    teacher_dir = tmp_path / "teacher"
+    save_model(make_tiny_model("tiny-bert", LABELS, num_layers=4), make_tiny_tokenizer(), teacher_dir)
+    return folder, teacher_dir
+
+
+def test_recipe_trains_a_student_with_the_chosen_layers(recipe, setup, tmp_path):
+    folder, teacher_dir = setup
+    summary = recipe.main(["student", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1",
+                           "--batch-size", "8", "--keep-layers", "0,3", "--threads", "1",
+                           "--save", str(tmp_path / "student")])
+    assert summary["recipe"]["keep_layers"] == "0,3"
+    assert set(summary["test"]) >= {"accuracy", "in_scope_accuracy", "oos_recall"}
+    assert 0.0 <= summary["validation_accuracy"] <= 1.0 and summary["machine"]["threads"] == 1
+    assert num_layers(load_classifier(tmp_path / "student", LABELS)) == 2
+    assert recipe.parse_layers("1,3,5") == [1, 3, 5] and recipe.parse_layers(None) is None
+
+
+def test_recipe_is_reproducible(recipe, setup):
+    folder, teacher_dir = setup
+    argv = ["teacher", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1", "--batch-size", "8",
+            "--learning-rate", "1e-3", "--threads", "1"]
+    assert recipe.main(argv)["test"] == recipe.main(argv)["test"]
