@@ -47,7 +47,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from kdlib.models import MODEL_INPUT_NAMES, forward_inputs
+from kdlib.models import MODEL_INPUT_NAMES, forward_inputs, weights_digest
 
 TEACHER_LOGITS = "teacher_logits"
 NO_LOG = "No log"
@@ -402,14 +402,20 @@ def train_student(
     run_file = output_dir / RUN_CONFIG_FILE
     runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
     overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
-    this_run = _run_fingerprint(config, {**(fingerprint or {}), "training_overrides": overrides})
+    # The starting weights belong to the run: checkpoints of another initialisation (other layers
+    # kept, another teacher) must never be resumed as if they were this one's.
+    this_run = _run_fingerprint(
+        config,
+        {**(fingerprint or {}), "initial_weights": weights_digest(student), "training_overrides": overrides},
+    )
     last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last_checkpoint and resume:
         previous = json.loads(run_file.read_text()) if run_file.is_file() else None
         if previous != json.loads(json.dumps(this_run, default=str)):
             raise ValueError(
                 f"{output_dir} holds checkpoints of a run with other settings ({run_file}). Use another "
-                "output directory, or pass resume=False to start over (its checkpoints are deleted)."
+                "output directory, delete this one, or pass resume=False to start over (its checkpoints "
+                "are deleted)."
             )
     elif last_checkpoint and not resume:
         for checkpoint in output_dir.glob("checkpoint-*"):

@@ -29,7 +29,7 @@ from kdlib.distill import (
     tokenize_dataset,
     train_student,
 )
-from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, student_from_teacher
+from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, num_layers, student_from_teacher
 
 # ---------------------------------------------------------------------------------------------
 # Shared fixtures: synthetic keyword data, a tiny tokenizer, a fine-tuned tiny teacher
@@ -667,3 +667,18 @@ def test_resume_refuses_other_training_overrides(teacher, data, tok, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
                       config=config, lr_scheduler_type="linear")
+
+
+def test_resume_refuses_checkpoints_of_another_initialisation(teacher, data, tok, tmp_path):
+    # Same settings, other starting weights (another choice of layers): resuming would silently
+    # return the other student, so it is refused.
+    config = _distil_config(epochs=1)
+    layers = num_layers(teacher)
+    train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher, config=config)
+    with pytest.raises(ValueError, match="other settings"):
+        train_student(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path, teacher=teacher,
+                      config=config)
+    # the same initialisation resumes (nothing left to train)
+    again = train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config)
+    assert again.resumed_from is not None
