@@ -531,15 +531,8 @@ def hyperparameter_search(
         sampler=optuna.samplers.TPESampler(seed=base_config.seed),
     )
 
-    # Tokenise and compute the teacher's logits once for all trials, not once per trial.
-    prepared = None
-
     def objective(trial) -> float:
-        nonlocal prepared
         config = replace(base_config, **space(trial))
-        if prepared is None:
-            cache = teacher if base_config.cache_teacher_logits else None
-            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
         result = train_student(
             make_student(),
             tokenizer,
@@ -558,5 +551,8 @@ def hyperparameter_search(
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = n_trials - len(finished)
     if remaining > 0:
+        # Tokenise and compute the teacher's logits once for all trials, not once per trial.
+        cache = teacher if base_config.cache_teacher_logits else None
+        prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
         study.optimize(objective, n_trials=remaining)
     return dict(study.best_params)

@@ -29,8 +29,6 @@ DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classi
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")
 
 
-
-
 def without_dropout(model):
     config = copy.deepcopy(model.config)
     for name in DROPOUT_FIELDS:

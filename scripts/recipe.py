@@ -27,7 +27,15 @@ from kdlib.profiles import prepare_session
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    return [int(part) for part in text.split(",")] if text else None
+    """``"1,3,5"`` -> ``[1, 3, 5]``; anything else is a usage error that says what is expected."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--keep-layers takes comma-separated layer indices such as 1,3,5, got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="student only")
     parser.add_argument("--temperature", type=float, default=2.0, help="student only")
-    parser.add_argument("--keep-layers", default=None, help="student only, e.g. 1,3,5 (default: kdlib's)")
+    parser.add_argument("--keep-layers", type=parse_layers, default=None,
+                        help="student only, e.g. 1,3,5 (default: kdlib's)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-rows", type=int, default=None, help="rows per split (a quick look)")
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         teacher = load_classifier(args.teacher, labels)
         model = init_student("teacher_layers", teacher=teacher, labels=labels,
-                             keep_layers=parse_layers(args.keep_layers), seed=args.seed)
+                             keep_layers=args.keep_layers, seed=args.seed)
         config = TrainConfig(alpha=args.alpha, temperature=args.temperature, **common)
 
     start = time.perf_counter()
@@ -76,12 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
         save_model(result.model, tokenizer, args.save)
 
     print(result.epoch_table.to_string(index=False))
+    machine = env_fingerprint()
     summary = {
         "recipe": {k: v for k, v in vars(args).items() if k not in {"save", "data"}},
         "validation_accuracy": float(result.epoch_table["Accuracy"].iloc[-1]),
         "test": {k: round(v, 4) for k, v in metrics.items()},
         "seconds": round(seconds, 1),
-        "machine": {k: env_fingerprint()[k] for k in ("threads", "torch_version", "cpu", "git_commit")},
+        "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")},
     }
     print(json.dumps(summary, indent=2))
     return summary

@@ -39,7 +39,7 @@ def test_recipe_trains_a_student_with_the_chosen_layers(recipe, setup, tmp_path)
     summary = recipe.main(["student", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1",
                            "--batch-size", "8", "--keep-layers", "0,3", "--threads", "1",
                            "--save", str(tmp_path / "student")])
-    assert summary["recipe"]["keep_layers"] == "0,3"
+    assert summary["recipe"]["keep_layers"] == [0, 3]
     assert set(summary["test"]) >= {"accuracy", "in_scope_accuracy", "oos_recall"}
     assert 0.0 <= summary["validation_accuracy"] <= 1.0 and summary["machine"]["threads"] == 1
     assert num_layers(load_classifier(tmp_path / "student", LABELS)) == 2
@@ -51,3 +51,9 @@ def test_recipe_is_reproducible(recipe, setup):
     argv = ["teacher", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1", "--batch-size", "8",
             "--learning-rate", "1e-3", "--threads", "1"]
     assert recipe.main(argv)["test"] == recipe.main(argv)["test"]
+
+
+def test_recipe_rejects_malformed_layers(recipe, capsys):
+    with pytest.raises(SystemExit):
+        recipe.main(["student", "--keep-layers", "one,three"])
+    assert "comma-separated layer indices such as 1,3,5" in capsys.readouterr().err
