@@ -16,10 +16,10 @@ import json
 import torch
 
 from kdlib.benchmark import classification_metrics, env_fingerprint, median_of_repeats, predict_labels
+from kdlib.config import RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data, oos_label
+from kdlib.inference import PipelinePredictor, TorchPredictor
 from kdlib.models import load_classifier, load_tokenizer
-from kdlib.predictors import PipelinePredictor, TorchPredictor
-from kdlib.profiles import RunPaths, prepare_session
 
 
 def main() -> None:

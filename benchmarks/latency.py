@@ -20,11 +20,10 @@ import json
 import numpy as np
 
 from kdlib.benchmark import compute_accuracy, compute_size, env_fingerprint, time_pipeline
+from kdlib.config import RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data
+from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
-from kdlib.optimize import build_variants
-from kdlib.predictors import PipelinePredictor, TorchPredictor
-from kdlib.profiles import RunPaths, prepare_session
 
 
 def main() -> None:

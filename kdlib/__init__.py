@@ -1,8 +1,72 @@
 """kdlib: measure a transformer text classifier and make it smaller and faster by distillation.
 
-Modules, one concept each: :mod:`kdlib.data`, :mod:`kdlib.models`, :mod:`kdlib.predictors`,
-:mod:`kdlib.benchmark`, :mod:`kdlib.distill`, :mod:`kdlib.optimize`, :mod:`kdlib.results`,
-:mod:`kdlib.plots`, :mod:`kdlib.modelcard`, :mod:`kdlib.profiles` and :mod:`kdlib.run`.
+Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib import PerformanceBenchmark``);
+``__all__`` is the list. One module per concept:
+
+* :mod:`kdlib.config` - the run configuration (every default), its validation and fingerprint, paths, session;
+* :mod:`kdlib.data` - intent data from every source, checked on the way in;
+* :mod:`kdlib.models` - model references, classifiers with the data's labels, students from teacher layers;
+* :mod:`kdlib.distill` - fine-tuning and distillation with the ``transformers`` Trainer, the search;
+* :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
+* :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
+* :mod:`kdlib.results` and :mod:`kdlib.modelcard` - result records, comparison tables, the model card;
+* :mod:`kdlib.plots` - the figures; :mod:`kdlib.run` - the headless runner behind ``make run``.
+
+Names are imported on first use, so ``python -m kdlib.run`` validates its parameters before torch loads.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "config": [
+        "RunConfig", "RunPaths", "ConfigError", "load_config", "config_from_notebook", "prepare_session",
+        "project_root", "TEACHER_FIELDS", "STUDENT_FIELDS",
+    ],
+    "data": [
+        "DataError", "load_intent_data", "resolve_data_source", "subsample", "label_names", "describe",
+        "examples_frame", "data_digest",
+    ],
+    "models": [
+        "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
+        "save_model", "num_layers", "weights_digest",
+    ],
+    "distill": [
+        "DistillationTrainingArguments", "DistillationTrainer", "TrainConfig", "train_student",
+        "hyperparameter_search", "soft_targets",
+    ],
+    "inference": [
+        "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
+    ],
+    "benchmark": ["PerformanceBenchmark", "compute_accuracy", "compute_size", "time_pipeline"],
+    "results": [
+        "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",
+        "portable_ref",
+    ],
+    "modelcard": ["write_model_card", "card_dataset", "base_model_id", "training_hyperparameters"],
+    "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = (*_EXPORTS, "run")
+
+__all__ = ["__version__", *_MODULE_OF]
+
+
+def __getattr__(name: str) -> Any:
+    """``kdlib.X`` for every name in ``__all__`` and every submodule, imported when first asked for."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f"kdlib.{_MODULE_OF[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"kdlib.{name}")
+    else:
+        raise AttributeError(f"module 'kdlib' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

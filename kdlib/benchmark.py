@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 
 from kdlib.data import OOS_LABEL
-from kdlib.predictors import Predictor, TorchPredictor
+from kdlib.inference import Predictor, TorchPredictor
 
 Clock = Callable[[], float]
 
@@ -50,7 +50,7 @@ def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int =
 def classification_metrics(
     gold: Sequence[str], predicted: Sequence[str], oos_label: str | None = OOS_LABEL
 ) -> dict:
-    """Accuracy and macro-F1; with an OOS label present, also the CLINC150 paper's metrics:
+    """Accuracy and macro-F1 (scikit-learn's); with an OOS label present, also the CLINC150 paper's metrics:
 
     * ``in_scope_accuracy``: accuracy on queries whose gold label is not OOS;
     * ``oos_recall``: share of OOS queries predicted as OOS;
@@ -60,16 +60,15 @@ def classification_metrics(
         raise ValueError(
             f"Need as many predictions as gold labels (got {len(predicted)} and {len(gold)}), at least one."
         )
+    from sklearn.metrics import f1_score
+
     gold_a, pred_a = np.asarray(gold, dtype=object), np.asarray(predicted, dtype=object)
     correct = gold_a == pred_a
-    metrics = {"accuracy": float(correct.mean())}
-    f1s = []
-    for label in sorted(set(gold)):
-        tp = float(np.sum((pred_a == label) & (gold_a == label)))
-        fp = float(np.sum((pred_a == label) & (gold_a != label)))
-        fn = float(np.sum((pred_a != label) & (gold_a == label)))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    metrics["macro_f1"] = float(np.mean(f1s))
+    # scikit-learn's macro-F1 averages over every label seen in gold or predictions.
+    metrics = {
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(f1_score(list(gold), list(predicted), average="macro", zero_division=0)),
+    }
     if oos_label is not None and oos_label in set(gold):
         in_scope = gold_a != oos_label
         is_oos = ~in_scope
@@ -190,13 +189,14 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 def env_fingerprint(device: str | None = None) -> dict:
     """Versions, hardware and threads: recorded with every result so figures can be compared fairly."""
-    import transformers
-
     import kdlib
+    from kdlib.config import library_versions
 
+    versions = library_versions()
     return {
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "torch_version": versions["torch"],
+        "transformers_version": versions["transformers"],
+        "onnxruntime_version": versions["onnxruntime"],
         "kdlib_version": kdlib.__version__,
         "git_commit": git_commit(),
         "python_version": platform.python_version(),
@@ -216,8 +216,22 @@ def env_fingerprint(device: str | None = None) -> dict:
 class PerformanceBenchmark:
     """Accuracy, size and latency of one model variant, under the reference study's names.
 
-    ``model`` is a :class:`~kdlib.predictors.Predictor` (any variant: fp32, int8, ONNX Runtime) or
-    a ``transformers`` model, which is wrapped together with ``tokenizer``.
+    Parameters:
+        model: a :class:`~kdlib.inference.Predictor` (any variant: fp32, int8, ONNX Runtime) or a
+            ``transformers`` model, which is wrapped together with ``tokenizer``.
+        dataset: the test split, a ``datasets.Dataset`` with ``text`` and a ``label`` ClassLabel.
+        name: the variant's name, the key of :meth:`run_benchmark`'s result.
+        tokenizer: needed only with a ``transformers`` model.
+        model_ref: where the model came from, stored in the record.
+        n_latency_queries: single-query calls timed (the first queries of ``dataset``).
+        warmup: untimed calls before timing.
+        batch_size: batch size of the accuracy pass (length-sorted, no gradients).
+        throughput_batch_size: batch size of the throughput measurement.
+        threads: torch threads while measuring (None: the session's).
+        clock: the timer, replaceable in tests.
+
+    :meth:`run_benchmark` returns ``{name: metrics}``: accuracy metrics (:func:`compute_accuracy`),
+    size (:func:`compute_size`), latency and throughput (:meth:`time_pipeline`), and the environment.
     """
 
     def __init__(
@@ -235,6 +249,11 @@ class PerformanceBenchmark:
         threads: int | None = None,
         clock: Clock = time.perf_counter,
     ) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"dataset must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
+                f"got {type(dataset).__name__}."
+            )
         if isinstance(model, Predictor):
             self.predictor = model
         else:

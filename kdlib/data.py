@@ -5,27 +5,37 @@ Every loader returns the same thing, a ``datasets.DatasetDict`` with ``train`` /
 intents. Downstream code (models, benchmark, distillation) only ever sees that shape, so a new
 source needs a new loader here and nothing else.
 
-Where the data comes from, in order: the ``source`` argument (a notebook parameter), the
-``KDLIB_DATA`` environment variable, then the Hugging Face Hub's ``clinc_oos`` / ``plus``.
+Where the data comes from, in order: the ``source`` argument (the ``data_source`` run parameter),
+the ``KDLIB_DATA`` environment variable, then CLINC150 ``plus`` embedded in kdlib
+(``kdlib/clinc150/``, the release file, CC BY 3.0), so the default needs no network. A source is
 
-* a ``.json`` file: an original CLINC150 release file (``data_oos_plus.json`` ...);
+* :data:`EMBEDDED_SOURCE` (``embedded:clinc150-plus``): the embedded release file;
+* a ``.json`` / ``.json.gz`` file: an original CLINC150 release file (``data_oos_plus.json`` ...);
 * a directory: your own ``train`` / ``validation`` / ``test`` files in CSV or JSON Lines;
 * anything else: a Hub dataset id, optionally with a config after a colon (``clinc_oos:plus``).
+
+Relative paths are taken from ``base_dir`` (the working directory unless a caller says otherwise:
+the notebooks pass the project root); every error about a path shows the absolute path it tried.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import json
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 DATA_ENV_VAR = "KDLIB_DATA"
-DEFAULT_HUB_SOURCE = "clinc_oos:plus"
+EMBEDDED_SOURCE = "embedded:clinc150-plus"
+EMBEDDED_FILE = Path(__file__).resolve().parent / "clinc150" / "data_oos_plus.json.gz"
+HUB_SOURCE = "clinc_oos:plus"  # the same data on the Hugging Face Hub, one parameter away
 OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
 
@@ -44,11 +54,15 @@ class DataError(ValueError):
     """Input data that kdlib cannot use; the message names the file and how to fix it."""
 
 
+class DuplicateTextWarning(UserWarning):
+    """The same text appears in more than one split, so test accuracy partly measures memory."""
+
+
 def resolve_data_source(source: str | os.PathLike | None = None) -> str:
-    """Pick the data source: the explicit argument, else ``$KDLIB_DATA``, else the Hub's CLINC150."""
+    """Pick the data source: the explicit argument, else ``$KDLIB_DATA``, else the embedded CLINC150."""
     if source not in (None, ""):
         return str(source)
-    return os.environ.get(DATA_ENV_VAR) or DEFAULT_HUB_SOURCE
+    return os.environ.get(DATA_ENV_VAR) or EMBEDDED_SOURCE
 
 
 def load_intent_data(
@@ -58,31 +72,43 @@ def load_intent_data(
     label_column: str = "label",
     validation_fraction: float = 0.1,
     seed: int = 42,
+    drop_duplicates: bool = False,
+    base_dir: str | os.PathLike | None = None,
 ) -> DatasetDict:
-    """Load intent data from a CLINC150 release file, a folder of CSV/JSONL files, or the Hub.
+    """Load intent data from the embedded CLINC150, a release file, a folder of CSV/JSONL files or the Hub.
 
     ``text_column`` / ``label_column`` name the columns of a folder or Hub dataset (the Hub's
-    ``clinc_oos`` uses ``intent`` for labels and is recognised automatically).
+    ``clinc_oos`` uses ``intent`` for labels and is recognised automatically). Texts found in more
+    than one split are reported with a :class:`DuplicateTextWarning`; ``drop_duplicates`` drops
+    them from train and validation (never from test). Relative paths are taken from ``base_dir``.
     """
     resolved = resolve_data_source(source)
-    path = Path(resolved).expanduser()
-    if path.suffix.lower() == ".json" or path.is_file():
-        return load_clinc_release(path)
-    if path.is_dir():
-        return load_folder(
-            path,
-            text_column=text_column,
-            label_column=label_column,
-            validation_fraction=validation_fraction,
-            seed=seed,
-        )
-    if looks_like_path(resolved):
-        raise DataError(
-            f"Data source {resolved!r} looks like a path but does not exist. Point the `data_source` "
-            f"parameter or ${DATA_ENV_VAR} at a CLINC150 release .json file or a folder of "
-            "train/validation/test files."
-        )
-    return load_hub(resolved, text_column=text_column, label_column=label_column)
+    if resolved == EMBEDDED_SOURCE:
+        data = load_clinc_release(EMBEDDED_FILE)
+    else:
+        path = Path(resolved).expanduser()
+        if not path.is_absolute():
+            local = Path(base_dir or Path.cwd()) / path
+            if local.exists() or looks_like_path(resolved):
+                path = local.absolute()
+        if path.name.lower().endswith((".json", ".json.gz")) or path.is_file():
+            data = load_clinc_release(path)
+        elif path.is_dir():
+            data = load_folder(
+                path,
+                text_column=text_column,
+                label_column=label_column,
+                validation_fraction=validation_fraction,
+                seed=seed,
+            )
+        elif looks_like_path(resolved):
+            raise DataError(
+                f"Data source {resolved!r}: {path} does not exist. Point the `data_source` parameter or "
+                f"${DATA_ENV_VAR} at a CLINC150 release .json file or a folder of train/validation/test files."
+            )
+        else:
+            data = load_hub(resolved, text_column=text_column, label_column=label_column)
+    return check_duplicates(data, drop=drop_duplicates)
 
 
 def looks_like_path(source: str) -> bool:
@@ -101,16 +127,18 @@ def looks_like_path(source: str) -> bool:
 
 
 def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
-    """Read an original CLINC150 release file (``data_oos_plus.json``, ``data_full.json`` ...)."""
-    path = Path(path)
+    """Read an original CLINC150 release file (``data_oos_plus.json``, ``data_full.json`` ...), plain or gzip."""
+    path = Path(path).absolute()
     if not path.is_file():
         raise DataError(
             f"CLINC150 file {path} not found. Download the release files (e.g. data_oos_plus.json) "
             f"and pass their path as `data_source` or ${DATA_ENV_VAR}."
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise DataError(f"{path} is not readable JSON ({err}). Expected a CLINC150 release file.") from None
     if not isinstance(raw, dict):
         raise DataError(
@@ -162,15 +190,17 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
 
 def _read_rows(path: Path) -> list[dict]:
     """Rows of a CSV or JSON Lines file as dicts; errors name the file and line."""
+    # utf-8-sig: a byte-order mark (Excel writes one) is dropped, not glued to the first column's name.
+    # Read by hand rather than with datasets' csv/json loaders, for errors that name the file and row.
     if path.suffix.lower() == ".csv":
         try:
-            with path.open(encoding="utf-8", newline="") as handle:
+            with path.open(encoding="utf-8-sig", newline="") as handle:
                 return list(csv.DictReader(handle))
         except (csv.Error, UnicodeDecodeError) as err:
             raise DataError(f"{path} is not a readable CSV file ({err}).") from None
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}). Save it as UTF-8 JSON Lines.") from None
     for line_number, line in enumerate(lines, start=1):
@@ -235,7 +265,7 @@ def load_folder(
     Without a validation file a stratified ``validation_fraction`` of train is held out with
     ``seed``, so model selection never peeks at the test split.
     """
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     files = {split: _find_split_file(folder, split) for split in SPLITS}
     if files["train"] is None:
         raise DataError(
@@ -394,11 +424,55 @@ def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -
 
     Label names are kept whole, so a model trained on the slice still has every intent's id.
     """
+    for split, n in sizes.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise DataError(f"max_{split}_rows must be a whole number >= 1 or None (the whole split), got {n!r}.")
     out = {}
     for split, ds in data.items():
         n = sizes.get(split)
         out[split] = ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
     return DatasetDict(out)
+
+
+def _normalised(text: str) -> str:
+    return text.strip().lower()
+
+
+def check_duplicates(data: DatasetDict, *, drop: bool = False) -> DatasetDict:
+    """Warn (:class:`DuplicateTextWarning`, with counts per pair of splits) when a text appears in more
+    than one split; with ``drop``, remove such texts from train and validation, never from test."""
+    texts = {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
+    pairs = [("test", "train"), ("test", "validation"), ("validation", "train")]
+    counts = {(a, b): len(texts[a] & texts[b]) for a, b in pairs}
+    if not any(counts.values()):
+        return data
+    listed = ", ".join(f"{n} texts of {a} also in {b}" for (a, b), n in counts.items() if n)
+    if not drop:
+        warnings.warn(
+            f"Duplicate texts across splits: {listed}. Pass drop_duplicates=True (run parameter "
+            "`drop_duplicates`) to drop them from train and validation.",
+            DuplicateTextWarning,
+            stacklevel=3,
+        )
+        return data
+    seen_later = {"validation": texts["test"], "train": texts["test"] | texts["validation"]}
+    out = dict(data)
+    for split, banned in seen_later.items():
+        keep = [i for i, t in enumerate(data[split]["text"]) if _normalised(t) not in banned]
+        out[split] = data[split].select(keep)
+    return DatasetDict(out)
+
+
+def data_digest(data: DatasetDict) -> str:
+    """A short digest of exactly what a run uses: split names, label names in id order, every
+    (text, label id) row in order. Part of a run's fingerprint: other data, other checkpoints."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(label_names(data)).encode())
+    for split in sorted(data):
+        digest.update(split.encode())
+        for text, label in zip(data[split]["text"], data[split]["label"], strict=True):
+            digest.update(json.dumps([text, label]).encode())
+    return digest.hexdigest()[:16]
 
 
 def describe(data: DatasetDict) -> dict[str, object]:

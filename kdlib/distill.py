@@ -23,11 +23,14 @@ Two departures from the reference, both tested:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
 import os
 import shutil
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,23 +39,23 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
+from safetensors import safe_open
 from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from kdlib.models import MODEL_INPUT_NAMES, forward_inputs, weights_digest
 
 TEACHER_LOGITS = "teacher_logits"
 NO_LOG = "No log"
 EPOCH_TABLE_COLUMNS = ["Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy"]
-RUN_CONFIG_FILE = "kdlib_run.json"
 
 
 def check_alpha_temperature(alpha: float, temperature: float) -> None:
@@ -119,6 +122,10 @@ def distillation_loss(
     return per_example.sum() / num_items_in_batch
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite: training stops before anything of it is saved."""
+
+
 class DistillationTrainer(Trainer):
     """A ``Trainer`` whose loss is :func:`distillation_loss`.
 
@@ -169,6 +176,14 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch is summed over processes while DDP averages gradients.
             loss = loss * self.accelerator.num_processes
+        if model.training and not torch.isfinite(loss.detach()).all():
+            # Before the backward pass and the optimiser step: no diverged weights reach a checkpoint.
+            args = self.args
+            raise TrainingDivergedError(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={args.alpha}, "
+                f"temperature={args.temperature}, learning_rate={args.learning_rate:g}). Nothing was saved from this "
+                "step on; lower the learning rate or the temperature."
+            )
         return (loss, outputs) if return_outputs else loss
 
 
@@ -302,8 +317,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        positive = {"epochs": self.epochs, "learning_rate": self.learning_rate}
+        for name, value in positive.items():
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0 (or nothing is trained); got {value!r}.")
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}.")
+        if not _is_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
 
 
 @dataclass
@@ -315,6 +338,7 @@ class TrainResult:
     resumed_from: str | None = None
     train_seconds: float = 0.0
     log_history: list = field(default_factory=list)
+    checkpoint_dir: Path | None = None
 
 
 def make_training_arguments(
@@ -359,17 +383,61 @@ def make_training_arguments(
     return DistillationTrainingArguments(**kwargs)
 
 
-def _run_fingerprint(config: TrainConfig, extra: dict) -> dict:
-    return {"config": asdict(config), **extra}
+def checkpoint_key(config: TrainConfig, student: PreTrainedModel, fingerprint: str | None, overrides: dict) -> str:
+    """The folder name of a training run's checkpoints: a hash of the run's fingerprint (settings and
+    data, from :meth:`kdlib.config.RunConfig.fingerprint`), this call's training settings and the
+    student's starting weights. The one resume mechanism: only a run of the same key resumes."""
+    text = json.dumps(
+        {"run": fingerprint, "config": asdict(config), "initial_weights": weights_digest(student),
+         "overrides": overrides},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def checkpoint_dir(base: str | Path, config: TrainConfig, **extra) -> Path:
-    """``base/<hash of the settings>``: a rerun with the same settings finds (and resumes) its own
-    checkpoints, a run with other settings starts in a fresh folder instead of failing."""
-    import hashlib
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (killed or disk full during a save), or None."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json unreadable ({type(err).__name__})"
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return "no model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # safetensors raises its own error types on a truncated header
+        return f"model.safetensors unreadable ({type(err).__name__})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if (folder / name).is_file():
+            try:
+                torch.load(folder / name, map_location="cpu", weights_only=True)
+            except Exception as err:  # EOFError, RuntimeError ... on a truncated file
+                return f"{name} unreadable ({type(err).__name__})"
+    return None
 
-    text = json.dumps(_run_fingerprint(config, extra), sort_keys=True, default=str)
-    return Path(base) / hashlib.sha1(text.encode()).hexdigest()[:10]
+
+def last_good_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint that can be resumed from. A torn one (killed or disk full during a save)
+    is renamed ``torn-<name>`` with a warning naming it, and the next older one is tried."""
+    output_dir = Path(output_dir)
+    candidates = sorted(
+        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+    )
+    for folder in candidates:
+        problem = _checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        torn = folder.with_name("torn-" + folder.name)  # outside the Trainer's checkpoint-* rotation
+        shutil.rmtree(torn, ignore_errors=True)
+        os.replace(folder, torn)
+        warnings.warn(
+            f"Checkpoint {folder} cannot be resumed from ({problem}); moved to {torn.name} and skipped.",
+            RuntimeWarning, stacklevel=2,
+        )
+    return None
 
 
 def train_student(
@@ -381,80 +449,83 @@ def train_student(
     config: TrainConfig,
     teacher: PreTrainedModel | None = None,
     resume: bool = True,
-    fingerprint: dict | None = None,
+    fingerprint: str | None = None,
     prepared: DatasetDict | None = None,
     **training_overrides,
 ) -> TrainResult:
     """Train ``student`` on ``data`` (text + ClassLabel label) with the distillation loss.
 
-    Checkpoints are written every epoch under ``output_dir``; calling again with the same
-    ``output_dir`` and the same settings resumes from the last one. Different settings in a
-    folder that holds checkpoints is an error rather than a silent mix of two runs.
-    ``prepared`` (from :func:`prepare_datasets` on the same ``data``) skips tokenising and the
-    teacher-logit cache when several runs share them.
+    Checkpoints are written every epoch under ``output_dir/<key>`` (:func:`checkpoint_key`: the
+    run's ``fingerprint``, the settings and the starting weights); calling again with the same
+    arguments resumes from the last good one, anything else starts in a fresh folder. A second
+    process training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on
+    the same ``data``) skips tokenising and the teacher-logit cache when several runs share them.
     """
     import time
+
+    from filelock import FileLock, Timeout
 
     if config.alpha < 1.0 and teacher is None:
         raise ValueError(f"alpha={config.alpha} < 1 distils from a teacher: pass `teacher=`.")
     set_seed(config.seed)
-    output_dir = Path(output_dir)
-    run_file = output_dir / RUN_CONFIG_FILE
     runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
     overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
-    # The starting weights belong to the run: checkpoints of another initialisation (other layers
-    # kept, another teacher) must never be resumed as if they were this one's.
-    this_run = _run_fingerprint(
-        config,
-        {**(fingerprint or {}), "initial_weights": weights_digest(student), "training_overrides": overrides},
-    )
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last_checkpoint and resume:
-        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-        if previous != json.loads(json.dumps(this_run, default=str)):
-            raise ValueError(
-                f"{output_dir} holds checkpoints of a run with other settings ({run_file}). Use another "
-                "output directory, delete this one, or pass resume=False to start over (its checkpoints "
-                "are deleted)."
-            )
-    elif last_checkpoint and not resume:
-        for checkpoint in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
-        last_checkpoint = None
+    output_dir = Path(output_dir) / checkpoint_key(config, student, fingerprint, overrides)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(this_run, indent=2, default=str))
+    # One lock per training: the ranks of one multi-process (DDP) run share it through rank 0.
+    lock = FileLock(output_dir / ".training.lock", blocking=False)
+    try:
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock.acquire()
+    except Timeout:
+        raise RuntimeError(
+            f"Another process is training into {output_dir}: wait for it to finish (its checkpoints will be "
+            "resumed), or use another run_name."
+        ) from None
+    try:
+        if resume:
+            last_checkpoint = last_good_checkpoint(output_dir)
+        else:
+            last_checkpoint = None
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
 
-    if prepared is None:
-        tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
-    else:
-        columns = prepared["train"].column_names if "train" in prepared else []
-        if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
-            raise ValueError(
-                "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
-                f"splits; got splits {sorted(prepared)}, train columns {columns}."
-            )
-        tokenized = prepared
-    online_teacher = None
-    if config.alpha < 1.0:
-        if not config.cache_teacher_logits:
-            online_teacher = teacher
-        elif TEACHER_LOGITS not in tokenized["train"].column_names:
-            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
-    args = make_training_arguments(config, output_dir, **training_overrides)
-    trainer = DistillationTrainer(
-        model=student,
-        args=args,
-        teacher_model=online_teacher,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=compute_accuracy_metric,
-    )
-    trainer.remove_callback(PrinterCallback)  # the epoch table below says it once, readably
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last_checkpoint)
-    elapsed = time.perf_counter() - start
+        if prepared is None:
+            tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
+        else:
+            columns = prepared["train"].column_names if "train" in prepared else []
+            if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
+                raise ValueError(
+                    "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
+                    f"splits; got splits {sorted(prepared)}, train columns {columns}."
+                )
+            tokenized = prepared
+        online_teacher = None
+        if config.alpha < 1.0:
+            if not config.cache_teacher_logits:
+                online_teacher = teacher
+            elif TEACHER_LOGITS not in tokenized["train"].column_names:
+                tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
+        mode = progress_mode()
+        args = make_training_arguments(config, output_dir, **{"disable_tqdm": mode != "notebook", **training_overrides})
+        trainer = DistillationTrainer(
+            model=student,
+            args=args,
+            teacher_model=online_teacher,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized["validation"],
+            data_collator=DataCollatorWithPadding(tokenizer),
+            processing_class=tokenizer,
+            compute_metrics=compute_accuracy_metric,
+        )
+        trainer.remove_callback(PrinterCallback)  # the epoch table below says it once, readably
+        if mode == "console":
+            trainer.add_callback(ProgressLines())
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=last_checkpoint)
+        elapsed = time.perf_counter() - start
+    finally:
+        lock.release()
     history = list(trainer.state.log_history)
     return TrainResult(
         model=trainer.model,
@@ -464,7 +535,79 @@ def train_student(
         resumed_from=last_checkpoint,
         train_seconds=elapsed,
         log_history=history,
+        checkpoint_dir=output_dir,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress a person can follow
+# ---------------------------------------------------------------------------------------------
+
+PROGRESS_ENV = "KDLIB_PROGRESS"
+PROGRESS_FILE_ENV = "KDLIB_PROGRESS_FILE"  # set by the runner: a kernel's own stderr ends up in the notebook
+
+
+def progress_mode() -> str:
+    """How training reports progress: ``$KDLIB_PROGRESS`` (notebook | console | off), else a bar in an
+    interactive notebook and periodic lines anywhere else. The runner sets ``console`` for the
+    notebooks it executes (their lines reach its terminal, not the stored notebook)."""
+    mode = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if mode in {"notebook", "console", "off"}:
+        return mode
+    try:
+        from IPython import get_ipython
+
+        shell = type(get_ipython()).__name__
+    except ImportError:
+        shell = ""
+    return "notebook" if shell == "ZMQInteractiveShell" else "console"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+class ProgressLines(TrainerCallback):
+    """One line at most every ``every`` seconds and at each epoch's end:
+    ``[train] epoch 2.0/5 · step 640/1590 · 3 min 10 s elapsed · ~4 min 40 s left``, no bar to spam a
+    CI log. Written to ``$KDLIB_PROGRESS_FILE`` when the runner set one (it prints the lines on its
+    terminal; a kernel's stderr would end up in the stored notebook), else to the process's stderr."""
+
+    def __init__(self, every: float = 30.0, clock=None, stream=None) -> None:
+        import time
+
+        self.every, self.clock = every, clock or time.monotonic
+        self.stream = stream
+        self.start = self.last = None
+        self.first_step = 0
+
+    def _write(self, state, args) -> None:
+        now = self.clock()
+        done = state.global_step - self.first_step
+        left = state.max_steps - state.global_step
+        eta = f" · ~{_duration((now - self.start) / done * left)} left" if done > 0 and left > 0 else ""
+        epochs = args.num_train_epochs
+        line = (f"[train] epoch {state.epoch or 0:.1f}/{epochs:g} · step {state.global_step}/{state.max_steps} · "
+                f"{_duration(now - self.start)} elapsed{eta}")
+        target = os.environ.get(PROGRESS_FILE_ENV)
+        if self.stream is None and target:
+            with open(target, "a", encoding="utf-8") as handle:
+                print(line, file=handle, flush=True)
+        elif (self.stream or sys.__stderr__) is not None:
+            print(line, file=self.stream or sys.__stderr__, flush=True)
+        self.last = now
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last = self.clock()
+        self.first_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock() - self.last >= self.every:
+            self._write(state, args)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._write(state, args)
 
 
 # ---------------------------------------------------------------------------------------------

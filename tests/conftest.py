@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CLINC150 release file and a tiny label set."""
+"""Shared fixtures: the real CLINC150 data (embedded in kdlib, and the release file beside the project)."""
 
 from __future__ import annotations
 
@@ -11,33 +11,27 @@ REPO = Path(__file__).resolve().parent.parent
 CLINC_PLUS_NAME = "data_oos_plus.json"
 SHARED_CLINC_PLUS = REPO.parent / "shared" / "data" / "clinc150" / CLINC_PLUS_NAME
 
-# The tests never reach the Hub, and notebooks executed by nbval or papermill (child processes
-# that inherit this environment) read the real CLINC150 file from beside the project.
+# The tests never reach the Hub; notebooks executed by nbval or papermill (child processes that
+# inherit this environment) use kdlib's default data, the embedded CLINC150, and report no progress.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if SHARED_CLINC_PLUS.is_file():
-    os.environ.setdefault("KDLIB_DATA", str(SHARED_CLINC_PLUS))
+os.environ.setdefault("KDLIB_PROGRESS", "off")
+os.environ.pop("KDLIB_DATA", None)
 
 
 @pytest.fixture(scope="session")
 def clinc_plus_path() -> Path:
-    """The real data_oos_plus.json: ``$KDLIB_DATA`` when it points at one, else ``../shared/data``."""
-    env = os.environ.get("KDLIB_DATA")
-    if env and Path(env).name == CLINC_PLUS_NAME and Path(env).is_file():
-        return Path(env)
-    path = SHARED_CLINC_PLUS
-    if not path.is_file():
-        pytest.fail(
-            f"CLINC150 release file not found: set KDLIB_DATA to a {CLINC_PLUS_NAME} or put it at {path}."
-        )
-    return path
+    """The real data_oos_plus.json release file beside the project (``../shared/data/clinc150``)."""
+    if not SHARED_CLINC_PLUS.is_file():
+        pytest.fail(f"CLINC150 release file not found at {SHARED_CLINC_PLUS}: clone the project beside shared/.")
+    return SHARED_CLINC_PLUS
 
 
 @pytest.fixture(scope="session")
-def clinc_plus(clinc_plus_path):
-    """data_oos_plus.json loaded once per session with ``load_intent_data``."""
+def clinc_plus():
+    """CLINC150 plus as kdlib loads it by default (the embedded release file), once per session."""
     from kdlib.data import load_intent_data
 
-    return load_intent_data(clinc_plus_path)
+    return load_intent_data()
 
 
 @pytest.fixture

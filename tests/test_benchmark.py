@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdlib.benchmark import classification_metrics, compute_size, latency_stats, predict_labels, time_pipeline
-from kdlib.predictors import Predictor, TorchPredictor, state_dict_size_bytes
+from kdlib.inference import Predictor, TorchPredictor, state_dict_size_bytes
 
 # ---------------------------------------------------------------------------------------------
 # classification_metrics
@@ -169,3 +169,13 @@ def test_compute_size_in_mebibytes(tmp_path):
     assert size["size_bytes"] == path.stat().st_size
     assert size["size_mb"] == path.stat().st_size / 2**20
     assert size["num_parameters"] == (4 * 3 + 3) + (3 * 2 + 2)  # 23
+
+
+def test_a_list_instead_of_a_dataset_is_a_clear_type_error():
+    from kdlib.benchmark import PerformanceBenchmark
+
+    class Constant(Predictor):
+        labels = ["a"]
+
+    with pytest.raises(TypeError, match="dataset must be a datasets.Dataset .* got list"):
+        PerformanceBenchmark(Constant(), ["some text"], "x")

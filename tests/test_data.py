@@ -12,8 +12,10 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from kdlib.data import (
-    DEFAULT_HUB_SOURCE,
+    EMBEDDED_SOURCE,
     DataError,
+    DuplicateTextWarning,
+    data_digest,
     describe,
     label_names,
     load_intent_data,
@@ -192,8 +194,8 @@ def test_subsample_size_larger_than_split_keeps_split(tmp_path):
 
 def test_resolve_data_source(monkeypatch, tmp_path):
     monkeypatch.delenv("KDLIB_DATA", raising=False)
-    assert resolve_data_source() == DEFAULT_HUB_SOURCE == "clinc_oos:plus"
-    assert resolve_data_source("") == "clinc_oos:plus"
+    assert resolve_data_source() == EMBEDDED_SOURCE == "embedded:clinc150-plus"
+    assert resolve_data_source("") == EMBEDDED_SOURCE
     monkeypatch.setenv("KDLIB_DATA", str(tmp_path / "env.json"))
     assert resolve_data_source(None) == str(tmp_path / "env.json")
     assert resolve_data_source("") == str(tmp_path / "env.json")
@@ -231,9 +233,9 @@ def test_env_var_pointing_nowhere_is_a_data_error(monkeypatch, tmp_path):
 def test_missing_folder_path_is_a_data_error(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", _no_hub)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="looks like a path") as err:
+    with pytest.raises(DataError, match="does not exist") as err:
         load_intent_data("./no/such/folder")
-    assert "./no/such/folder" in str(err.value)
+    assert str(tmp_path / "no" / "such" / "folder") in str(err.value)  # the absolute path it tried
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def test_hub_default_keeps_classlabel_order(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.delenv("KDLIB_DATA", raising=False)
-    data = load_intent_data()
+    data = load_intent_data("clinc_oos:plus")
     assert calls == [("clinc_oos", "plus")]
     assert label_names(data) == HUB_NAMES
     for split, rows in HUB_ROWS.items():
@@ -335,7 +337,7 @@ def test_hub_failure_is_data_error_mentioning_env_var(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.delenv("KDLIB_DATA", raising=False)
     with pytest.raises(DataError) as err:
-        load_intent_data()
+        load_intent_data("clinc_oos:plus")
     message = str(err.value)
     assert "KDLIB_DATA" in message
     assert "clinc_oos:plus" in message
@@ -703,3 +705,86 @@ def test_csv_row_with_too_many_fields(tmp_path, header):
     with pytest.raises(DataError) as err:
         load_intent_data(folder)
     assert "train.csv" in str(err.value) and f"row {len(TRAIN) + 1}" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded CLINC150, relative paths, BOMs, duplicates, the digest, row limits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedded_clinc150_is_the_release_file_row_for_row(monkeypatch, clinc_plus_path):
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    monkeypatch.delenv("KDLIB_DATA", raising=False)
+    embedded, release = load_intent_data(), load_intent_data(clinc_plus_path)
+    assert label_names(embedded) == label_names(release) and len(label_names(embedded)) == 151
+    for split in ("train", "validation", "test"):
+        assert embedded[split]["text"] == release[split]["text"]
+        assert embedded[split]["label"] == release[split]["label"]
+    assert [len(embedded[s]) for s in ("train", "validation", "test")] == [15250, 3100, 5500]
+    assert load_intent_data(EMBEDDED_SOURCE)["test"]["text"] == release["test"]["text"]
+
+
+def test_relative_paths_are_taken_from_base_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    make_folder(tmp_path / "project" / "mydata")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = load_intent_data("mydata", base_dir=tmp_path / "project")
+    assert rows_of(data["test"]) == TEST
+    with pytest.raises(DataError) as err:
+        load_intent_data("./mydata/missing.json", base_dir=tmp_path / "project")
+    assert str(tmp_path / "project" / "mydata" / "missing.json") in str(err.value)
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    folder = make_folder(tmp_path / "bom")
+    train = folder / "train.csv"
+    train.write_text("\ufeff" + train.read_text(encoding="utf-8"), encoding="utf-8")
+    data = load_intent_data(folder)
+    assert data["train"].column_names == ["text", "label"] and len(data["train"]) > 0
+
+
+def _folder_with_duplicates(tmp_path):
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    header = "text,label\n"
+    (folder / "train.csv").write_text(header + "Wake me up,alarm\nplay jazz,music\nset alarm,alarm\nsome song,music\n")
+    (folder / "validation.csv").write_text(header + "set alarm ,alarm\nloud music,music\n")
+    (folder / "test.csv").write_text(header + "wake me up,alarm\nloud music,music\nan alarm,alarm\n")
+    return folder
+
+
+def test_duplicate_texts_across_splits_are_counted_in_a_warning(tmp_path):
+    with pytest.warns(DuplicateTextWarning) as record:
+        data = load_intent_data(_folder_with_duplicates(tmp_path))
+    message = str(record[0].message)
+    assert "1 texts of test also in train" in message and "1 texts of test also in validation" in message
+    assert "1 texts of validation also in train" in message and "drop_duplicates" in message
+    assert len(data["train"]) == 4
+
+
+def test_drop_duplicates_removes_them_from_train_and_validation_only(tmp_path, recwarn):
+    data = load_intent_data(_folder_with_duplicates(tmp_path), drop_duplicates=True)
+    assert data["train"]["text"] == ["play jazz", "some song"]
+    assert data["validation"]["text"] == ["set alarm "]  # "loud music" is a test text
+    assert len(data["test"]) == 3 and label_names(data) == ["alarm", "music"]
+    assert not [w for w in recwarn if w.category is DuplicateTextWarning]
+
+
+def test_data_digest_changes_with_what_a_run_uses(tmp_path):
+    base = load_intent_data(make_folder(tmp_path / "a"))
+    assert data_digest(base) == data_digest(load_intent_data(make_folder(tmp_path / "b")))
+    changed = DatasetDict({**base, "test": base["test"].map(lambda r, i: {"text": r["text"] + "!" * (i == 0)},
+                                                              with_indices=True)})
+    dropped = DatasetDict({**base, "train": base["train"].select(range(len(base["train"]) - 1))})
+    renamed = DatasetDict({s: ds.cast_column("label", ClassLabel(names=[n + "_x" for n in label_names(base)]))
+                           for s, ds in base.items()})
+    digests = {data_digest(d) for d in (base, changed, dropped, renamed)}
+    assert len(digests) == 4
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, True, "10"])
+def test_row_limits_must_be_whole_numbers(limit, tmp_path):
+    data = load_intent_data(make_folder(tmp_path / "f"))
+    with pytest.raises(DataError, match="max_train_rows must be a whole number >= 1"):
+        subsample(data, {"train": limit, "validation": None, "test": None})

@@ -4,7 +4,6 @@ the epoch table, and train_student end to end (reproducibility, resume) on tiny 
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -597,7 +596,7 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
         patch.setattr(distill, "DistillationTrainer", _InterruptingTrainer)
         with pytest.raises(Interrupted):
             run(folder)
-    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
+    assert sorted(p.name for p in folder.glob("*/checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
 
     monkeypatch.setattr(distill, "DistillationTrainer", _CountingTrainer)
     resumed = run(folder)
@@ -614,20 +613,17 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
     for k in w_ref:
         torch.testing.assert_close(w_res[k], w_ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
-    # other settings in the same folder: refused, nothing touched
-    with pytest.raises(ValueError, match="other settings"):
-        train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                      config=_distil_config(epochs=2, learning_rate=1e-3))
-    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{2 * STEPS_PER_EPOCH}"]
+    # other settings: never the older run's checkpoints, a fresh training in its own folder
+    other = train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                          config=_distil_config(epochs=1, learning_rate=1e-3))
+    assert other.resumed_from is None and other.checkpoint_dir != resumed.checkpoint_dir
+    assert (resumed.checkpoint_dir / f"checkpoint-{2 * STEPS_PER_EPOCH}").is_dir()  # the older run is kept
 
-    # resume=False starts over (its checkpoints deleted), here with other settings: one epoch
+    # resume=False starts over (its own checkpoints deleted)
     fresh = train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                          config=_distil_config(epochs=1), resume=False)
-    assert fresh.resumed_from is None
-    assert fresh.trainer.state.global_step == STEPS_PER_EPOCH
-    assert fresh.epoch_table["Step"].tolist() == [STEPS_PER_EPOCH]
-    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
-    assert json.loads((folder / distill.RUN_CONFIG_FILE).read_text())["config"]["epochs"] == 1
+                          config=config, resume=False)
+    assert fresh.resumed_from is None and fresh.checkpoint_dir == resumed.checkpoint_dir
+    assert fresh.trainer.state.global_step == 2 * STEPS_PER_EPOCH
 
 
 def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp_path, monkeypatch):
@@ -660,25 +656,144 @@ def test_train_config_warmup_ratio_is_used(tmp_path):
     assert args.get_warmup_steps(100) == 10
 
 
-def test_resume_refuses_other_training_overrides(teacher, data, tok, tmp_path):
+def test_other_training_overrides_never_resume(teacher, data, tok, tmp_path):
     config = _distil_config(epochs=1)
-    train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                  config=config, lr_scheduler_type="constant")
-    with pytest.raises(ValueError, match="other settings"):
-        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                      config=config, lr_scheduler_type="linear")
+    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config, lr_scheduler_type="constant")
+    second = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                           config=config, lr_scheduler_type="linear")
+    assert second.resumed_from is None and second.checkpoint_dir != first.checkpoint_dir
 
 
-def test_resume_refuses_checkpoints_of_another_initialisation(teacher, data, tok, tmp_path):
+def test_checkpoints_of_another_initialisation_are_never_resumed(teacher, data, tok, tmp_path):
     # Same settings, other starting weights (another choice of layers): resuming would silently
-    # return the other student, so it is refused.
+    # return the other student, so each initialisation has its own checkpoints.
     config = _distil_config(epochs=1)
     layers = num_layers(teacher)
-    train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher, config=config)
-    with pytest.raises(ValueError, match="other settings"):
-        train_student(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path, teacher=teacher,
-                      config=config)
+    first = train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config)
+    other = train_student(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path,
+                          teacher=teacher, config=config)
+    assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
     # the same initialisation resumes (nothing left to train)
     again = train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
                           config=config)
-    assert again.resumed_from is not None
+    assert again.resumed_from is not None and again.checkpoint_dir == first.checkpoint_dir
+
+
+def test_another_run_fingerprint_never_resumes(teacher, data, tok, tmp_path):
+    """The run's fingerprint (its data digest, e.g. after changing data_source or max_train_rows) keys
+    the checkpoints: the same training settings on other data start afresh."""
+    config = _distil_config(epochs=1)
+    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config, fingerprint="data-a")
+    other = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                          config=config, fingerprint="data-b")
+    same = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                         config=config, fingerprint="data-a")
+    assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
+    assert same.resumed_from is not None and same.checkpoint_dir == first.checkpoint_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards: settings that cannot train, divergence, torn checkpoints, a second trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("epochs", -1), ("epochs", float("nan")), ("epochs", "two"), ("epochs", True),
+     ("learning_rate", 0.0), ("learning_rate", float("inf")), ("learning_rate", "1e-3"), ("batch_size", 0),
+     ("batch_size", 2.0), ("gradient_accumulation_steps", 0), ("warmup_ratio", 1.0)],
+)
+def test_train_config_refuses_settings_that_cannot_train(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_a_diverging_run_stops_before_anything_is_saved(teacher, data, tok, tmp_path):
+    config = _distil_config(epochs=1, learning_rate=1e12)
+    with pytest.raises(distill.TrainingDivergedError, match=r"learning_rate=1e\+12.*lower the learning rate"):
+        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                      config=config)
+    assert not list(tmp_path.glob("*/checkpoint-*")), "no checkpoint of diverged weights"
+
+
+def _one_epoch_run(teacher, data, tok, folder):
+    return train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                         config=_distil_config(epochs=1))
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "drop_state", "truncate_optimizer"])
+def test_a_torn_checkpoint_is_set_aside_with_a_warning(teacher, data, tok, tmp_path, damage):
+    first = _one_epoch_run(teacher, data, tok, tmp_path)
+    checkpoint = first.checkpoint_dir / f"checkpoint-{STEPS_PER_EPOCH}"
+    if damage == "truncate_weights":
+        (checkpoint / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:100])
+    elif damage == "drop_state":
+        (checkpoint / "trainer_state.json").unlink()
+    else:
+        (checkpoint / "optimizer.pt").write_bytes((checkpoint / "optimizer.pt").read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=f"Checkpoint {checkpoint} cannot be resumed from"):
+        again = _one_epoch_run(teacher, data, tok, tmp_path)
+    assert again.resumed_from is None and again.trainer.state.global_step == STEPS_PER_EPOCH
+    assert (first.checkpoint_dir / f"torn-checkpoint-{STEPS_PER_EPOCH}").is_dir()  # kept for inspection
+    assert distill.last_good_checkpoint(first.checkpoint_dir) == str(checkpoint)  # the new one is whole
+
+
+def test_a_second_trainer_on_the_same_checkpoints_is_refused(teacher, data, tok, tmp_path):
+    from filelock import FileLock
+
+    first = _one_epoch_run(teacher, data, tok, tmp_path)
+    with FileLock(first.checkpoint_dir / ".training.lock"), pytest.raises(RuntimeError, match="Another process"):
+        _one_epoch_run(teacher, data, tok, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_are_rate_limited_and_estimate_the_time_left():
+    import io
+    from types import SimpleNamespace
+
+    clock, out = _FakeClock(), io.StringIO()
+    lines = distill.ProgressLines(every=30, clock=clock, stream=out)
+    args = SimpleNamespace(num_train_epochs=5)
+    state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0)
+    lines.on_train_begin(args, state, None)
+    for step in range(1, 21):  # 20 steps, 2 s each: one line at 30 s
+        clock.now, state.global_step, state.epoch = step * 2.0, step, step / 20
+        lines.on_step_end(args, state, None)
+    printed = out.getvalue().splitlines()
+    assert printed == ["[train] epoch 0.8/5 · step 15/100 · 30 s elapsed · ~2 min 50 s left"]
+    state.epoch = 1.0
+    lines.on_epoch_end(args, state, None)
+    assert out.getvalue().splitlines()[-1] == "[train] epoch 1.0/5 · step 20/100 · 40 s elapsed · ~2 min 40 s left"
+
+
+@pytest.mark.parametrize(("env", "expected"), [("off", "off"), ("console", "console"), ("notebook", "notebook")])
+def test_progress_mode_follows_the_environment(monkeypatch, env, expected):
+    monkeypatch.setenv("KDLIB_PROGRESS", env)
+    assert distill.progress_mode() == expected
+
+
+def test_progress_outside_a_notebook_is_lines(monkeypatch):
+    monkeypatch.delenv("KDLIB_PROGRESS", raising=False)
+    assert distill.progress_mode() == "console"
+
+
+def test_progress_off_prints_nothing(teacher, data, tok, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("KDLIB_PROGRESS", "off")
+    _one_epoch_run(teacher, data, tok, tmp_path)
+    captured = capfd.readouterr()
+    assert "[train]" not in captured.out + captured.err

@@ -1,20 +1,25 @@
-"""The model card: Hugging Face front matter with a filled model-index, and the per-epoch table."""
+"""The model card: built with huggingface_hub, a model-index of the measured results, the data named as
+what was loaded, base_model only when it is a Hub id, and the per-epoch table."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
+from huggingface_hub import ModelCard
+from transformers import TrainingArguments
 
+from kdlib.data import EMBEDDED_SOURCE
 from kdlib.distill import EPOCH_TABLE_COLUMNS
-from kdlib.modelcard import read_front_matter, render_model_card, write_model_card
+from kdlib.modelcard import CardDataset, build_model_card, card_dataset, optimizer_description, write_model_card
 
 EPOCHS = pd.DataFrame(
     [["No log", 1.0, 318, 3.2, 0.75], [1.234, 2.0, 636, 1.1, 0.9]], columns=EPOCH_TABLE_COLUMNS
 )
 CARD = dict(
     model_name="minilm-distilled-student",
-    base_model="all-MiniLM-L6-v2",
-    teacher="outputs/models/minilm/teacher",
+    dataset=CardDataset("clinc_oos", "clinc_oos", "plus", "clinc_oos"),
+    base_model="sentence-transformers/all-MiniLM-L6-v2",
+    teacher="transformersbook/bert-base-uncased-finetuned-clinc",
     description="A 3-layer student.",
     hyperparameters={"learning_rate": 2e-05, "train_batch_size": 48, "seed": 42, "alpha": 0.5},
     epoch_table=EPOCHS,
@@ -22,54 +27,85 @@ CARD = dict(
 )
 
 
+def reparsed(card: ModelCard) -> ModelCard:
+    """huggingface_hub's own parser (model-index included) on the written text: it raises on a bad card."""
+    return ModelCard(str(card), ignore_metadata_errors=False)
+
+
 def test_front_matter_has_the_hub_fields_and_measured_results(tmp_path):
     path = write_model_card(tmp_path, **CARD)
-    front = read_front_matter(path)
-    assert front["license"] == "apache-2.0" and front["base_model"] == "all-MiniLM-L6-v2"
-    assert front["pipeline_tag"] == "text-classification" and front["datasets"] == ["clinc_oos"]
-    assert "knowledge-distillation" in front["tags"] and front["metrics"] == ["accuracy"]
-    result = front["model-index"][0]["results"][0]
-    assert front["model-index"][0]["name"] == "minilm-distilled-student"
-    assert result["dataset"] == {"name": "clinc_oos", "type": "clinc_oos", "split": "test", "config": "plus"}
-    assert {m["type"]: m["value"] for m in result["metrics"]} == {"accuracy": 0.8765, "oos_recall": 0.5}
+    data = ModelCard.load(path, ignore_metadata_errors=False).data
+    assert data.license == "apache-2.0" and data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data.pipeline_tag == "text-classification" and data.datasets == ["clinc_oos"]
+    assert "knowledge-distillation" in data.tags
+    results = {r.metric_type: (r.metric_value, r.metric_name) for r in data.eval_results}
+    assert results == {"accuracy": (0.8765, "Accuracy"), "oos_recall": (0.5, "OOS recall")}
+    assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in data.eval_results} == {
+        ("clinc_oos", "plus", "test")
+    }
 
 
-def test_body_has_hyperparameters_epoch_table_and_versions():
-    text = render_model_card(**CARD)
-    body = text.split("---\n", 2)[2]
+def test_body_has_hyperparameters_epoch_table_versions_and_a_working_link():
+    body = build_model_card(**CARD).text
     assert "- learning_rate: 2e-05" in body and "- train_batch_size: 48" in body
     assert "| Training Loss | Epoch | Step | Validation Loss | Accuracy |" in body
     assert "| No log | 1 | 318 | 3.2 | 0.75 |" in body
-    assert "- Transformers " in body and "- Pytorch " in body
-    assert "distilled from [outputs/models/minilm/teacher]" in body
+    assert "- transformers " in body and "- torch " in body
+    link = "[transformersbook/bert-base-uncased-finetuned-clinc](https://huggingface.co/transformersbook/"
+    assert link in body and "Oos Recall" not in body and "- OOS recall: 0.5000" in body
+
+
+def test_a_local_teacher_and_base_are_named_not_linked_or_claimed():
+    local = {"teacher": "outputs/models/minilm/teacher", "base_model": "teacher layers"}
+    card = reparsed(build_model_card(**{**CARD, **local}))
+    assert card.data.base_model is None
+    assert "`outputs/models/minilm/teacher`" in card.text and "](outputs" not in card.text
+
+
+def test_a_csv_folder_run_names_that_folder_and_no_hub_dataset(tmp_path):
+    folder = tmp_path / "bank_intents"
+    folder.mkdir()
+    dataset = card_dataset(str(folder))
+    card = reparsed(build_model_card(**{**CARD, "dataset": dataset, "teacher": str(tmp_path / "teacher")}))
+    assert card.data.datasets is None
+    assert {r.dataset_name for r in card.data.eval_results} == {"bank_intents (local CSV/JSONL folder)"}
+    assert "trained on bank_intents (local CSV/JSONL folder)" in card.text
+    assert "clinc" not in str(card).lower()  # never a dataset that was not used
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (EMBEDDED_SOURCE, ("clinc150", "plus", None)),
+        ("../shared/data/clinc150/data_full.json", ("clinc150", "full", None)),
+        ("clinc_oos:plus", ("clinc_oos", "plus", "clinc_oos")),
+    ],
+)
+def test_card_dataset_names_the_source_used(source, expected):
+    dataset = card_dataset(source)
+    assert (dataset.type, dataset.config, dataset.hub_id) == expected
 
 
 def test_a_card_without_teacher_is_a_fine_tuning_card():
-    front = read_front_matter_text(render_model_card(**{**CARD, "teacher": None}))
-    assert "knowledge-distillation" not in front["tags"]
+    card = build_model_card(**{**CARD, "teacher": None})
+    assert "knowledge-distillation" not in card.data.tags
+    assert "fine-tuned from sentence-transformers/all-MiniLM-L6-v2" in card.text
 
 
-def read_front_matter_text(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text.split("---\n", 2)[1])
-
-
-def test_reading_a_file_without_front_matter_is_a_clear_error(tmp_path):
-    path = tmp_path / "README.md"
-    path.write_text("# no front matter\n")
-    with pytest.raises(ValueError, match="no YAML front matter"):
-        read_front_matter(path)
+def test_the_optimizer_is_described_as_used(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.01, report_to="none")
+    assert optimizer_description(args).startswith("AdamW with betas=(0.9,0.999), epsilon=1e-08")
+    assert "weight_decay=0.01" in optimizer_description(args)
 
 
 def test_writing_replaces_the_card_atomically(tmp_path, monkeypatch):
     path = write_model_card(tmp_path, **CARD)
     before = path.read_text()
 
-    def broken_dump(*args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("kdlib.modelcard.render_model_card", broken_dump)
+    monkeypatch.setattr("kdlib.modelcard.build_model_card", broken)
     with pytest.raises(RuntimeError):
         write_model_card(tmp_path, **CARD)
     assert path.read_text() == before

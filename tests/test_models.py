@@ -23,6 +23,7 @@ from transformers import (
 import kdlib.models as models
 from kdlib.models import (
     LabelMismatchError,
+    ModelReferenceError,
     TokenizerMismatchError,
     check_tokenizers_compatible,
     default_keep_layers,
@@ -112,12 +113,53 @@ def test_resolve_dir_without_config(tmp_path):
 
 
 def test_resolve_saved_dir_and_hub_id(monkeypatch, tmp_path, saved_ckpt):
+    import huggingface_hub
+
     out, _ = saved_ckpt
     assert resolve_model_ref(out) == str(out)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name: asked.append((repo, name)) or True)
     hub_id = "transformersbook/bert-base-uncased-finetuned-clinc"
     assert resolve_model_ref(hub_id) == hub_id
     assert resolve_model_ref("bert-base-uncased") == "bert-base-uncased"
+    assert asked == [(hub_id, "config.json"), ("bert-base-uncased", "config.json")]
+
+
+def test_an_unknown_model_offline_fails_at_once_naming_the_parameter(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelReferenceError) as err:
+        load_classifier("bert-bsae-uncased", ["a", "b"], param="teacher")
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert message.startswith("teacher = 'bert-bsae-uncased': not a local directory")
+    assert "offline" in message and "all-MiniLM-L6-v2" in message and "tiny-bert" in message
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_parameter(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "file_exists", no_network)
+    with pytest.raises(ModelReferenceError, match=r"student = 'distilbert-base-uncased': .*cannot be reached"):
+        resolve_model_ref("distilbert-base-uncased", param="student")
+
+
+def test_a_missing_local_model_names_the_absolute_path_and_parameter(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelReferenceError) as err:
+        load_tokenizer("./models/teacher", param="teacher_model")
+    assert str(err.value).startswith("teacher_model = './models/teacher'")
+    assert str(tmp_path / "models" / "teacher") in str(err.value)
 
 
 def test_pick_device(monkeypatch):
@@ -544,3 +586,5 @@ def test_save_model_dir_has_normal_permissions(tmp_path, tiny_labels):
     os.umask(umask)
     out = save_model(make_tiny_model("tiny-bert", tiny_labels), make_tiny_tokenizer(), tmp_path / "model")
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    # every file, model.safetensors included (transformers writes it through a 0600 temporary file)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~umask}

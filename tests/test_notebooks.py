@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 
 from kdlib.data import label_names, load_intent_data, subsample
 from kdlib.models import make_tiny_model, make_tiny_tokenizer, save_model
-from kdlib.profiles import load_profile
 from kdlib.run import run_notebooks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +38,8 @@ def test_there_are_three_notebooks_each_with_a_parameters_cell():
         nb = nbformat.read(path, as_version=4)
         tags = [cell.metadata.get("tags", []) for cell in nb.cells]
         assert sum("parameters" in t for t in tags) == 1, f"{path.name} needs exactly one `parameters` cell"
+        # papermill's injected cell would reset a reader's edits to the parameters cell in JupyterLab
+        assert not any("injected-parameters" in t for t in tags), f"{path.name} carries papermill's injected cell"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
@@ -88,6 +90,46 @@ def test_nbval_fails_when_a_deterministic_output_changes(tmp_path):
     assert "499" in result.stdout
 
 
+def test_nbval_fails_when_an_fp32_accuracy_changes_in_its_4th_digit(tmp_path):
+    """The whole of notebook 01 (the smoke teacher trained and benchmarked), its accuracy altered by 1e-4."""
+    nb = nbformat.read(REFERENCES / "01_baseline_benchmark.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and 'summary_frame(teacher_result)' in c.source)
+    output = next(o for o in cell.outputs if "data" in o)
+    accuracy = re.search(r"teacher\s+(0\.\d+)", output["data"]["text/plain"]).group(1)
+    changed = f"{float(accuracy) + 1e-4:.4g}"
+    assert len(accuracy.rstrip("0")) <= 6 and changed != accuracy, "shown at 4 significant digits"
+    for key in ("text/plain", "text/html"):
+        output["data"][key] = output["data"][key].replace(accuracy, changed, 1)
+    bad = tmp_path / "bad.ipynb"
+    nbformat.write(nb, bad)
+    result = _nbval(bad, tmp_path)
+    assert result.returncode != 0, "nbval should have caught the changed accuracy"
+    assert changed in result.stdout
+
+
+def _sanitized(text: str) -> str:
+    """``text`` through tests/nbval/sanitize.cfg, parsed and applied as nbval does."""
+    from nbval.plugin import get_sanitize_patterns
+
+    for regex, replace in get_sanitize_patterns((REFERENCES / "sanitize.cfg").read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def test_only_the_int8_rows_are_kept_out_of_comparison():
+    """int8 kernels differ between CPU families; every other row is compared as it is."""
+    nb = nbformat.read(REFERENCES / "03_compare.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "comparison_table(" in c.source)
+    output = next(o for o in cell.outputs if "data" in o)
+    for key in ("text/plain", "text/html"):
+        text = output["data"][key]
+        for variant in ("student-int8", "student-onnx-int8", "student-onnx", "teacher"):
+            row = re.search(rf"{variant}(</td>)?\s*(<td>)?(0\.\d+)", text)
+            altered = text[: row.start(3)] + "0.9999" + text[row.end(3) :]
+            same = _sanitized(altered) == _sanitized(text)
+            assert same == variant.endswith("int8"), (key, variant)
+
+
 # ---------------------------------------------------------------------------------------------
 # The book profile's code path, on tiny local stand-ins for the Hub models
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +147,7 @@ def test_book_profile_code_path_runs_with_local_tiny_models(tmp_path, clinc_plus
     save_model(make_tiny_model("tiny-distilbert", labels), tokenizer, tmp_path / "student-pretrained")
 
     params = {
-        **load_profile("book"),
+        "profile": "book",
         "teacher": str(tmp_path / "teacher-finetuned"),
         "student": str(tmp_path / "student-pretrained"),
         "data_source": str(clinc_plus_path),
@@ -124,4 +166,5 @@ def test_book_profile_code_path_runs_with_local_tiny_models(tmp_path, clinc_plus
     record = json.loads((results / "teacher.json").read_text())
     assert record["model_ref"] == str(tmp_path / "teacher-finetuned") and record["test_rows"] == 150
     card = (tmp_path / "outputs" / "models" / "book" / "student" / "README.md").read_text()
-    assert "base_model: " + str(tmp_path / "student-pretrained") in card
+    assert "base_model:" not in card  # a local folder is not a Hub model id
+    assert "CLINC150 plus (release file data_oos_plus.json)" in card and "datasets:" not in card

@@ -36,24 +36,23 @@ def setup(tmp_path):
 
 def test_recipe_trains_a_student_with_the_chosen_layers(recipe, setup, tmp_path):
     folder, teacher_dir = setup
-    summary = recipe.main(["student", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1",
-                           "--batch-size", "8", "--keep-layers", "0,3", "--threads", "1",
-                           "--save", str(tmp_path / "student")])
+    summary = recipe.main(["student", "--profile", "smoke", "-p", "teacher_model", str(teacher_dir),
+                           "-p", "data_source", str(folder), "-p", "epochs", "1", "-p", "batch_size", "8",
+                           "-p", "keep_layers", "[0, 3]", "--save", str(tmp_path / "student")])
     assert summary["recipe"]["keep_layers"] == [0, 3]
     assert set(summary["test"]) >= {"accuracy", "in_scope_accuracy", "oos_recall"}
     assert 0.0 <= summary["validation_accuracy"] <= 1.0 and summary["machine"]["threads"] == 1
     assert num_layers(load_classifier(tmp_path / "student", LABELS)) == 2
-    assert recipe.parse_layers("1,3,5") == [1, 3, 5] and recipe.parse_layers(None) is None
 
 
 def test_recipe_is_reproducible(recipe, setup):
     folder, teacher_dir = setup
-    argv = ["teacher", "--teacher", str(teacher_dir), "--data", str(folder), "--epochs", "1", "--batch-size", "8",
-            "--learning-rate", "1e-3", "--threads", "1"]
+    argv = ["teacher", "--profile", "smoke", "-p", "teacher", str(teacher_dir), "-p", "data_source", str(folder),
+            "-p", "finetune_epochs", "1", "-p", "finetune_batch_size", "8", "-p", "finetune_learning_rate", "1e-3"]
     assert recipe.main(argv)["test"] == recipe.main(argv)["test"]
 
 
-def test_recipe_rejects_malformed_layers(recipe, capsys):
+def test_recipe_rejects_malformed_layers_before_any_work(recipe, capsys):
     with pytest.raises(SystemExit):
-        recipe.main(["student", "--keep-layers", "one,three"])
-    assert "comma-separated layer indices such as 1,3,5" in capsys.readouterr().err
+        recipe.main(["student", "-p", "teacher_model", "x", "-p", "keep_layers", "[one, three]"])
+    assert "keep_layers.0" in capsys.readouterr().err

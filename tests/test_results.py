@@ -276,7 +276,7 @@ def test_write_table_csv_reads_back_the_same(tmp_path, two_run_table):
 
 
 def test_model_paths_inside_the_project_are_saved_relative(tmp_path):
-    from kdlib.profiles import project_root
+    from kdlib.config import project_root
     from kdlib.results import portable_ref
 
     inside = project_root() / "outputs" / "models" / "x" / "student"
@@ -285,3 +285,50 @@ def test_model_paths_inside_the_project_are_saved_relative(tmp_path):
     assert portable_ref("distilbert-base-uncased") == "distilbert-base-uncased"
     path = save_record(tmp_path, "r", "student", {"model_ref": str(inside), "accuracy": 0.5})
     assert json.loads(path.read_text())["model_ref"] == "outputs/models/x/student"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage: 03 never mixes records of different models
+# ---------------------------------------------------------------------------------------------
+
+
+def _lineage_records(changes: dict | None = None):
+    records = [
+        {"run": "r", "variant": "teacher", "fingerprint": "t-fp", "weights_digest": "T1"},
+        {"run": "r", "variant": "student", "fingerprint": "s-fp", "teacher_weights_digest": "T1"},
+        {"run": "r", "variant": "student-onnx", "fingerprint": "s-fp", "teacher_weights_digest": "T1"},
+    ]
+    for (index, key), value in (changes or {}).items():
+        records[index][key] = value
+    return records
+
+
+def test_records_of_one_model_lineage_compare():
+    results.check_lineage(_lineage_records())
+
+
+def test_a_variant_of_another_training_is_refused():
+    records = _lineage_records({(2, "fingerprint"): "old-fp"})
+    with pytest.raises(ValueError, match=r"student-onnx \(old-fp\).*delete the stale records"):
+        results.check_lineage(records)
+
+
+def test_students_of_another_teacher_are_refused():
+    records = _lineage_records({(0, "weights_digest"): "T2"})
+    with pytest.raises(ValueError, match="student, student-onnx were not distilled from this teacher"):
+        results.check_lineage(records)
+
+
+def test_records_without_identity_are_refused(tmp_path):
+    results.save_record(tmp_path, "r", "teacher", {"accuracy": 0.9})
+    results.save_record(tmp_path, "r", "student", {"accuracy": 0.8}, fingerprint="s", teacher_weights_digest="T")
+    with pytest.raises(ValueError, match="mixes results of different models"):
+        results.check_lineage(results.load_run(tmp_path, "r"))
+
+
+def test_identity_is_saved_in_the_record(tmp_path):
+    path = results.save_record(
+        tmp_path, "r", "student", {"accuracy": 0.8}, fingerprint="abc", teacher_weights_digest="T"
+    )
+    record = json.loads(path.read_text())
+    assert record["fingerprint"] == "abc" and record["teacher_weights_digest"] == "T"

@@ -6,7 +6,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from kdlib.run import NotebookFailed, notebook_parameters, parse_value, run_notebooks
+from kdlib.config import RunPaths
+from kdlib.run import NotebookFailed, absolute_paths, main, notebook_parameters, run_notebooks
 
 
 def _notebook(path, *cells):
@@ -44,6 +45,107 @@ def test_a_failing_cell_names_the_cell_and_error_and_keeps_the_partial_notebook(
     assert not (tmp_path / "out" / "02_second.ipynb").exists(), "the run must stop at the first failure"
 
 
-def test_command_line_values_are_yaml():
-    assert parse_value("2") == 2 and parse_value("0.7") == 0.7
-    assert parse_value("null") is None and parse_value("[int8, onnx]") == ["int8", "onnx"]
+def _tree_digest(folder) -> dict:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """An output folder holding a previous run's files, which a bad command must leave untouched."""
+    out = tmp_path / "outputs"
+    (out / "results" / "smoke").mkdir(parents=True)
+    (out / "results" / "smoke" / "student.json").write_text('{"accuracy": 0.9}')
+    (out / "models" / "smoke" / "student").mkdir(parents=True)
+    (out / "models" / "smoke" / "student" / "model.safetensors").write_bytes(b"weights")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "alpah", "0.3"], "alpah: unknown parameter; did you mean 'alpha'?"),
+        (["-p", "label_colum", "intent"], "did you mean 'label_column'?"),
+        (["-p", "epochs", "two"], "epochs = 'two': Input should be a valid integer"),
+        (["-p", "epochs", "0"], "epochs = 0: Input should be greater than or equal to 1"),
+        (["-p", "temperature", "-1"], "temperature = -1: Input should be greater than 0"),
+        (["-p", "temperature", "0"], "temperature = 0: Input should be greater than 0"),
+        (["-p", "learning_rate", "fast"], "learning_rate = 'fast'"),
+        (["-p", "run_name", "../../x"], "run_name = '../../x'"),
+        (["-p", "max_train_rows", "0"], "max_train_rows = 0"),
+        (["-p", "variants", "[tflite]"], "variants.0"),
+        (["--profile", "no-such-profile"], "profile 'no-such-profile' not found"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(args, message, existing_run, capsys):
+    before = _tree_digest(existing_run)
+    code = main(["--profile", "smoke", "-p", "output_dir", str(existing_run), *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert message in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert _tree_digest(existing_run) == before, "a refused command must not touch the output folder"
+
+
+def test_a_second_run_on_the_same_run_folder_is_refused(existing_run, capsys):
+    from filelock import FileLock
+
+    with FileLock(RunPaths.of(existing_run, "smoke").lock_file):
+        code = main(["--profile", "smoke", "-p", "output_dir", str(existing_run), "--only", "03"])
+    assert code == 3
+    assert "another run is writing into run 'smoke'" in capsys.readouterr().err
+
+
+def test_relative_paths_are_taken_from_where_the_command_runs(tmp_path):
+    (tmp_path / "mydata").mkdir()
+    resolved = absolute_paths(
+        {"data_source": "mydata", "teacher": "./missing", "student": "distilbert-base-uncased", "alpha": 0.5},
+        tmp_path,
+    )
+    assert resolved["data_source"] == str(tmp_path / "mydata")
+    assert resolved["teacher"] == str(tmp_path / "missing")  # shown absolute in the error that follows
+    assert resolved["student"] == "distilbert-base-uncased" and resolved["alpha"] == 0.5
+
+
+def test_help_params_lists_every_parameter(capsys):
+    from kdlib.config import RunConfig
+
+    assert main(["--help-params"]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in RunConfig.model_fields)
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_partial_notebook(tmp_path):
+    """Ctrl-C in a terminal: the runner interrupts the kernel, papermill saves the notebook, one line says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    nb = _notebook(tmp_path / "01_sleepy.ipynb", "x = 1", "import time\nfor _ in range(120):\n    time.sleep(0.5)")
+    script = (
+        "import sys; from pathlib import Path; from kdlib.run import Interrupted, run_notebooks\n"
+        f"try: run_notebooks([Path({str(nb)!r})], Path({str(tmp_path / 'out')!r}), {{}}, progress=True)\n"
+        "except Interrupted as stop: print(f'STOPPED: {stop}', file=sys.stderr); sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    seen = ""
+    while "cell 2/2" not in seen and time.monotonic() < deadline:
+        seen += proc.stdout.readline()
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("STOPPED: Interrupted in 01_sleepy")
+    assert "Traceback" not in err and "Run the same command again to resume" in err
+    saved = nbformat.read(tmp_path / "out" / "01_sleepy.ipynb", as_version=4)
+    assert [o["ename"] for c in saved.cells for o in c.get("outputs", []) if o.get("output_type") == "error"] == [
+        "KeyboardInterrupt"
+    ]

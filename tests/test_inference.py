@@ -1,4 +1,4 @@
-"""Tests of kdlib.optimize: every variant loads, predicts like the fp32 model and reports its size.
+"""Tests of kdlib.inference: every variant loads, predicts like the fp32 model and reports its size.
 
 The tiny models are first fitted for a few steps on the test texts: a freshly initialised model
 gives almost the same near-zero logits for every input, so "the variant predicts the same label"
@@ -18,20 +18,22 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
-from kdlib import optimize
+from kdlib import inference as optimize
 from kdlib.benchmark import PerformanceBenchmark
-from kdlib.models import make_tiny_model, make_tiny_tokenizer
-from kdlib.optimize import (
+from kdlib.inference import (
     LABELS_KEY,
     OnnxPredictor,
+    Predictor,
+    TorchPredictor,
     build_variants,
     export_onnx,
     parity_check,
     quantize_dynamic_int8,
     quantize_onnx_int8,
+    state_dict_size_bytes,
     torch_int8_predictor,
 )
-from kdlib.predictors import Predictor, TorchPredictor, state_dict_size_bytes
+from kdlib.models import make_tiny_model, make_tiny_tokenizer
 
 LABELS = ["balance", "travel", "weather", "music", "alarm"]
 TOPICS = {

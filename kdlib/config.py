@@ -1,0 +1,411 @@
+"""The run configuration: one validated schema, the single source of every default.
+
+A run is described by :class:`RunConfig`. Its field defaults are the base profile (the default
+``minilm`` run); ``configs/<profile>.yaml`` holds only what a profile changes; command-line ``-p``
+values and notebook parameters override the profile. :func:`load_config` merges the three and
+validates the result **before any work**: unknown names (with a did-you-mean), wrong types
+(``"1e-3"`` from a command line is read as a float, ``"two"`` is refused), ranges, and run names
+that are safe folder names. The runner and the first code cell of every notebook call it, so a
+papermill run, ``make run`` and a JupyterLab session get the same checks.
+
+:meth:`RunConfig.fingerprint` keys a training run by the settings that change its result plus a
+digest of the data it used; checkpoints live under that key and every result record carries it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR_NAME = "configs"
+DEFAULT_PROFILE = "minilm"
+SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VARIANT_NAMES = ("int8", "onnx", "onnx-int8")
+
+
+class ConfigError(ValueError):
+    """Run parameters that cannot be used; the message names each parameter and the fix."""
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic reads True as 1: a flag given where a number belongs is a mistake, not a 1.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+def _text(value: Any) -> Any:
+    # YAML reads `-p run_name 2024` as a number; a name is text whatever it looks like.
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Text = Annotated[str, BeforeValidator(_text)]
+Slug = Annotated[str, BeforeValidator(_text), Field(pattern=SLUG.pattern)]
+Rows = Annotated[int | None, BeforeValidator(_not_bool), Field(ge=1)]
+
+
+class RunConfig(BaseModel):
+    """Every parameter of a run, with the default profile's values as defaults.
+
+    Notebook 01 uses the data, session and teacher fields; 02 the data, session and student
+    fields; 03 the comparison fields. Field descriptions are what ``--help-params`` prints.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    # the run
+    run_name: Slug = Field("minilm", description="results go to outputs/results/<run_name>/ (letters, digits, . _ -)")
+    output_dir: Text = Field("outputs", description="where a run writes, relative to the project root")
+    seed: Int = Field(42, ge=0, description="seeds Python, NumPy, torch and the data order")
+    threads: Int | None = Field(None, ge=1, description="CPU threads for torch; None: all cores")
+    # data
+    data_source: Text | None = Field(
+        None, description="CLINC150 .json(.gz) file, CSV/JSONL folder or Hub id; None: $KDLIB_DATA, else the "
+        "embedded CLINC150 plus"
+    )
+    text_column: Text = Field("text", min_length=1, description="text column of a CSV/JSONL folder or Hub dataset")
+    label_column: Text = Field("label", min_length=1, description="label column of a CSV/JSONL folder or Hub dataset")
+    validation_fraction: Float = Field(
+        0.1, gt=0, lt=1, description="share of train held out when the data has no validation split"
+    )
+    drop_duplicates: bool = Field(False, description="drop train/validation texts that also appear in another split")
+    max_train_rows: Rows = Field(None, description="row limit of the train split; None: whole split")
+    max_validation_rows: Rows = Field(None, description="row limit of the validation split; None: whole split")
+    max_test_rows: Rows = Field(None, description="row limit of the test split; None: whole split")
+    # 01: the teacher
+    teacher: Text = Field(
+        "all-MiniLM-L6-v2", min_length=1,
+        description="Hub id, local directory, all-MiniLM-L6-v2 (offline copy) or tiny-bert",
+    )
+    finetune_epochs: Int = Field(5, ge=1, description="epochs of fine-tuning when the teacher is a base encoder")
+    finetune_learning_rate: Float = Field(1e-4, gt=0, allow_inf_nan=False, description="teacher fine-tuning lr")
+    finetune_batch_size: Int = Field(16, ge=1, description="teacher fine-tuning batch size")
+    finetune_warmup_ratio: Float = Field(0.1, ge=0, lt=1, description="share of steps with a rising learning rate")
+    # 02: the student
+    teacher_model: Text | None = Field(
+        None, description="teacher to distil from; None: the one notebook 01 saved under outputs/models/<run_name>/"
+    )
+    student_init: Literal["teacher_layers", "pretrained", "config"] = Field(
+        "teacher_layers", description="teacher_layers (DistilBERT-style) | pretrained | config"
+    )
+    student: Text | None = Field(None, description="model reference for the pretrained / config inits")
+    keep_layers: list[Int] | None = Field(
+        None, description="teacher layers the student keeps; None: every other one, ending with the last"
+    )
+    alpha: Float = Field(0.5, ge=0, le=1, description="weight of the hard-label cross-entropy, in [0, 1]")
+    temperature: Float = Field(2.0, gt=0, allow_inf_nan=False, description="softmax temperature of the KL term, > 0")
+    learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False, description="student learning rate")
+    batch_size: Int = Field(32, ge=1, description="student batch size")
+    epochs: Int = Field(5, ge=1, description="student training epochs")
+    gradient_accumulation_steps: Int = Field(1, ge=1, description="batches accumulated per optimiser step")
+    cache_teacher_logits: bool = Field(True, description="compute the teacher's logits once, not at every step")
+    n_trials: Int = Field(0, ge=0, description="Optuna trials over epochs, alpha and T; 0 skips the search")
+    variants: list[Literal["int8", "onnx", "onnx-int8"]] = Field(
+        ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
+    )
+    n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")
+    # 03: the comparison
+    runs: list[Slug] | None = Field(None, description="runs to overlay in 03; None: [run_name]")
+    baseline: Slug = Field("teacher", description="speed-up and size ratios are measured against this variant")
+    highlight: Slug | None = Field("student-onnx-int8", description="variant drawn highlighted in the plot")
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError(f"must be distinct layer indices >= 0, at least one (got {value})")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_variants(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a variant twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _student_reference(self) -> RunConfig:
+        if self.student_init != "teacher_layers" and not self.student:
+            raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
+        return self
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def fingerprint(self, fields: tuple[str, ...], data_digest: str, **extra: Any) -> str:
+        """A short hash of ``fields`` of this config, the data digest and ``extra`` (e.g. a teacher's
+        weights digest): two runs with the same fingerprint train the same model."""
+        settings = {name: getattr(self, name) for name in sorted(fields)}
+        text = json.dumps({"settings": settings, "data": data_digest, **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`kdlib.data.load_intent_data`."""
+        return {
+            "text_column": self.text_column,
+            "label_column": self.label_column,
+            "validation_fraction": self.validation_fraction,
+            "drop_duplicates": self.drop_duplicates,
+            "seed": self.seed,
+        }
+
+    def row_limits(self) -> dict[str, int | None]:
+        """Row limits per split for :func:`kdlib.data.subsample` (``None`` keeps a split whole)."""
+        return {"train": self.max_train_rows, "validation": self.max_validation_rows, "test": self.max_test_rows}
+
+
+# Settings that change what each stage trains (the data is covered by its digest).
+TEACHER_FIELDS = ("teacher", "finetune_epochs", "finetune_learning_rate", "finetune_batch_size",
+                  "finetune_warmup_ratio", "seed")
+STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperature", "learning_rate", "batch_size",
+                  "epochs", "gradient_accumulation_steps", "cache_teacher_logits", "n_trials", "seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``pyproject.toml`` and ``kdlib/``, found upwards from ``start`` (or the
+    working directory), so a notebook opened from ``notebooks/`` and a papermill run started at the
+    top both write to the same ``outputs/``. Falls back to the installed package's parent."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "kdlib").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in (project_root() / CONFIG_DIR_NAME).glob("*.yaml"))
+
+
+def profile_path(name_or_path: str | os.PathLike) -> Path:
+    """``configs/<name>.yaml``, or the given file when it ends in .yaml / .yml."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        return path.resolve()
+    return project_root() / CONFIG_DIR_NAME / f"{name_or_path}.yaml"
+
+
+def load_profile(name_or_path: str | os.PathLike = DEFAULT_PROFILE) -> dict[str, Any]:
+    """What a profile changes from the defaults: the mapping in its YAML file."""
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"profile {str(name_or_path)!r} not found ({path}); available profiles: "
+            f"{', '.join(available_profiles())}, or a path to a .yaml file."
+        )
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must be a mapping of parameter names to values.")
+    return params
+
+
+def _describe_error(error: dict, given: dict[str, Any]) -> str:
+    name = ".".join(str(part) for part in error["loc"]) or "(run configuration)"
+    top = str(error["loc"][0]) if error["loc"] else ""
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(top, RunConfig.model_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `python -m kdlib.run --help-params` lists them"
+        return f"{name}: unknown parameter{hint}"
+    shown = f" = {given[top]!r}" if top in given else ""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{name}{shown}: {message}"
+
+
+def validate(params: dict[str, Any], *, source: str = "run parameters") -> RunConfig:
+    """A :class:`RunConfig` from a flat mapping, or one :class:`ConfigError` listing every problem."""
+    try:
+        return RunConfig(**params)
+    except ValidationError as err:
+        lines = [_describe_error(e, params) for e in err.errors()]
+        raise ConfigError(f"Invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(profile: str | os.PathLike = DEFAULT_PROFILE, **overrides: Any) -> RunConfig:
+    """The defaults, then the profile's values, then ``overrides``; validated before any work."""
+    params = {**load_profile(profile), **overrides}
+    return validate(params, source=f"run parameters (profile {str(profile)!r})")
+
+
+def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
+    """The configuration of a notebook run: ``profile`` plus every parameter the notebook set.
+
+    A notebook's ``parameters`` cell sets ``profile`` and leaves the other parameters at ``None``
+    ("the profile's value"); papermill (``-p alpha 0.7``) or a reader editing the cell sets them.
+    Any other public name in the namespace at this point is a parameter kdlib does not know (a
+    typo papermill passed on), refused with the same did-you-mean as the command line.
+    """
+    skip = {"In", "Out", "get_ipython", "exit", "quit", "open", "profile"}
+    given = {
+        name: value
+        for name, value in namespace.items()
+        if not name.startswith("_") and name not in skip and not callable(value) and not _is_module(value)
+    }
+    fields = RunConfig.model_fields
+    overrides = {name: value for name, value in given.items() if value is not None or name not in fields}
+    return load_config(namespace.get("profile") or DEFAULT_PROFILE, **overrides)
+
+
+def _is_module(value: Any) -> bool:
+    import types
+
+    return isinstance(value, types.ModuleType)
+
+
+def parse_cli_value(name: str, text: str) -> Any:
+    """``-p NAME VALUE``: YAML for numbers, booleans, null and lists; text fields stay text."""
+    value = yaml.safe_load(text)
+    if value is None or isinstance(value, list | dict | bool):
+        return value
+    if name in {"run_name", "output_dir", "data_source", "teacher", "teacher_model", "student"}:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text; a number field wants the number
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) or name not in RunConfig.model_fields else value
+    return value
+
+
+def parameter_help() -> str:
+    """Every parameter with its default and description, for ``--help-params``."""
+    lines = []
+    for name, field in RunConfig.model_fields.items():
+        lines.append(f"  {name:<28} {field.default!r:<24} {field.description or ''}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of one run, derived from ``output_dir`` and ``run_name``."""
+
+    output_dir: Path
+    run_name: str
+
+    @classmethod
+    def of(cls, output_dir: str | os.PathLike, run_name: str) -> RunPaths:
+        if not SLUG.match(run_name or ""):
+            raise ConfigError(f"run_name = {run_name!r}: must be letters, digits, '.', '_' or '-' (a folder name).")
+        out = Path(output_dir).expanduser()
+        if not out.is_absolute():
+            out = project_root() / out
+        return cls(out, run_name)
+
+    @classmethod
+    def for_config(cls, config: RunConfig) -> RunPaths:
+        return cls.of(config.output_dir, config.run_name)
+
+    @property
+    def results_dir(self) -> Path:
+        """Parent of the per-run result folders (``results/<run>/<variant>.json``)."""
+        return self.output_dir / "results"
+
+    @property
+    def run_results(self) -> Path:
+        return self.results_dir / self.run_name
+
+    @property
+    def models_dir(self) -> Path:
+        return self.output_dir / "models" / self.run_name
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.models_dir / "teacher"
+
+    @property
+    def student_dir(self) -> Path:
+        return self.models_dir / "student"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.models_dir / "onnx"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / "checkpoints" / self.run_name
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.output_dir / "tables" / self.run_name
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.output_dir / "figures" / self.run_name
+
+    @property
+    def notebooks_dir(self) -> Path:
+        """Executed copies of the notebooks (``make run``)."""
+        return self.output_dir / "notebooks" / self.run_name
+
+    @property
+    def lock_file(self) -> Path:
+        """Held while a run writes into this run's folders: a second run is refused, not mixed in."""
+        return self.output_dir / f".{self.run_name}.lock"
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.checkpoints_dir / "optuna.db"
+
+    def ensure(self) -> RunPaths:
+        for folder in (self.run_results, self.models_dir, self.tables_dir, self.figures_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Session
+# ---------------------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a figure depends on: recorded with results and in model cards."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "datasets", "tokenizers", "onnxruntime")}
+
+
+def prepare_session(seed: int = 42, threads: int | None = None) -> dict[str, Any]:
+    """Seeds everywhere, the thread count, quiet library logs and readable floats: the first call
+    of every notebook. Returns the facts worth showing (seed, threads actually used, device);
+    library versions go into every result record instead, where they belong to a figure."""
+    import warnings
+
+    import datasets
+    import pandas as pd
+    import torch
+    import transformers
+
+    # Harmless on a CPU, but it would print at every training run.
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    # A warning reads "DuplicateTextWarning: ..." in a notebook, without the machine's file paths.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
+    if threads:
+        torch.set_num_threads(int(threads))
+    transformers.set_seed(seed)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # download / shard-writing bars (not the Trainer's)
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    # Four significant digits: what a reader needs, and what stays the same across CPU families.
+    pd.set_option("display.float_format", "{:.4g}".format)
+    return {"seed": seed, "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}

@@ -1,0 +1,173 @@
+"""The run configuration: one schema with every default, profiles that only override, validation before
+any work, and the fingerprint that keys checkpoints and records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import papermill
+import pytest
+
+from kdlib.config import (
+    STUDENT_FIELDS,
+    TEACHER_FIELDS,
+    ConfigError,
+    RunConfig,
+    RunPaths,
+    config_from_notebook,
+    load_config,
+    load_profile,
+    parse_cli_value,
+    prepare_session,
+    project_root,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO / "notebooks"
+PROFILES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def declared_parameters(notebook: Path) -> dict:
+    return papermill.inspect_notebook(str(notebook))
+
+
+def test_the_three_profiles_exist():
+    assert {"minilm", "book", "smoke"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_is_a_valid_configuration(profile):
+    config = load_config(profile)
+    assert config.run_name == profile
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_DIR.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebook_parameters_are_config_fields_left_to_the_profile(notebook):
+    """One source of defaults: a parameters cell names fields, it does not repeat their values."""
+    declared = declared_parameters(notebook)
+    assert declared["profile"]["default"] == '"minilm"'
+    others = {name: p["default"] for name, p in declared.items() if name != "profile"}
+    assert set(others) <= set(RunConfig.model_fields), set(others) - set(RunConfig.model_fields)
+    assert set(others.values()) == {"None"}, others
+
+
+def test_the_default_profile_is_the_schema_defaults():
+    assert load_config("minilm") == RunConfig()
+    assert load_profile("minilm") == {"run_name": "minilm"}
+
+
+def test_book_profile_is_the_reference_setup():
+    book = load_config("book")
+    assert book.teacher == "transformersbook/bert-base-uncased-finetuned-clinc"
+    assert book.student_init == "pretrained" and book.student == "distilbert-base-uncased"
+    assert (book.learning_rate, book.batch_size, book.epochs, book.seed) == (2e-5, 48, 5, 42)
+    assert book.data_source == "clinc_oos:plus"  # the reference's data, from the Hub
+
+
+def test_default_profile_works_offline():
+    minilm = load_config("minilm")
+    assert minilm.teacher == "all-MiniLM-L6-v2" and minilm.student_init == "teacher_layers"
+    assert minilm.data_source is None  # $KDLIB_DATA, else the embedded CLINC150
+
+
+def test_unknown_profile_names_the_available_ones():
+    with pytest.raises(ConfigError, match="profile 'no-such-profile' not found.*minilm"):
+        load_profile("no-such-profile")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"alpah": 0.3}, "alpah: unknown parameter; did you mean 'alpha'?"),
+        ({"epochs": "two"}, "epochs = 'two': Input should be a valid integer"),
+        ({"epochs": 0}, "epochs = 0: Input should be greater than or equal to 1"),
+        ({"epochs": True}, "epochs = True: expected a number, got a boolean"),
+        ({"alpha": 1.5}, "alpha = 1.5: Input should be less than or equal to 1"),
+        ({"temperature": -1}, "temperature = -1: Input should be greater than 0"),
+        ({"temperature": 0}, "temperature = 0: Input should be greater than 0"),
+        ({"temperature": float("inf")}, "temperature = inf: Input should be a finite number"),
+        ({"learning_rate": "fast"}, "learning_rate = 'fast'"),
+        ({"batch_size": 0}, "batch_size = 0: Input should be greater than or equal to 1"),
+        ({"max_train_rows": 0}, "max_train_rows = 0: Input should be greater than or equal to 1"),
+        ({"keep_layers": [1, 1]}, "keep_layers = [1, 1]: must be distinct layer indices"),
+        ({"keep_layers": []}, "keep_layers = []: must be distinct layer indices"),
+        ({"variants": ["onnx", "tflite"]}, "variants.1"),
+        ({"run_name": "../../x"}, "run_name = '../../x': String should match pattern"),
+        ({"run_name": ""}, "run_name = '': String should match pattern"),
+        ({"student_init": "pretrained"}, "needs a `student` model reference"),
+        ({"validation_fraction": 1.0}, "validation_fraction = 1.0: Input should be less than 1"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config("smoke", **overrides)
+    assert expected in str(error.value)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config("smoke", alpah=0.3, epochs=0)
+    assert "alpah" in str(error.value) and "epochs = 0" in str(error.value)
+
+
+def test_command_line_values_are_typed_by_the_parameter():
+    assert parse_cli_value("learning_rate", "1e-3") == 0.001  # YAML alone reads this as text
+    assert load_config("smoke", learning_rate=parse_cli_value("learning_rate", "1e-3")).learning_rate == 0.001
+    assert parse_cli_value("epochs", "2") == 2 and parse_cli_value("alpha", "0.7") == 0.7
+    assert parse_cli_value("variants", "[int8, onnx]") == ["int8", "onnx"]
+    assert parse_cli_value("data_source", "null") is None
+    assert parse_cli_value("run_name", "2024") == "2024"  # a name stays text
+    assert parse_cli_value("epochs", "two") == "two"  # refused later, by name
+    assert parse_cli_value("text_column", "query") == "query"
+
+
+def test_notebook_namespace_becomes_a_config_and_typos_are_refused():
+    namespace = {"profile": "smoke", "alpha": 0.7, "epochs": None, "In": [], "_oh": {}, "pd": pytest}
+    config = config_from_notebook(namespace)
+    assert config.alpha == 0.7 and config.epochs == load_config("smoke").epochs and config.run_name == "smoke"
+    with pytest.raises(ConfigError, match="alpah: unknown parameter; did you mean 'alpha'"):
+        config_from_notebook({"profile": "smoke", "alpah": 0.3})
+
+
+def test_fingerprint_changes_with_what_shapes_the_model():
+    base = load_config("smoke")
+    fp = base.fingerprint(STUDENT_FIELDS, "data-a", teacher="t1")
+    assert fp == load_config("smoke").fingerprint(STUDENT_FIELDS, "data-a", teacher="t1")
+    assert fp != load_config("smoke", alpha=0.7).fingerprint(STUDENT_FIELDS, "data-a", teacher="t1")
+    assert fp != base.fingerprint(STUDENT_FIELDS, "data-b", teacher="t1")
+    assert fp != base.fingerprint(STUDENT_FIELDS, "data-a", teacher="t2")
+    # what does not shape the student does not change its key
+    assert fp == load_config("smoke", n_latency_queries=7).fingerprint(STUDENT_FIELDS, "data-a", teacher="t1")
+    teacher_fp = base.fingerprint(TEACHER_FIELDS, "data-a")
+    assert teacher_fp == load_config("smoke", alpha=0.7).fingerprint(TEACHER_FIELDS, "data-a")
+
+
+def test_project_root_is_found_from_the_notebooks_folder():
+    assert project_root(NOTEBOOK_DIR) == REPO
+    assert project_root(REPO / "tests") == REPO
+
+
+def test_run_paths_derive_everything_from_output_dir_and_run_name(tmp_path):
+    paths = RunPaths.of(tmp_path / "out", "exp1")
+    assert paths.run_results == tmp_path / "out" / "results" / "exp1"
+    assert paths.teacher_dir == tmp_path / "out" / "models" / "exp1" / "teacher"
+    assert paths.student_dir.parent == paths.teacher_dir.parent
+    assert RunPaths.of("outputs", "x").output_dir == project_root() / "outputs"
+    paths.ensure()
+    assert paths.run_results.is_dir() and paths.figures_dir.is_dir()
+    with pytest.raises(ConfigError, match="run_name"):
+        RunPaths.of(tmp_path, "../escape")
+
+
+def test_prepare_session_sets_threads_and_seeds():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        info = prepare_session(seed=7, threads=1)
+        first = torch.rand(3)
+        prepare_session(seed=7, threads=1)
+        assert torch.equal(first, torch.rand(3))
+        assert info == {"seed": 7, "threads": 1, "device": "cpu"}
+    finally:
+        torch.set_num_threads(before)
