@@ -5,8 +5,7 @@ plain fine-tuning (alpha = 1), distillation running the teacher at every step (t
 way), and distillation reading cached teacher logits (kdlib's default). Prints the median epoch
 time of each over a few repeats and the ratios to plain fine-tuning. Target: cached <= 1.10x.
 
-    KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json \
-        .venv/bin/python benchmarks/distill_overhead.py --run minilm [--rows 3000] [--repeats 5]
+    .venv/bin/python benchmarks/distill_overhead.py --run minilm [--rows 3000] [--repeats 5]
 """
 
 from __future__ import annotations

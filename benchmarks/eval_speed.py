@@ -4,8 +4,7 @@ Same model, same test split, same process: both prediction lists must be identic
 batched evaluation should be at least 10x faster. Prints both wall times (median of repeats),
 their ratio, and the machine they were measured on.
 
-    KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json \
-        .venv/bin/python benchmarks/eval_speed.py --run minilm [--repeats 3] [--threads 2]
+    .venv/bin/python benchmarks/eval_speed.py --run minilm [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="minilm", help="run whose teacher to load (outputs/models/<run>/teacher)")
     parser.add_argument("--model", default=None, help="model directory or reference (overrides --run)")
-    parser.add_argument("--data", default=None, help="data source (default: $KDLIB_DATA, else the Hub)")
+    parser.add_argument("--data", default=None, help="data source (default: $KDLIB_DATA, else embedded CLINC150)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)

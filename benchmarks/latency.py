@@ -8,8 +8,7 @@ hit every variant alike. Also prints test accuracy of each variant and every fil
 Targets: best student p50 >= 8x lower than the teacher's, accuracy within 1.5 points; ONNX int8
 file <= 30 % of the fp32 ONNX file.
 
-    KDLIB_DATA=../shared/data/clinc150/data_oos_plus.json \
-        .venv/bin/python benchmarks/latency.py --run minilm [--repeats 5] [--threads 2]
+    .venv/bin/python benchmarks/latency.py --run minilm [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations

@@ -119,7 +119,9 @@ class RunConfig(BaseModel):
     # 03: the comparison
     runs: list[Slug] | None = Field(None, description="runs to overlay in 03; None: [run_name]")
     baseline: Slug = Field("teacher", description="speed-up and size ratios are measured against this variant")
-    highlight: Slug | None = Field("student-onnx-int8", description="variant drawn highlighted in the plot")
+    highlight: Slug | None = Field(
+        None, description="variant drawn highlighted in the plot; None: the last variant built (student-onnx-int8)"
+    )
 
     @field_validator("keep_layers")
     @classmethod
@@ -140,6 +142,18 @@ class RunConfig(BaseModel):
         if self.student_init != "teacher_layers" and not self.student:
             raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
         return self
+
+    @model_validator(mode="after")
+    def _highlight_is_built(self) -> RunConfig:
+        built = ["teacher", "student", *(f"student-{v}" for v in self.variants)]
+        if self.highlight and not self.runs and self.highlight not in built:
+            raise ValueError(f"highlight={self.highlight!r} is not a variant this run builds; choose one of {built}")
+        return self
+
+    @property
+    def highlighted_variant(self) -> str:
+        """The variant 03 highlights: ``highlight``, else the last one built (the book's choice, int8 ONNX)."""
+        return self.highlight or (f"student-{self.variants[-1]}" if self.variants else "student")
 
     # -- identity ------------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ def test_unknown_profile_names_the_available_ones():
         ({"run_name": ""}, "run_name = '': String should match pattern"),
         ({"student_init": "pretrained"}, "needs a `student` model reference"),
         ({"validation_fraction": 1.0}, "validation_fraction = 1.0: Input should be less than 1"),
+        ({"variants": ["onnx"], "highlight": "student-onnx-int8"}, "is not a variant this run builds"),
     ],
 )
 def test_bad_parameters_are_refused_by_name(overrides, expected):
@@ -171,3 +172,10 @@ def test_prepare_session_sets_threads_and_seeds():
         assert info == {"seed": 7, "threads": 1, "device": "cpu"}
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_highlighted_variant_defaults_to_the_last_one_built():
+    assert load_config("smoke").highlighted_variant == "student-onnx-int8"
+    assert load_config("smoke", variants=["onnx"]).highlighted_variant == "student-onnx"
+    assert load_config("smoke", variants=[]).highlighted_variant == "student"
+    assert load_config("smoke", highlight="teacher").highlighted_variant == "teacher"

@@ -149,3 +149,19 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_partial_notebook(tmp_path):
     assert [o["ename"] for c in saved.cells for o in c.get("outputs", []) if o.get("output_type") == "error"] == [
         "KeyboardInterrupt"
     ]
+
+
+def test_a_diverging_distillation_stops_before_saving_anything(tmp_path, capsys):
+    """-p temperature 1e20 passes validation (finite, > 0) but trains to NaN: 02 stops at the first step,
+    before a student, ONNX file, record or model card is written; 01's teacher stays as it was."""
+    out = tmp_path / "outputs"
+    args = ["--profile", "smoke", "-p", "output_dir", str(out), "-p", "max_train_rows", "200",
+            "-p", "max_validation_rows", "50", "-p", "max_test_rows", "50", "-p", "finetune_epochs", "1"]
+    assert main([*args, "--only", "01"]) == 0
+    before = _tree_digest(out / "results")
+    code = main([*args, "-p", "temperature", "1e20", "--only", "02"])
+    assert code == 1
+    assert "TrainingDivergedError" in capsys.readouterr().err
+    assert _tree_digest(out / "results") == before, "no student record"
+    assert not (out / "models" / "smoke" / "student").exists() and not (out / "models" / "smoke" / "onnx").exists()
+    assert not list((out / "checkpoints" / "smoke" / "student").glob("*/checkpoint-*"))
