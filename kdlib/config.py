@@ -237,6 +237,8 @@ def _describe_error(error: dict, given: dict[str, Any]) -> str:
         return f"{name}: unknown parameter{hint}"
     shown = f" = {given[top]!r}" if top in given else ""
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "string_pattern_mismatch":  # every pattern here is SLUG
+        message = "must be a plain name: letters, digits, '.', '_' or '-', at most 64 characters, no '/'"
     return f"{name}{shown}: {message}"
 
 

@@ -129,6 +129,8 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_partial_notebook(tmp_path):
 
     nb = _notebook(tmp_path / "01_sleepy.ipynb", "x = 1", "import time\nfor _ in range(120):\n    time.sleep(0.5)")
     script = (
+        # a terminal's Python handles SIGINT; one started in the background (nohup, `&`) inherits it ignored
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys; from pathlib import Path; from kdlib.run import Interrupted, run_notebooks\n"
         f"try: run_notebooks([Path({str(nb)!r})], Path({str(tmp_path / 'out')!r}), {{}}, progress=True)\n"
         "except Interrupted as stop: print(f'STOPPED: {stop}', file=sys.stderr); sys.exit(130)\n"
