@@ -261,19 +261,44 @@ def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
     """The configuration of a notebook run: ``profile`` plus every parameter the notebook set.
 
     A notebook's ``parameters`` cell sets ``profile`` and leaves the other parameters at ``None``
-    ("the profile's value"); papermill (``-p alpha 0.7``) or a reader editing the cell sets them.
-    Any other public name in the namespace at this point is a parameter kdlib does not know (a
-    typo papermill passed on), refused with the same did-you-mean as the command line.
+    ("the profile's value"); papermill (``-p alpha 0.7``, in its injected ``# Parameters`` cell) or
+    a reader editing the cell sets them. Every name those cells assign must be a parameter: a typo
+    is refused with the same did-you-mean as the command line, while the notebook's own variables
+    (``data``, ``model`` ... of cells run before, in JupyterLab) are not parameters at all.
     """
-    skip = {"In", "Out", "get_ipython", "exit", "quit", "open", "profile"}
-    given = {
-        name: value
-        for name, value in namespace.items()
-        if not name.startswith("_") and name not in skip and not callable(value) and not _is_module(value)
-    }
+    names = _parameter_cell_names(namespace)
     fields = RunConfig.model_fields
-    overrides = {name: value for name, value in given.items() if value is not None or name not in fields}
+    overrides = {
+        name: namespace[name]
+        for name in names
+        if name != "profile" and name in namespace and (namespace[name] is not None or name not in fields)
+    }
     return load_config(namespace.get("profile") or DEFAULT_PROFILE, **overrides)
+
+
+def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:
+    """Names assigned by the parameters cell(s) this kernel ran (IPython's ``In`` history); without a
+    history (a plain dict), every public name that is not a module or a function."""
+    import ast
+
+    history = namespace.get("In")
+    if not isinstance(history, list) or not history:
+        skip = {"In", "Out", "profile"}
+        return [n for n, v in namespace.items()
+                if not n.startswith("_") and n not in skip and not callable(v) and not _is_module(v)]
+    names: dict[str, None] = {}
+    for source in history:
+        if not (re.search(r"^profile\s*=", source, re.M) or source.lstrip().startswith("# Parameters")):
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(dict.fromkeys(t.id for t in targets if isinstance(t, ast.Name)))
+    return list(names)
 
 
 def _is_module(value: Any) -> bool:

@@ -122,6 +122,19 @@ def test_command_line_values_are_typed_by_the_parameter():
     assert parse_cli_value("text_column", "query") == "query"
 
 
+def test_only_the_parameters_cells_names_are_parameters():
+    """In JupyterLab the set-up cell may run again after later cells defined `data`, `model` ..."""
+    history = ["", 'profile = "smoke"\nalpha = None\nepochs = 3', "data = load()\nteacher_epochs = None",
+               '# Parameters\nrun_name = "exp"\n']
+    namespace = {"In": history, "profile": "smoke", "alpha": None, "epochs": 3, "run_name": "exp",
+                 "data": object(), "teacher_epochs": None, "labels": ["a"]}
+    config = config_from_notebook(namespace)
+    assert (config.epochs, config.run_name, config.alpha) == (3, "exp", load_config("smoke").alpha)
+    history[-1] = "# Parameters\nalpah = 0.3\n"
+    with pytest.raises(ConfigError, match="alpah: unknown parameter; did you mean 'alpha'"):
+        config_from_notebook({**namespace, "alpah": 0.3})
+
+
 def test_notebook_namespace_becomes_a_config_and_typos_are_refused():
     namespace = {"profile": "smoke", "alpha": 0.7, "epochs": None, "In": [], "_oh": {}, "pd": pytest}
     config = config_from_notebook(namespace)
