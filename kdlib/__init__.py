@@ -10,7 +10,8 @@ Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib imp
 * :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
 * :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
 * :mod:`kdlib.results` and :mod:`kdlib.modelcard` - result records, comparison tables, the model card;
-* :mod:`kdlib.plots` - the figures; :mod:`kdlib.run` - the headless runner behind ``make run``.
+* :mod:`kdlib.plots` - the figures; :mod:`kdlib.run` - the headless runner behind ``make run``;
+* :mod:`kdlib.testing` - tiny models, a tiny tokenizer and synthetic intents for tests and the smoke profile.
 
 Names are imported on first use, so ``python -m kdlib.run`` validates its parameters before torch loads.
 """
@@ -51,7 +52,7 @@ _EXPORTS = {
     "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = (*_EXPORTS, "run")
+_SUBMODULES = (*_EXPORTS, "run", "testing")
 
 __all__ = ["__version__", *_MODULE_OF]
 

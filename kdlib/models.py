@@ -22,11 +22,6 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -128,59 +123,9 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny models for tests and the smoke profile
-# ---------------------------------------------------------------------------------------------
-
-TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;/$%&()")
-
-
-def make_tiny_tokenizer() -> BertTokenizerFast:
-    """A lower-casing WordPiece tokenizer over single characters: any English text tokenises.
-
-    It is built from a fixed vocabulary, so two calls give the same token ids and a tiny
-    teacher and student made separately still share their vocabulary.
-    """
-    vocab = TINY_SPECIAL_TOKENS + TINY_CHARS + [f"##{c}" for c in TINY_CHARS]
-    return BertTokenizerFast(
-        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=128
-    )
-
-
 def _label_maps(labels: Sequence[str]) -> dict:
+    """``id2label`` / ``label2id`` of a config whose output ``i`` is ``labels[i]``."""
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
-
-
-def make_tiny_model(
-    kind: str, labels: Sequence[str], *, seed: int = 42, num_layers: int = 2
-) -> PreTrainedModel:
-    """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier."""
-    vocab_size = len(make_tiny_tokenizer())
-    torch.manual_seed(seed)
-    if kind == TINY_BERT:
-        config = BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            num_hidden_layers=num_layers,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            **_label_maps(labels),
-        )
-        return BertForSequenceClassification(config)
-    if kind == TINY_DISTILBERT:
-        config = DistilBertConfig(
-            vocab_size=vocab_size,
-            dim=32,
-            n_layers=num_layers,
-            n_heads=2,
-            hidden_dim=64,
-            max_position_embeddings=128,
-            **_label_maps(labels),
-        )
-        return DistilBertForSequenceClassification(config)
-    raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +137,8 @@ def load_tokenizer(ref: str | os.PathLike, *, param: str = "model") -> PreTraine
     """The tokenizer of a model reference (``tiny-*`` gives the in-code tiny tokenizer); ``param``
     names the run parameter in errors."""
     if str(ref) in TINY_REFS:
+        from kdlib.testing import make_tiny_tokenizer
+
         return make_tiny_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_model_ref(ref, param=param))
 
@@ -256,6 +203,8 @@ def load_classifier(
     encoder with a fresh head (seeded, so the same call gives the same weights)."""
     labels = list(labels)
     if str(ref) in TINY_REFS:
+        from kdlib.testing import make_tiny_model
+
         return make_tiny_model(str(ref), labels, seed=seed)
     path = resolve_model_ref(ref, param=param)
     config = AutoConfig.from_pretrained(path)
@@ -365,6 +314,8 @@ def student_from_config(
 ) -> PreTrainedModel:
     """A randomly initialised classifier with the architecture of ``ref`` (config only, no weights)."""
     if str(ref) in TINY_REFS:
+        from kdlib.testing import make_tiny_model
+
         return make_tiny_model(str(ref), labels, seed=seed, **overrides)
     config = AutoConfig.from_pretrained(resolve_model_ref(ref, param="student"), **_label_maps(labels), **overrides)
     torch.manual_seed(seed)

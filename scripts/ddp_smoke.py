@@ -21,9 +21,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from kdlib.data import build_dataset_dict, synthetic_intents
+from kdlib.data import build_dataset_dict
 from kdlib.distill import TrainConfig, train_student
-from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teacher
+from kdlib.models import student_from_teacher
+from kdlib.testing import make_tiny_model, make_tiny_tokenizer, synthetic_intents
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from kdlib import distill
-from kdlib.data import SYNTHETIC_KEYWORDS, build_dataset_dict, synthetic_intents
+from kdlib.data import build_dataset_dict
 from kdlib.distill import (
     EPOCH_TABLE_COLUMNS,
     NO_LOG,
@@ -28,7 +28,8 @@ from kdlib.distill import (
     tokenize_dataset,
     train_student,
 )
-from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, num_layers, student_from_teacher
+from kdlib.models import forward_inputs, num_layers, student_from_teacher
+from kdlib.testing import SYNTHETIC_KEYWORDS, make_tiny_model, make_tiny_tokenizer, synthetic_intents
 
 # ---------------------------------------------------------------------------------------------
 # Shared fixtures: synthetic keyword data, a tiny tokenizer, a fine-tuned tiny teacher

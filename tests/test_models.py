@@ -32,8 +32,6 @@ from kdlib.models import (
     init_student,
     load_classifier,
     load_tokenizer,
-    make_tiny_model,
-    make_tiny_tokenizer,
     model_labels,
     needs_fine_tuning,
     pick_device,
@@ -41,6 +39,7 @@ from kdlib.models import (
     save_model,
     student_from_teacher,
 )
+from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
 MINILM = "all-MiniLM-L6-v2"
 TEXTS = ["book me a flight to paris", "play some jazz please", "will it rain tomorrow?"]

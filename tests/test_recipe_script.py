@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kdlib.models import load_classifier, make_tiny_model, make_tiny_tokenizer, num_layers, save_model
+from kdlib.models import load_classifier, num_layers, save_model
+from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recipe.py"
 LABELS = ["alarm", "music", "oos"]

@@ -8,7 +8,8 @@ import torch
 
 from kdlib.data import build_dataset_dict
 from kdlib.distill import TrainConfig, hyperparameter_search, suggest_hyperparameters, train_student
-from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teacher
+from kdlib.models import student_from_teacher
+from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
 LABELS = ["alarm", "music", "weather"]
 
