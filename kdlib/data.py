@@ -10,7 +10,7 @@ the ``KDLIB_DATA`` environment variable, then CLINC150 ``plus`` embedded in kdli
 (``kdlib/clinc150/``, the release file, CC BY 3.0), so the default needs no network. A source is
 
 * :data:`EMBEDDED_SOURCE` (``embedded:clinc150-plus``): the embedded release file;
-* a ``.json`` / ``.json.gz`` file: an original CLINC150 release file (``data_oos_plus.json`` ...);
+* a file: an original CLINC150 release file (``data_oos_plus.json`` ...), plain or gzip-compressed;
 * a directory: your own ``train`` / ``validation`` / ``test`` files in CSV or JSON Lines;
 * anything else: a Hub dataset id, optionally with a config after a colon (``clinc_oos:plus``).
 
@@ -24,9 +24,11 @@ import csv
 import gzip
 import hashlib
 import json
+import numbers
 import os
 import random
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +40,7 @@ EMBEDDED_FILE = Path(__file__).resolve().parent / "clinc150" / "data_oos_plus.js
 HUB_SOURCE = "clinc_oos:plus"  # the same data on the Hugging Face Hub, one parameter away
 OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
+GZIP_MAGIC = b"\x1f\x8b"
 
 # CLINC150 release files: our split name -> (in-scope key, out-of-scope key).
 CLINC_RELEASE_KEYS = {
@@ -86,14 +89,8 @@ def load_intent_data(
     if resolved == EMBEDDED_SOURCE:
         data = load_clinc_release(EMBEDDED_FILE)
     else:
-        path = Path(resolved).expanduser()
-        if not path.is_absolute():
-            local = Path(base_dir or Path.cwd()) / path
-            if local.exists() or looks_like_path(resolved):
-                path = local.absolute()
-        if path.name.lower().endswith((".json", ".json.gz")) or path.is_file():
-            data = load_clinc_release(path)
-        elif path.is_dir():
+        path = local_path(resolved, base_dir)
+        if path.is_dir():
             data = load_folder(
                 path,
                 text_column=text_column,
@@ -101,14 +98,36 @@ def load_intent_data(
                 validation_fraction=validation_fraction,
                 seed=seed,
             )
+        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
+            raise DataError(
+                f"Data source {path} is a single {path.suffix} file; kdlib reads a folder holding train, "
+                f"validation (optional) and test files. Point the `data_source` parameter or ${DATA_ENV_VAR} "
+                f"at that folder (here {path.parent}, if this file is one of them)."
+            )
+        elif path.is_file() or path.name.lower().endswith((".json", ".json.gz")):
+            data = load_clinc_release(path)
         elif looks_like_path(resolved):
             raise DataError(
                 f"Data source {resolved!r}: {path} does not exist. Point the `data_source` parameter or "
                 f"${DATA_ENV_VAR} at a CLINC150 release .json file or a folder of train/validation/test files."
             )
         else:
-            data = load_hub(resolved, text_column=text_column, label_column=label_column)
+            data = load_hub(
+                resolved,
+                text_column=text_column,
+                label_column=label_column,
+                tried_path=None if ":" in resolved else path,
+            )
     return check_duplicates(data, drop=drop_duplicates)
+
+
+def local_path(source: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Path:
+    """The absolute path a source names: ``~`` expanded, relative paths taken from ``base_dir``
+    (default: the working directory), so errors can show exactly which path was tried."""
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir if base_dir not in (None, "") else Path.cwd()).expanduser() / path
+    return path.absolute()
 
 
 def looks_like_path(source: str) -> bool:
@@ -116,7 +135,7 @@ def looks_like_path(source: str) -> bool:
     return (
         source.startswith((".", "/", "~"))
         or source.split(":", 1)[0].count("/") > 1
-        or source.lower().endswith((".json", ".jsonl", ".csv"))
+        or source.lower().endswith((".json", ".jsonl", ".csv", ".gz"))
         or (os.sep != "/" and os.sep in source)
     )
 
@@ -134,12 +153,20 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
             f"CLINC150 file {path} not found. Download the release files (e.g. data_oos_plus.json) "
             f"and pass their path as `data_source` or ${DATA_ENV_VAR}."
         )
+    gzipped = False
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:
+        # gzip is recognised by its magic bytes, not the suffix; utf-8-sig drops a byte-order mark.
+        with path.open("rb") as handle:
+            gzipped = handle.read(2) == GZIP_MAGIC
+        opener = gzip.open if gzipped else open
+        with opener(path, "rt", encoding="utf-8-sig") as handle:
             raw = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise DataError(f"{path} is not readable JSON ({err}). Expected a CLINC150 release file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, zlib.error) as err:
+        kind = "gzip-compressed JSON" if gzipped else "JSON"
+        raise DataError(
+            f"{path} is not readable {kind} ({type(err).__name__}: {err}). Expected a CLINC150 release file "
+            "(plain or gzip-compressed)."
+        ) from None
     if not isinstance(raw, dict):
         raise DataError(
             f"{path}: expected a JSON object with keys train/val/test/oos_*, got {type(raw).__name__}."
@@ -319,17 +346,29 @@ def stratified_holdout(
 # ---------------------------------------------------------------------------------------------
 
 
-def load_hub(name: str, *, text_column: str = "text", label_column: str = "label") -> DatasetDict:
-    """Load a Hub dataset (``name`` or ``name:config``) and bring it to kdlib's shape."""
+def load_hub(
+    name: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    tried_path: Path | None = None,
+) -> DatasetDict:
+    """Load a Hub dataset (``name`` or ``name:config``) and bring it to kdlib's shape.
+
+    ``tried_path``: the local path the same name was looked for first, shown when the Hub fails
+    too, so a mistyped folder name is not mistaken for a Hub problem.
+    """
     from datasets import load_dataset
 
     dataset_id, _, config = name.partition(":")
     try:
         raw = load_dataset(dataset_id, config or None)
     except Exception as err:  # the Hub raises many types: connection, not found, gated ...
+        local = f", and there is no local file or folder {tried_path}" if tried_path is not None else ""
         raise DataError(
-            f"Could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without "
-            f"Hub access, point `data_source` or ${DATA_ENV_VAR} at a local CLINC150 .json file or folder."
+            f"Could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}){local}. "
+            f"Without Hub access, point `data_source` or ${DATA_ENV_VAR} at a local CLINC150 .json file "
+            "or folder."
         ) from err
     if label_column not in raw["train"].column_names and "intent" in raw["train"].column_names:
         label_column = "intent"  # clinc_oos names its label column `intent`
@@ -424,13 +463,17 @@ def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -
 
     Label names are kept whole, so a model trained on the slice still has every intent's id.
     """
+    unknown = sorted(set(sizes) - set(data))
+    if unknown:
+        raise DataError(f"Row limits for unknown split(s) {unknown}; the data has the splits {list(data)}.")
     for split, n in sizes.items():
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        # bool is an int to Python, but `max_train_rows=True` is a mistake, not one row.
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise DataError(f"max_{split}_rows must be a whole number >= 1 or None (the whole split), got {n!r}.")
     out = {}
     for split, ds in data.items():
         n = sizes.get(split)
-        out[split] = ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+        out[split] = ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(int(n)))
     return DatasetDict(out)
 
 
@@ -459,6 +502,12 @@ def check_duplicates(data: DatasetDict, *, drop: bool = False) -> DatasetDict:
     out = dict(data)
     for split, banned in seen_later.items():
         keep = [i for i, t in enumerate(data[split]["text"]) if _normalised(t) not in banned]
+        if not keep:
+            others = "test" if split == "validation" else "validation or test"
+            raise DataError(
+                f"drop_duplicates=True would leave the {split} split empty: every {split} text also appears "
+                f"in {others} ({listed}). Keep drop_duplicates=False or give {split} texts of its own."
+            )
         out[split] = data[split].select(keep)
     return DatasetDict(out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,15 @@ def clinc_plus_path() -> Path:
 
 @pytest.fixture(scope="session")
 def clinc_plus():
-    """CLINC150 plus as kdlib loads it by default (the embedded release file), once per session."""
-    from kdlib.data import load_intent_data
+    """CLINC150 plus as kdlib loads it by default (the embedded release file), once per session.
 
-    return load_intent_data()
+    Its 5 texts shared between splits are asserted by test_data; their warning is not repeated here.
+    """
+    from kdlib.data import DuplicateTextWarning, load_intent_data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DuplicateTextWarning)
+        return load_intent_data()
 
 
 @pytest.fixture

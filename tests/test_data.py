@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from kdlib.data import (
+    EMBEDDED_FILE,
     EMBEDDED_SOURCE,
     DataError,
     DuplicateTextWarning,
@@ -712,6 +715,7 @@ def test_csv_row_with_too_many_fields(tmp_path, header):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::kdlib.data.DuplicateTextWarning")  # asserted below
 def test_embedded_clinc150_is_the_release_file_row_for_row(monkeypatch, clinc_plus_path):
     monkeypatch.setattr(datasets, "load_dataset", _no_hub)
     monkeypatch.delenv("KDLIB_DATA", raising=False)
@@ -736,12 +740,21 @@ def test_relative_paths_are_taken_from_base_dir(monkeypatch, tmp_path):
     assert str(tmp_path / "project" / "mydata" / "missing.json") in str(err.value)
 
 
-def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
-    folder = make_folder(tmp_path / "bom")
-    train = folder / "train.csv"
-    train.write_text("\ufeff" + train.read_text(encoding="utf-8"), encoding="utf-8")
-    data = load_intent_data(folder)
-    assert data["train"].column_names == ["text", "label"] and len(data["train"]) > 0
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_file_with_a_byte_order_mark_is_read(tmp_path, fmt):
+    folder = make_folder(tmp_path / "bom", fmt)
+    for split in ("train", "test"):
+        path = folder / f"{split}.{fmt}"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Excel's "CSV UTF-8" writes
+    data = load_intent_data(folder)  # the header's first column is 'text', not '\ufefftext'
+    assert rows_of(data["train"]) == TRAIN and rows_of(data["test"]) == TEST
+    assert not any(text.startswith("\ufeff") for text in data["train"]["text"])
+
+
+def test_a_release_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(release_dict()).encode())
+    assert rows_of(load_intent_data(path)["test"]) == [("put on music", "play_music"), ("tell me a secret", "oos")]
 
 
 def _folder_with_duplicates(tmp_path):
@@ -783,8 +796,160 @@ def test_data_digest_changes_with_what_a_run_uses(tmp_path):
     assert len(digests) == 4
 
 
+TINY_FOLDER_DIGEST = "180c3c8b4a2a5c20"  # make_folder()'s data
+CLINC_PLUS_DIGEST = "a7944cd430385175"  # the embedded CLINC150 plus
+
+
+def test_data_digest_is_stable_across_processes(tmp_path, clinc_plus):
+    # Pinned values: checkpoints are stored under fingerprints built from this digest, so it must be the
+    # same in every process, on every machine and after upgrades (no hash(), no pickles, no set order).
+    digest = data_digest(load_intent_data(make_folder(tmp_path / "a")))
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert digest == TINY_FOLDER_DIGEST
+    assert data_digest(clinc_plus) == CLINC_PLUS_DIGEST
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 @pytest.mark.parametrize("limit", [0, -3, 2.5, True, "10"])
-def test_row_limits_must_be_whole_numbers(limit, tmp_path):
+def test_row_limits_must_be_whole_numbers(limit, split, tmp_path):
     data = load_intent_data(make_folder(tmp_path / "f"))
-    with pytest.raises(DataError, match="max_train_rows must be a whole number >= 1"):
-        subsample(data, {"train": limit, "validation": None, "test": None})
+    sizes = {"train": None, "validation": None, "test": None, split: limit}
+    with pytest.raises(DataError, match=f"max_{split}_rows must be a whole number >= 1"):
+        subsample(data, sizes)
+
+
+def test_row_limits_accept_numpy_ints_and_refuse_unknown_splits(tmp_path):
+    import numpy as np
+
+    data = load_intent_data(make_folder(tmp_path / "f"))
+    assert len(subsample(data, {"train": np.int64(4)})["train"]) == 4
+    with pytest.raises(DataError, match=r"unknown split\(s\) \['val'\]"):
+        subsample(data, {"val": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: ~, base_dir, and the absolute path in every error
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tilde_is_expanded_in_sources_and_base_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_folder(tmp_path / "proj" / "mydata")
+    assert rows_of(load_intent_data("~/proj/mydata")["test"]) == TEST
+    assert rows_of(load_intent_data("mydata", base_dir="~/proj")["test"]) == TEST
+    with pytest.raises(DataError) as err:
+        load_intent_data("~/nowhere/data_oos_plus.json")
+    assert str(tmp_path / "nowhere" / "data_oos_plus.json") in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["missing.json", "missing.json.gz", "sub/missing.csv", "./missing"])
+def test_a_missing_relative_path_shows_the_absolute_path_under_base_dir(monkeypatch, tmp_path, name):
+    monkeypatch.setattr(datasets, "load_dataset", _no_hub)
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "project"
+    with pytest.raises(DataError) as err:
+        load_intent_data(name, base_dir=base)
+    assert str((base / name).absolute()) in str(err.value)
+
+
+def test_a_bare_name_that_is_neither_local_nor_on_the_hub_shows_the_local_path_tried(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network here")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as err:
+        load_intent_data("my_intents", base_dir=tmp_path)
+    message = str(err.value)
+    assert "Hugging Face Hub" in message and f"no local file or folder {tmp_path / 'my_intents'}" in message
+
+
+@pytest.mark.parametrize(
+    ("folder_kwargs", "fragment"),
+    [({"test": None}, "no test file"), ({"train": None}, "no train file")],
+)
+def test_folder_errors_show_the_absolute_folder(monkeypatch, tmp_path, folder_kwargs, fragment):
+    make_folder(tmp_path / "project" / "d", **folder_kwargs)
+    monkeypatch.chdir(tmp_path / "project")
+    with pytest.raises(DataError, match=fragment) as err:
+        load_intent_data("d")
+    assert str(tmp_path / "project" / "d") in str(err.value)
+
+
+def test_unreadable_file_errors_show_the_absolute_path(monkeypatch, tmp_path):
+    folder = make_folder(tmp_path / "project" / "d")
+    (folder / "test.csv").write_bytes(b"text,label\n\xff\xfe caf\xe9,bye\n")
+    (tmp_path / "project" / "broken.json").write_text("{not json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="not a readable CSV") as err:
+        load_intent_data("d", base_dir="project")
+    assert str(folder / "test.csv") in str(err.value)
+    with pytest.raises(DataError, match="not readable JSON") as err:
+        load_intent_data("broken.json", base_dir="project")
+    assert str(tmp_path / "project" / "broken.json") in str(err.value)
+
+
+def test_a_single_csv_file_is_refused_naming_its_folder(tmp_path):
+    folder = make_folder(tmp_path / "d")
+    with pytest.raises(DataError, match="single .csv file") as err:
+        load_intent_data(folder / "train.csv")
+    assert str(folder / "train.csv") in str(err.value) and f"(here {folder}," in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# gzip-compressed release files (the embedded one is one)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["small.json.gz", "SMALL.JSON.GZ", "small.json"])
+def test_gzip_release_files_are_read_whatever_their_suffix(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(json.dumps(release_dict()).encode(), mtime=0))
+    data = load_intent_data(path)
+    assert rows_of(data["test"]) == [("put on music", "play_music"), ("tell me a secret", "oos")]
+
+
+def test_a_truncated_gzip_file_is_a_data_error(tmp_path):
+    path = tmp_path / "cut.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(release_dict()).encode())[:40])
+    with pytest.raises(DataError, match="not readable gzip-compressed JSON") as err:
+        load_intent_data(path)
+    assert str(path) in str(err.value)
+
+
+def test_the_embedded_file_is_the_release_file_gzip_compressed_reproducibly(clinc_plus_path):
+    embedded = Path(EMBEDDED_FILE)
+    assert embedded.parent.name == "clinc150" and embedded.name == "data_oos_plus.json.gz"
+    packed = embedded.read_bytes()
+    assert gzip.decompress(packed) == clinc_plus_path.read_bytes()  # unchanged content
+    assert packed[3] & 0x08 == 0 and packed[4:8] == b"\0\0\0\0"  # no file name, mtime 0: reproducible
+    assert len(packed) < 300_000
+    for name in ("LICENSE", "README.md"):
+        assert (embedded.parent / name).is_file()
+    readme = (embedded.parent / "README.md").read_text(encoding="utf-8")
+    assert "CC BY 3.0" in readme and "D19-1131" in readme and "Larson" in readme
+    assert "Attribution 3.0" in (embedded.parent / "LICENSE").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# duplicates in the real CLINC150 plus
+# ---------------------------------------------------------------------------------------------
+
+
+def test_clinc_plus_duplicates_are_reported_and_dropped(monkeypatch):
+    monkeypatch.delenv("KDLIB_DATA", raising=False)
+    expected = "2 texts of test also in train, 3 texts of validation also in train."
+    with pytest.warns(DuplicateTextWarning, match=expected):
+        load_intent_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateTextWarning)
+        data = load_intent_data(drop_duplicates=True)
+    assert [len(data[s]) for s in ("train", "validation", "test")] == [15_245, 3_100, 5_500]
+    assert len(label_names(data)) == 151
+    assert "where did you grow up" not in {t.lower() for t in data["train"]["text"]}
+
+
+def test_drop_duplicates_refuses_to_empty_a_split(tmp_path):
+    folder = make_folder(tmp_path / "d", validation=[TEST[0]])
+    with pytest.raises(DataError, match="leave the validation split empty"):
+        load_intent_data(folder, drop_duplicates=True)
