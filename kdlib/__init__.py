@@ -9,8 +9,10 @@ Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib imp
 * :mod:`kdlib.distill` - fine-tuning and distillation with the ``transformers`` Trainer, the search;
 * :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
 * :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
+* :mod:`kdlib.oos` - out-of-scope scores, AUROC / FPR95, a threshold chosen on validation;
 * :mod:`kdlib.results` and :mod:`kdlib.modelcard` - result records, comparison tables, the model card;
-* :mod:`kdlib.plots` - the figures; :mod:`kdlib.run` - the headless runner behind ``make run``;
+* :mod:`kdlib.plots` - the figures; :mod:`kdlib.interpret` - sentences written from a run's records;
+* :mod:`kdlib.run` - the headless runner behind ``make run``;
 * :mod:`kdlib.testing` - tiny models, a tiny tokenizer and synthetic intents for tests and the smoke profile.
 
 Names are imported on first use, so ``python -m kdlib.run`` validates its parameters before torch loads.
@@ -43,13 +45,15 @@ _EXPORTS = {
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
     ],
-    "benchmark": ["PerformanceBenchmark", "compute_accuracy", "compute_size", "time_pipeline"],
+    "benchmark": ["PerformanceBenchmark", "compute_accuracy", "evaluate", "compute_size", "time_pipeline"],
+    "oos": ["oos_scores", "detection_metrics", "choose_threshold", "apply_threshold"],
     "results": [
         "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",
-        "portable_ref",
+        "portable_ref", "oos_table",
     ],
     "modelcard": ["write_model_card", "card_dataset", "base_model_id", "training_hyperparameters"],
-    "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets"],
+    "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency"],
+    "interpret": ["interpret_baseline", "interpret_distillation", "interpret_comparison"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = (*_EXPORTS, "run", "testing")

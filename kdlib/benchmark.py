@@ -56,7 +56,7 @@ def classification_metrics(
     * ``oos_recall``: share of OOS queries predicted as OOS;
     * ``oos_precision``: share of OOS predictions that really are OOS.
     """
-    if len(gold) != len(predicted) or not gold:
+    if len(gold) != len(predicted) or len(gold) == 0:
         raise ValueError(
             f"Need as many predictions as gold labels (got {len(predicted)} and {len(gold)}), at least one."
         )
@@ -79,18 +79,96 @@ def classification_metrics(
     return metrics
 
 
-def compute_accuracy(
-    predictor: Predictor, dataset: Dataset, *, batch_size: int = 64, oos_label: str | None = OOS_LABEL
-) -> dict:
-    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split; gold and predicted compared by name."""
+def predict_logits(predictor: Predictor, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Logits ``(len(texts), len(predictor.labels))`` in input order, from length-sorted batches."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), len(predictor.labels)), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        out[chunk] = predictor.logits([texts[i] for i in chunk])
+    return out
+
+
+def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
+    """The split's gold labels as indices into the predictor's labels (matched by name)."""
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
+            f"got {type(dataset).__name__}."
+        )
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
-        raise ValueError(f"The model cannot predict label(s) {unknown[:10]} of the data: label sets differ.")
-    gold = [names[i] for i in dataset["label"]]
+        raise ValueError(f"The model cannot predict label(s) {unknown[:10]} of the {what}: label sets differ.")
+    position = {label: i for i, label in enumerate(predictor.labels)}
+    return np.array([position[names[i]] for i in dataset["label"]], dtype=np.int64)
+
+
+def compute_accuracy(predictor: Predictor, dataset: Dataset, **options) -> dict:
+    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split; see :func:`evaluate` for ``options``."""
+    return evaluate(predictor, dataset, **options)[0]
+
+
+def evaluate(
+    predictor: Predictor,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    oos_label: str | None = OOS_LABEL,
+    validation: Dataset | None = None,
+    oos_score: str = "energy",
+    threshold_rule: str = "in_scope_accuracy",
+    in_scope_target: float = 0.95,
+) -> tuple[dict, dict | None]:
+    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split (gold and predicted matched by name).
+
+    With an OOS label in the data, also the OOS detection keys of :data:`kdlib.oos.OOS_KEYS`: the
+    ``oos_score``'s AUROC / FPR95 on this split and, with ``validation`` given, the metrics of the
+    threshold chosen on ``validation`` by ``threshold_rule`` (see :func:`kdlib.oos.choose_threshold`).
+    Without an OOS label these keys are None (not applicable).
+
+    Returns the metrics and, with an OOS label, the test scores for plotting
+    (``{"scores", "is_oos", "threshold", "method"}``; else None).
+    """
+    from kdlib import oos
+
+    gold = _gold_ids(predictor, dataset, "dataset")
     with torch.inference_mode():
-        predicted = predict_labels(predictor, dataset["text"], batch_size)
-    return classification_metrics(gold, predicted, oos_label if oos_label in names else None)
+        logits = predict_logits(predictor, dataset["text"], batch_size)
+    labels = np.asarray(predictor.labels, dtype=object)
+    has_oos = oos_label is not None and oos_label in dataset.features["label"].names
+    predicted = list(labels[logits.argmax(axis=1)])
+    metrics = classification_metrics(list(labels[gold]), predicted, oos_label if has_oos else None)
+    metrics.update({key: None for key in oos.OOS_KEYS})
+    metrics.update(oos_score=oos_score if has_oos else None, threshold_rule=None)
+    detail = None
+    if has_oos:
+        oos_index = predictor.labels.index(oos_label)
+        threshold = None
+        if validation is not None:
+            val_gold = _gold_ids(predictor, validation, "validation")
+            with torch.inference_mode():
+                val_logits = predict_logits(predictor, validation["text"], batch_size)
+            threshold = oos.choose_threshold(
+                oos.oos_scores(val_logits, oos_score, oos_index),
+                val_logits.argmax(axis=1),
+                val_gold,
+                oos_index,
+                rule=threshold_rule,
+                in_scope_target=in_scope_target,
+            )
+            metrics["threshold_rule"] = oos.describe_rule(threshold_rule, in_scope_target)
+        found = oos.oos_metrics(logits, gold, oos_index, threshold, method=oos_score)
+        if validation is None:  # a score's separation is measurable, a decision threshold is not
+            found = {key: found[key] for key in ("oos_auroc", "oos_fpr95")}
+        metrics.update(found)
+        detail = {
+            "scores": oos.oos_scores(logits, oos_score, oos_index),
+            "is_oos": gold == oos_index,
+            "threshold": threshold,
+            "method": oos_score,
+        }
+    return metrics, detail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +301,11 @@ class PerformanceBenchmark:
         name: the variant's name, the key of :meth:`run_benchmark`'s result.
         tokenizer: needed only with a ``transformers`` model.
         model_ref: where the model came from, stored in the record.
+        validation: the validation split, on which the OOS threshold is chosen (None: no threshold).
+        oos_score: ``"energy"`` or ``"msp"`` (:func:`kdlib.oos.oos_scores`).
+        threshold_rule: ``"in_scope_accuracy"`` (keep validation in-scope accuracy >= ``in_scope_target``)
+            or ``"accuracy"`` (maximise validation accuracy).
+        in_scope_target: see ``threshold_rule``.
         n_latency_queries: single-query calls timed (the first queries of ``dataset``).
         warmup: untimed calls before timing.
         batch_size: batch size of the accuracy pass (length-sorted, no gradients).
@@ -230,8 +313,9 @@ class PerformanceBenchmark:
         threads: torch threads while measuring (None: the session's).
         clock: the timer, replaceable in tests.
 
-    :meth:`run_benchmark` returns ``{name: metrics}``: accuracy metrics (:func:`compute_accuracy`),
+    :meth:`run_benchmark` returns ``{name: metrics}``: accuracy and OOS metrics (:func:`evaluate`),
     size (:func:`compute_size`), latency and throughput (:meth:`time_pipeline`), and the environment.
+    Afterwards ``oos_detail`` holds the test OOS scores (for :func:`kdlib.plots.plot_oos_scores`).
     """
 
     def __init__(
@@ -242,6 +326,10 @@ class PerformanceBenchmark:
         *,
         tokenizer=None,
         model_ref: str | None = None,
+        validation: Dataset | None = None,
+        oos_score: str = "energy",
+        threshold_rule: str = "in_scope_accuracy",
+        in_scope_target: float = 0.95,
         n_latency_queries: int = 100,
         warmup: int = 10,
         batch_size: int = 64,
@@ -249,11 +337,12 @@ class PerformanceBenchmark:
         threads: int | None = None,
         clock: Clock = time.perf_counter,
     ) -> None:
-        if not isinstance(dataset, Dataset):
-            raise TypeError(
-                f"dataset must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
-                f"got {type(dataset).__name__}."
-            )
+        for what, split in (("dataset", dataset), ("validation", validation)):
+            if split is not None and not isinstance(split, Dataset):
+                raise TypeError(
+                    f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
+                    f"got {type(split).__name__}."
+                )
         if isinstance(model, Predictor):
             self.predictor = model
         else:
@@ -263,6 +352,10 @@ class PerformanceBenchmark:
         self.dataset = dataset
         self.name = name
         self.model_ref = model_ref
+        self.oos_options = dict(
+            validation=validation, oos_score=oos_score, threshold_rule=threshold_rule, in_scope_target=in_scope_target
+        )
+        self.oos_detail: dict | None = None
         self.n_latency_queries = n_latency_queries
         self.warmup = warmup
         self.batch_size = batch_size
@@ -271,7 +364,10 @@ class PerformanceBenchmark:
         self.clock = clock
 
     def compute_accuracy(self) -> dict:
-        return compute_accuracy(self.predictor, self.dataset, batch_size=self.batch_size)
+        metrics, self.oos_detail = evaluate(
+            self.predictor, self.dataset, batch_size=self.batch_size, **self.oos_options
+        )
+        return metrics
 
     def compute_size(self) -> dict:
         return compute_size(self.predictor)
@@ -300,6 +396,7 @@ class PerformanceBenchmark:
                 {
                     "model_ref": self.model_ref,
                     "test_rows": len(self.dataset),
+                    "validation_rows": len(self.oos_options["validation"] or []),
                     "predictor": self.predictor.describe(),
                     "env": env_fingerprint(
                         getattr(self.predictor, "device", None) and str(self.predictor.device)

@@ -116,6 +116,15 @@ class RunConfig(BaseModel):
         ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
     )
     n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")
+    # 01 and 02: out-of-scope detection, a threshold on a score chosen on validation
+    oos_score: Literal["energy", "msp"] = Field(
+        "energy", description="OOS score: energy (-logsumexp of in-scope logits) | msp (1 - max softmax)"
+    )
+    threshold_rule: Literal["in_scope_accuracy", "accuracy"] = Field(
+        "in_scope_accuracy",
+        description="in_scope_accuracy: keep validation in-scope accuracy >= in_scope_target | accuracy: maximise it",
+    )
+    in_scope_target: Float = Field(0.95, ge=0, le=1, description="validation in-scope accuracy the threshold keeps")
     # 03: the comparison
     runs: list[Slug] | None = Field(None, description="runs to overlay in 03; None: [run_name]")
     baseline: Slug = Field("teacher", description="speed-up and size ratios are measured against this variant")
@@ -173,6 +182,10 @@ class RunConfig(BaseModel):
             "drop_duplicates": self.drop_duplicates,
             "seed": self.seed,
         }
+
+    def oos_options(self) -> dict[str, Any]:
+        """The OOS keyword arguments of :class:`~kdlib.benchmark.PerformanceBenchmark`."""
+        return {name: getattr(self, name) for name in ("oos_score", "threshold_rule", "in_scope_target")}
 
     def row_limits(self) -> dict[str, int | None]:
         """Row limits per split for :func:`kdlib.data.subsample` (``None`` keeps a split whole)."""
@@ -449,4 +462,6 @@ def prepare_session(seed: int = 42, threads: int | None = None) -> dict[str, Any
     datasets.logging.set_verbosity_error()
     # Four significant digits: what a reader needs, and what stays the same across CPU families.
     pd.set_option("display.float_format", "{:.4g}".format)
+    # One line per row in plain text (no wrapped column blocks): a row is recognisable by its name.
+    pd.set_option("display.expand_frame_repr", False)
     return {"seed": seed, "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}

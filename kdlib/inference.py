@@ -162,6 +162,15 @@ class PipelinePredictor(Predictor):
     def __call__(self, texts: str | Sequence[str]) -> list[dict]:
         return self.pipe(texts if isinstance(texts, str) else list(texts))
 
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Raw scores of every label (``top_k=None``, no softmax), in :attr:`labels` order."""
+        position = {label: i for i, label in enumerate(self.labels)}
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for row, scores in enumerate(self.pipe(list(texts), top_k=None, function_to_apply="none")):
+            for entry in scores:
+                out[row, position[entry["label"]]] = entry["score"]
+        return out
+
     def predict(self, texts: Sequence[str]) -> list[str]:
         """One pipeline call per query, as the reference's accuracy loop does."""
         return [self.pipe(text)[0]["label"] for text in texts]

@@ -26,6 +26,9 @@ METRIC_NAMES = {
     "oos_recall": "OOS recall",
     "oos_precision": "OOS precision",
     "macro_f1": "Macro F1",
+    "oos_auroc": "OOS AUROC",
+    "threshold_accuracy": "Accuracy with OOS threshold",
+    "threshold_oos_recall": "OOS recall with threshold",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CLINC_RELEASE = re.compile(r"data_(oos_plus|full|small|imbalanced)\.json(\.gz)?$")

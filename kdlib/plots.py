@@ -22,6 +22,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from kdlib.results import atomic_open
@@ -139,9 +141,11 @@ def plot_metrics(
     """Accuracy (%) against mean latency, bubble area proportional to model size.
 
     One point per (run, variant): each variant has its own colour and, when ``runs_as_markers``,
-    each run its own marker shape. ``highlight`` (a variant name) is drawn as a dashed, unfilled
-    outline, as in the reference. The Pareto front of each run is drawn as a step line: the best
-    accuracy reachable within a given latency. The legend sits to the right, outside the axes.
+    each run its own marker shape. ``highlight`` (a variant name) is drawn filled, on top, with a
+    thick black outline and its name beside it (the reference's unfilled dashed circle vanished
+    behind overlapping bubbles). The Pareto front of each run is drawn as a step line: the best
+    accuracy reachable within a given latency. The legend, right of the axes, ends with a key of
+    bubble sizes in MB.
     """
     table = _check_metric_table(table)
     if table.empty:
@@ -164,9 +168,11 @@ def plot_metrics(
         label = f"{run}/{variant}" if several_runs else variant
         style = {"marker": marker_of[run], "s": _bubble_areas(rows["size_mb"], scale), "label": label}
         if variant == highlight:
-            style.update(facecolors="none", edgecolors=[colour_of[variant]], linestyles="--", linewidths=1.8)
+            style.update(color=colour_of[variant], alpha=0.9, edgecolors="black", linewidths=2.0, zorder=3)
+            for x, y in zip(rows["time_avg_ms"], rows["accuracy"] * 100, strict=True):
+                ax.annotate(variant, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold")
         else:
-            style.update(color=colour_of[variant], alpha=0.5, edgecolors="none")
+            style.update(color=colour_of[variant], alpha=0.5, edgecolors="none", zorder=2)
         ax.scatter(rows["time_avg_ms"], rows["accuracy"] * 100, **style)
 
     for i, run in enumerate(runs):
@@ -188,6 +194,8 @@ def plot_metrics(
     ax.margins(0.15)
     ax.grid(True, alpha=0.3)
     _outside_legend(ax)
+    if scale > 0:
+        _size_key(fig, ax, max_size, scale)
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig
@@ -199,6 +207,28 @@ def _outside_legend(ax: Axes) -> None:
     for handle in legend.legend_handles:
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([LEGEND_MARKER_AREA])
+
+
+def _size_key(fig: Figure, ax: Axes, max_size: float, scale: float) -> None:
+    """A second legend under the first: grey bubbles of three sizes in MB, at the plot's scale."""
+    steps = [v for v in (max_size / 10, max_size / 3, max_size) if v > 0]
+    handles = [  # Line2D markersize is a diameter in points; scatter's s an area in points**2
+        Line2D([], [], marker="o", linestyle="none", markersize=float(np.sqrt(v * scale)), color="0.6", alpha=0.5)
+        for v in steps
+    ]
+    key = Legend(
+        ax,
+        handles,
+        [f"{v:.3g} MB" for v in steps],
+        title="Size (bubble area)",
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        borderaxespad=0.0,
+        frameon=False,
+        labelspacing=1.6,
+        borderpad=1.0,
+    )
+    ax.add_artist(key)  # beside ax.get_legend(), which stays the variants' legend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +327,80 @@ def plot_soft_targets(
     ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-scope detection
+# ---------------------------------------------------------------------------------------------
+
+SCORE_NAMES = {"energy": "Energy score (-logsumexp of the in-scope logits)", "msp": "1 - max softmax probability"}
+
+
+def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
+    """Histograms of the OOS score for in-scope and out-of-scope test queries, the threshold marked.
+
+    ``detail`` is :attr:`PerformanceBenchmark.oos_detail`; None (data without an OOS label) gives
+    a figure saying that OOS detection does not apply, not an error.
+    """
+    fig = new_figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    if detail is None:
+        ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        scores, is_oos = np.asarray(detail["scores"]), np.asarray(detail["is_oos"], dtype=bool)
+        bins = np.histogram_bin_edges(scores, bins=50)
+        ax.hist(scores[~is_oos], bins=bins, alpha=0.6, density=True, label=f"in scope ({(~is_oos).sum():,})")
+        ax.hist(scores[is_oos], bins=bins, alpha=0.6, density=True, label=f"out of scope ({is_oos.sum():,})")
+        if detail.get("threshold") is not None:
+            ax.axvline(detail["threshold"], color="black", linestyle="--", label="threshold (from validation)")
+        ax.set_xlabel(SCORE_NAMES.get(detail.get("method"), "OOS score") + "; higher = more out of scope")
+        ax.set_ylabel("Density")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+def plot_oos_vs_latency(
+    table: pd.DataFrame, highlight: str | None = None, *, out_stem: str | os.PathLike | None = None
+) -> Figure:
+    """Each variant's OOS recall with the validation threshold against its latency.
+
+    A variant marked with a red ring loses more OOS recall than in-scope accuracy relative to the
+    baseline (``loses_more_oos`` in the comparison table): compression hurt detection most.
+    """
+    table = _check_metric_table(table)
+    recall = pd.to_numeric(table.get("threshold_oos_recall"), errors="coerce")
+    fig = new_figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    if recall is None or recall.isna().all():
+        ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        colours = mpl.colormaps["tab10"].colors
+        flagged = table.get("loses_more_oos", pd.Series(False, index=table.index)).fillna(False).astype(bool)
+        for i, (variant, rows) in enumerate(table.groupby("variant", sort=False)):
+            y = recall[rows.index] * 100
+            bold = variant == highlight
+            ax.scatter(rows["time_avg_ms"], y, s=120 if bold else 70, color=colours[i % len(colours)],
+                       edgecolors="black" if bold else "none", linewidths=2.0, label=variant, zorder=3)
+            ring = flagged[rows.index]
+            if ring.any():
+                ax.scatter(rows["time_avg_ms"][ring], y[ring], s=320, facecolors="none", edgecolors="red",
+                           linewidths=1.5, zorder=2)
+        if flagged.any():
+            label = "loses more OOS recall\nthan in-scope acc."
+            ax.scatter([], [], s=120, facecolors="none", edgecolors="red", label=label)
+        ax.set_xlabel(LATENCY_LABEL)
+        ax.set_ylabel("OOS recall with threshold (%)")
+        ax.margins(0.15)
+        ax.grid(True, alpha=0.3)
+        _outside_legend(ax)
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig

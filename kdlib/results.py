@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdlib.oos import NOT_APPLICABLE, OOS_KEYS
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Columns of the comparison table, in order (README and notebook 03 describe each).
@@ -28,6 +30,15 @@ TABLE_COLUMNS = [
     "accuracy",
     "in_scope_accuracy",
     "oos_recall",
+    "oos_precision",
+    "oos_auroc",
+    "oos_fpr95",
+    "threshold",
+    "threshold_in_scope_accuracy",
+    "threshold_oos_recall",
+    "threshold_oos_precision",
+    "threshold_accuracy",
+    "loses_more_oos",
     "size_mb",
     "num_parameters",
     "time_avg_ms",
@@ -36,9 +47,12 @@ TABLE_COLUMNS = [
     "time_p95_ms",
     "throughput_qps",
     "speedup_vs_baseline",
+    "throughput_vs_baseline",
     "size_ratio_vs_baseline",
     "threads",
 ]
+# The OOS view of the comparison table (notebook 03): n/a where the data has no OOS label.
+OOS_TABLE_COLUMNS = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS, "loses_more_oos"]
 
 
 def _check_name(value: str, what: str) -> str:
@@ -227,9 +241,12 @@ def check_lineage(records: list[dict], baseline: str = "teacher") -> None:
 def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataFrame:
     """One row per (run, variant) with the documented :data:`TABLE_COLUMNS`.
 
-    ``speedup_vs_baseline`` = baseline mean latency / variant mean latency and
-    ``size_ratio_vs_baseline`` = variant size / baseline size, both within the same run, since
+    ``speedup_vs_baseline`` = baseline mean latency / variant mean latency,
+    ``throughput_vs_baseline`` = variant batch throughput / baseline's and
+    ``size_ratio_vs_baseline`` = variant size / baseline size, all within the same run, since
     speed is only comparable between figures measured in one run on one machine.
+    ``loses_more_oos``: the variant's OOS recall with threshold fell further below the baseline's
+    than its in-scope accuracy with threshold did (None without OOS figures).
     """
     rows = []
     for record in records:
@@ -237,20 +254,38 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
         row["threads"] = (record.get("env") or {}).get("threads")
         rows.append(row)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    for column in ("time_avg_ms", "size_mb", "speedup_vs_baseline", "size_ratio_vs_baseline"):
+    numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "loses_more_oos")]
+    for column in numeric:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    table["loses_more_oos"] = table["loses_more_oos"].astype(object)
     for _run, group in table.groupby("run", sort=False):
         base = group[group["variant"] == baseline]
         if base.empty:
             continue
-        base_time, base_size = base.iloc[0]["time_avg_ms"], base.iloc[0]["size_mb"]
+        first = base.iloc[0]
         index = group.index
-        table.loc[index, "speedup_vs_baseline"] = base_time / table.loc[index, "time_avg_ms"]
-        table.loc[index, "size_ratio_vs_baseline"] = table.loc[index, "size_mb"] / base_size
+        table.loc[index, "speedup_vs_baseline"] = first["time_avg_ms"] / table.loc[index, "time_avg_ms"]
+        table.loc[index, "throughput_vs_baseline"] = table.loc[index, "throughput_qps"] / first["throughput_qps"]
+        table.loc[index, "size_ratio_vs_baseline"] = table.loc[index, "size_mb"] / first["size_mb"]
+        for i in index:
+            row = table.loc[i]
+            recall_lost = first["threshold_oos_recall"] - row["threshold_oos_recall"]
+            in_scope_lost = first["threshold_in_scope_accuracy"] - row["threshold_in_scope_accuracy"]
+            if pd.notna(recall_lost) and pd.notna(in_scope_lost) and row["variant"] != baseline:
+                table.at[i, "loses_more_oos"] = bool(recall_lost > in_scope_lost)
     # The baseline first in each run, then the other variants in record order.
     run_order = {run: i for i, run in enumerate(dict.fromkeys(table["run"]))}
     sort_key = table["run"].map(run_order) * 2 + (table["variant"] != baseline)
     return table.loc[sort_key.sort_values(kind="stable").index].reset_index(drop=True)
+
+
+def oos_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The OOS columns of a :func:`comparison_table`: "n/a" where the data has no OOS label, threshold
+    "none" where no threshold met the rule on validation."""
+    view = table[OOS_TABLE_COLUMNS].astype(object)
+    # With OOS figures but no threshold meeting the rule on validation, the threshold is "none".
+    view.loc[view["oos_auroc"].notna() & view["threshold"].isna(), "threshold"] = "none"
+    return view.where(view.notna(), NOT_APPLICABLE)
 
 
 def to_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -285,6 +320,7 @@ QUALITY_COLUMNS = [
     "oos_recall",
     "oos_precision",
     "macro_f1",
+    *OOS_KEYS,
     "size_mb",
     "num_parameters",
 ]
@@ -312,4 +348,7 @@ def summary_frame(result: dict[str, dict], kind: str = "quality") -> pd.DataFram
     for name, metrics in result.items():
         flat = {**(metrics.get("env") or {}), **metrics}
         rows[name] = {column: flat.get(column) for column in columns}
+        if kind == "quality" and flat.get("oos_score") is None:  # no OOS label: not applicable
+            absent = ("in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS)
+            rows[name].update(dict.fromkeys(absent, NOT_APPLICABLE))
     return pd.DataFrame.from_dict(rows, orient="index", columns=columns)

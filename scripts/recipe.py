@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:
         result = train_student(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
                                resume=False)
-    metrics = compute_accuracy(TorchPredictor(result.model, tokenizer), data["test"])
+    metrics = compute_accuracy(
+        TorchPredictor(result.model, tokenizer), data["test"], validation=data["validation"], **config.oos_options()
+    )
     seconds = time.perf_counter() - start
     if args.save:
         save_model(result.model, tokenizer, args.save)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "recipe": recipe,
         "validation_accuracy": float(result.epoch_table["Accuracy"].iloc[-1]),
-        "test": {k: round(v, 4) for k, v in metrics.items()},
+        "test": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
         "seconds": round(seconds, 1),
         "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")},
     }

@@ -87,13 +87,30 @@ def test_bubble_area_is_proportional_to_size(table):
     np.testing.assert_allclose(area_per_mb, area_per_mb[0])
 
 
-def test_highlighted_variant_is_a_dashed_unfilled_outline(table):
-    points = scatter_points(plot_metrics(table, highlight="student-int8"))
+def test_highlighted_variant_is_filled_on_top_with_an_outline_and_its_name(table):
+    fig = plot_metrics(table, highlight="student-int8")
+    points = scatter_points(fig)
     highlighted = points["student-int8"][1]
-    assert is_dashed(highlighted)
-    facecolors = highlighted.get_facecolor()
-    assert len(facecolors) == 0 or np.all(facecolors[:, 3] == 0)
-    assert not any(is_dashed(c) for v, (_, c) in points.items() if v != "student-int8")
+    assert highlighted.get_facecolor()[0][3] > 0.8  # filled, not the reference's invisible outline
+    assert np.allclose(highlighted.get_edgecolor()[0][:3], 0)  # black outline
+    assert highlighted.get_zorder() > max(c.get_zorder() for v, (_, c) in points.items() if v != "student-int8")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["student-int8"]
+    assert not any(len(c.get_edgecolor()) and c.get_edgecolor()[0][3] > 0 for v, (_, c) in points.items()
+                   if v != "student-int8")
+
+
+def test_size_key_shows_bubbles_at_the_plot_scale(table):
+    fig = plot_metrics(table)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    keys = [a for a in ax.artists if isinstance(a, matplotlib.legend.Legend)]
+    assert len(keys) == 1 and keys[0].get_title().get_text() == "Size (bubble area)"
+    labels = [t.get_text() for t in keys[0].get_texts()]
+    assert labels == ["8.7 MB", "29 MB", "87 MB"]  # a tenth, a third and all of the largest model
+    area_per_mb = plots.MAX_BUBBLE_AREA / 87.0
+    diameters = [h.get_markersize() for h in keys[0].legend_handles]
+    np.testing.assert_allclose(np.square(diameters), [8.7 * area_per_mb, 29 * area_per_mb, 87 * area_per_mb])
+    assert keys[0].get_window_extent().x0 >= ax.get_window_extent().x1  # outside the axes, like the legend
 
 
 def test_unknown_highlight_is_a_clear_error(table):
@@ -255,3 +272,41 @@ def test_save_figure_is_reproducible_and_readable(tmp_path, table):
     mask = os.umask(0o022)
     os.umask(mask)
     assert svg1.stat().st_mode & 0o777 == 0o666 & ~mask  # like open(), not the 0600 of a bare mkstemp
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-scope detection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_oos_score_histograms_and_the_threshold_line():
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    is_oos = np.array([False, False, False, True, True])
+    fig = plots.plot_oos_scores({"scores": scores, "is_oos": is_oos, "threshold": 0.55, "method": "energy"})
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["in scope (3)", "out of scope (2)", "threshold (from validation)"]
+    line = next(line for line in ax.get_lines() if line.get_label().startswith("threshold"))
+    assert list(line.get_xdata()) == [0.55, 0.55]
+    assert ax.get_xlabel().startswith("Energy score")
+
+
+def test_oos_figures_say_not_applicable_without_an_oos_label(table):
+    assert "Not applicable" in plots.plot_oos_scores(None).axes[0].texts[0].get_text()
+    no_oos = table.assign(threshold_oos_recall=np.nan)
+    assert "Not applicable" in plots.plot_oos_vs_latency(no_oos).axes[0].texts[0].get_text()
+
+
+def test_oos_recall_against_latency_rings_the_variants_that_lose_more_oos(table):
+    with_oos = table.assign(
+        threshold_oos_recall=[0.8, 0.7, 0.79, 0.7, 0.6],
+        loses_more_oos=[None, True, False, True, True],
+    )
+    fig = plots.plot_oos_vs_latency(with_oos, highlight="student")
+    points = scatter_points(fig)
+    for row in with_oos.itertuples():
+        np.testing.assert_allclose(points[row.variant][0], [[row.time_avg_ms, row.threshold_oos_recall * 100]])
+    rings = [c for c in fig.axes[0].collections if c.get_label().startswith("_") and len(c.get_offsets())]
+    ringed = sorted(tuple(c.get_offsets()[0]) for c in rings)
+    assert ringed == sorted((t, r * 100) for t, r, f in zip(with_oos.time_avg_ms, with_oos.threshold_oos_recall,
+                                                              with_oos.loses_more_oos, strict=True) if f)

@@ -1,0 +1,182 @@
+"""Sentences that interpret a run's results, written from its records: never numbers typed into markdown.
+
+Each notebook ends with what its figures mean. Those sentences are generated here from the
+benchmark records (or the comparison table), so a rerun, another profile or another machine gets
+sentences that match its own figures. Each function returns Markdown for ``IPython.display.Markdown``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+WITHIN_POINTS = 1.0  # "as accurate as the teacher" means within this many accuracy points
+INT8_PAIRS = (("student", "student-int8"), ("student-onnx", "student-onnx-int8"))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def _points(delta: float) -> str:
+    """A signed difference of two fractions, in percentage points."""
+    return f"{100 * delta:+.1f} points"
+
+
+def _has(record: Mapping, *keys: str) -> bool:
+    return all(record.get(k) is not None and not (isinstance(record[k], float) and math.isnan(record[k])) for k in keys)
+
+
+def _threshold_sentence(record: Mapping) -> str:
+    if not _has(record, "threshold_oos_recall"):
+        return ""
+    if record.get("threshold") is None:
+        return f" No threshold meets the rule ({record.get('threshold_rule')}) on validation, so none is applied."
+    return (
+        f" Flagging queries whose {record.get('oos_score')} score passes a threshold chosen on validation "
+        f"({record.get('threshold_rule')}) raises OOS recall to {_pct(record['threshold_oos_recall'])} at in-scope "
+        f"accuracy {_pct(record['threshold_in_scope_accuracy'])}; overall accuracy becomes "
+        f"{_pct(record['threshold_accuracy'])} ({_points(record['threshold_accuracy'] - record['accuracy'])})."
+    )
+
+
+def interpret_baseline(record: Mapping) -> str:
+    """What notebook 01's teacher figures say: accuracy, and what it hides about out-of-scope queries."""
+    text = (
+        f"The teacher answers {_pct(record['accuracy'])} of the {record.get('test_rows', 0):,} test queries correctly."
+    )
+    if not _has(record, "oos_recall"):
+        return text + " The data has no out-of-scope label, so OOS detection does not apply (n/a)."
+    text += (
+        f" That figure mixes two tasks: on in-scope queries it is right {_pct(record['in_scope_accuracy'])} of the "
+        f"time, but it recognises only {_pct(record['oos_recall'])} of the out-of-scope ones; the others are "
+        "answered with an intent the user never asked for."
+    )
+    if _has(record, "oos_auroc"):
+        text += (
+            f" Its {record.get('oos_score')} score separates the two groups with AUROC {record['oos_auroc']:.3f}; "
+            f"catching 95 % of OOS queries by score alone would also flag {_pct(record['oos_fpr95'])} of in-scope ones."
+        )
+    return text + _threshold_sentence(record)
+
+
+def interpret_distillation(teacher: Mapping, results: Mapping[str, Mapping]) -> str:
+    """What notebook 02's student and its variants gained and lost against the teacher."""
+    student = results.get("student")
+    if student is None:
+        return "No student result to interpret."
+    lines = []
+    size = student["size_mb"] / teacher["size_mb"]
+    lines.append(
+        f"The student is {1 / size:.1f}× smaller than the teacher ({student['size_mb']:.3g} MB vs "
+        f"{teacher['size_mb']:.3g} MB) with test accuracy {_pct(student['accuracy'])} "
+        f"({_points(student['accuracy'] - teacher['accuracy'])} against the teacher)."
+    )
+    if _has(student, "oos_recall") and _has(teacher, "oos_recall"):
+        lines.append(
+            f"In scope it moves {_points(student['in_scope_accuracy'] - teacher['in_scope_accuracy'])}, "
+            f"OOS recall {_points(student['oos_recall'] - teacher['oos_recall'])}."
+        )
+    if _has(student, "threshold_accuracy") and _has(teacher, "threshold_accuracy"):
+        lines.append(
+            f"With its own validation threshold the student reaches overall {_pct(student['threshold_accuracy'])} "
+            f"(teacher {_pct(teacher['threshold_accuracy'])}, "
+            f"{_points(student['threshold_accuracy'] - teacher['threshold_accuracy'])})."
+        )
+    lines += _int8_sentences(results)
+    return " ".join(lines)
+
+
+def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
+    out = []
+    for fp32, int8 in INT8_PAIRS:
+        a, b = records.get(fp32), records.get(int8)
+        if a is None or b is None:
+            continue
+        changed = round(abs(b["accuracy"] - a["accuracy"]) * b.get("test_rows", 0))
+        sentence = f"int8 ({int8} against {fp32}) moves accuracy {_points(b['accuracy'] - a['accuracy'])}"
+        if _has(a, "threshold_oos_recall") and _has(b, "threshold_oos_recall"):
+            sentence += (
+                f" and OOS recall with threshold {_points(b['threshold_oos_recall'] - a['threshold_oos_recall'])}"
+            )
+        sentence += "."
+        if b["accuracy"] > a["accuracy"]:
+            sentence += (
+                f" Scoring above fp32 is not a better model: rounding the weights moves queries near a decision "
+                f"boundary either way, here a net {changed} of {b.get('test_rows', 0):,} test queries, and the "
+                "int8 kernels differ between CPUs (the 3rd decimal changes from AMD to Intel)."
+            )
+        out.append(sentence)
+    return out
+
+
+def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher") -> str:
+    """Notebook 03's closing: the best variant within a point of the baseline, int8, latency vs throughput, OOS."""
+    paragraphs = []
+    for run, group in table.groupby("run", sort=False):
+        rows = {r["variant"]: r for r in group.to_dict("records")}
+        base = rows.get(baseline)
+        if base is None:
+            continue
+        lines = [f"**{run}**:"] if table["run"].nunique() > 1 else []
+        others = [r for v, r in rows.items() if v != baseline]
+        close = [r for r in others if r["accuracy"] >= base["accuracy"] - WITHIN_POINTS / 100]
+        if close:
+            best = max(close, key=lambda r: r["speedup_vs_baseline"])
+            lines.append(
+                f"The fastest variant within {WITHIN_POINTS:g} point of the {baseline} is **{best['variant']}**: "
+                f"accuracy {_pct(best['accuracy'])} ({_points(best['accuracy'] - base['accuracy'])}), "
+                f"{best['speedup_vs_baseline']:.1f}× faster per query and "
+                f"{1 / best['size_ratio_vs_baseline']:.1f}× smaller."
+            )
+        elif others:
+            nearest = max(others, key=lambda r: r["accuracy"])
+            lines.append(
+                f"No variant stays within {WITHIN_POINTS:g} point of the {baseline}'s accuracy; the closest is "
+                f"{nearest['variant']} at {_points(nearest['accuracy'] - base['accuracy'])}."
+            )
+        lines += _int8_sentences(rows)
+        lines += _latency_sentences(rows)
+        lines += _oos_sentences(rows, base, baseline)
+        paragraphs.append(" ".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _latency_sentences(rows: Mapping[str, Mapping]) -> list[str]:
+    a, b = rows.get("student"), rows.get("student-onnx")
+    if a is None or b is None or not _has(a, "throughput_qps") or not _has(b, "throughput_qps"):
+        return []
+    per_query = a["time_avg_ms"] / b["time_avg_ms"]
+    batched = b["throughput_qps"] / a["throughput_qps"]
+    sentence = (
+        f"ONNX Runtime runs the same fp32 student {per_query:.1f}× faster per query but {batched:.2f}× in "
+        f"throughput (batches of {int(b.get('throughput_batch_size') or 32)})."
+    )
+    if per_query > 1.3 * batched:
+        sentence += (
+            " A single short query spends much of its time on fixed costs per call (Python dispatch of every "
+            "PyTorch operator, tensor allocation) that ONNX Runtime's prepared graph avoids; a batch spends it "
+            "in matrix multiplications, which both runtimes do with similar kernels."
+        )
+    return [sentence]
+
+
+def _oos_sentences(rows: Mapping[str, Mapping], base: Mapping, baseline: str) -> list[str]:
+    if not _has(base, "threshold_oos_recall"):
+        return ["The data has no out-of-scope label: OOS figures are n/a."]
+    flagged = [v for v, r in rows.items() if r.get("loses_more_oos") is True]
+    sentence = (
+        f"Out of scope, with each model's validation threshold, the {baseline} catches "
+        f"{_pct(base['threshold_oos_recall'])} of OOS queries at in-scope accuracy "
+        f"{_pct(base['threshold_in_scope_accuracy'])}. "
+    )
+    if flagged:
+        sentence += (
+            f"Compression costs OOS detection more than in-scope accuracy for {', '.join(flagged)}: check OOS "
+            "recall, not only accuracy, before shipping one of them."
+        )
+    else:
+        sentence += "No variant loses more OOS recall than in-scope accuracy."
+    return [sentence]

@@ -1,0 +1,149 @@
+"""Out-of-scope (OOS) detection: a score per query, how well it separates OOS queries, and a threshold.
+
+CLINC150 exists to test whether an assistant notices a query it cannot handle. A classifier with an
+``oos`` class catches only part of them (our teacher: half). A *score* computed from the logits the
+benchmark already has flags more: the queries the model is unsure about. We report, for every
+variant, how well the score separates OOS from in-scope test queries (AUROC, and the share of
+in-scope queries flagged when 95 % of OOS ones are, FPR95), then the metrics of a decision rule:
+
+    predicted OOS  <=>  argmax is ``oos``  or  score >= threshold
+
+The threshold is chosen on the **validation** split only (:func:`choose_threshold`), then applied to
+test, as a deployed model would have to.
+
+Scores, higher = more out of scope, computed over the in-scope logits (the ``oos`` logit is the
+model's own detector, already used by the argmax):
+
+* ``msp``: 1 - maximum softmax probability (Hendrycks & Gimpel, 2017);
+* ``energy``: -logsumexp of the logits (Liu et al., 2020), which keeps the logits' scale that
+  softmax normalises away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+OOS_SCORES = ("msp", "energy")
+THRESHOLD_RULES = ("in_scope_accuracy", "accuracy")
+NOT_APPLICABLE = "n/a"  # how tables show OOS figures of data without an OOS label
+
+# The keys every benchmark record carries (None when the data has no OOS label).
+OOS_KEYS = (
+    "oos_auroc",
+    "oos_fpr95",
+    "threshold",
+    "threshold_in_scope_accuracy",
+    "threshold_oos_recall",
+    "threshold_oos_precision",
+    "threshold_accuracy",
+)
+
+
+def oos_scores(logits: np.ndarray, method: str = "energy", oos_index: int | None = None) -> np.ndarray:
+    """One OOS score per row of ``logits`` (higher = more out of scope), over the in-scope columns."""
+    if method not in OOS_SCORES:
+        raise ValueError(f"oos_score must be one of {OOS_SCORES}, got {method!r}.")
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be a (queries, labels) array with 2+ labels, got shape {logits.shape}.")
+    if oos_index is not None:
+        logits = np.delete(logits, oos_index, axis=1)
+    top = logits.max(axis=1)
+    log_sum_exp = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    if method == "energy":
+        return -log_sum_exp
+    return 1.0 - np.exp(top - log_sum_exp)  # 1 - max softmax
+
+
+def detection_metrics(scores: np.ndarray, is_oos: np.ndarray) -> dict[str, float]:
+    """AUROC of OOS vs in-scope, and FPR95: the share of in-scope queries flagged at 95 % OOS recall."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    is_oos = np.asarray(is_oos, dtype=bool)
+    if is_oos.all() or not is_oos.any():
+        raise ValueError("detection_metrics needs both OOS and in-scope queries.")
+    false_positive, true_positive, _ = roc_curve(is_oos, scores)
+    return {
+        "oos_auroc": float(roc_auc_score(is_oos, scores)),
+        "oos_fpr95": float(false_positive[np.searchsorted(true_positive, 0.95, side="left")]),
+    }
+
+
+def apply_threshold(predicted: np.ndarray, scores: np.ndarray, threshold: float | None, oos_index: int) -> np.ndarray:
+    """Predicted label ids with every query scoring ``>= threshold`` turned into ``oos_index``."""
+    predicted = np.asarray(predicted).copy()
+    if threshold is not None:
+        predicted[np.asarray(scores) >= threshold] = oos_index
+    return predicted
+
+
+def choose_threshold(
+    scores: np.ndarray,
+    predicted: np.ndarray,
+    gold: np.ndarray,
+    oos_index: int,
+    *,
+    rule: str = "in_scope_accuracy",
+    in_scope_target: float = 0.95,
+) -> float | None:
+    """The threshold, from one split's scores, predictions and gold labels (pass **validation**).
+
+    ``rule="in_scope_accuracy"``: the lowest threshold (most queries flagged) that keeps in-scope
+    accuracy at or above ``in_scope_target``; ``"accuracy"``: the one maximising overall accuracy.
+    None means flag nothing (the target is not met even then).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}.")
+    if not 0.0 <= in_scope_target <= 1.0:
+        raise ValueError(f"in_scope_target must be in [0, 1], got {in_scope_target!r}.")
+    scores, predicted, gold = (np.asarray(a) for a in (scores, predicted, gold))
+    order = np.argsort(-scores, kind="stable")  # flagging the first k of this order
+    scores, predicted, gold = scores[order], predicted[order], gold[order]
+    in_scope = gold != oos_index
+    correct = predicted == gold
+    # After flagging the first k queries: in-scope ones flagged become wrong, OOS ones right.
+    zero = np.zeros(1)
+    in_scope_lost = np.concatenate([zero, np.cumsum(in_scope & correct)])
+    oos_gained = np.concatenate([zero, np.cumsum(~in_scope & ~correct)])
+    in_scope_accuracy = (np.sum(in_scope & correct) - in_scope_lost) / max(int(in_scope.sum()), 1)
+    accuracy = (correct.sum() - in_scope_lost + oos_gained) / len(gold)
+    # Only cut between different scores: equal scores are flagged together.
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(scores) != 0) + 1, [len(scores)]])
+    if rule == "accuracy":
+        k = int(cuts[np.argmax(accuracy[cuts])])
+    else:
+        allowed = cuts[in_scope_accuracy[cuts] >= in_scope_target]
+        k = int(allowed.max()) if allowed.size else 0
+    return None if k == 0 else float(scores[k - 1])
+
+
+def describe_rule(rule: str, in_scope_target: float) -> str:
+    """How the threshold was chosen, in words, for records and tables."""
+    if rule == "accuracy":
+        return "max validation accuracy"
+    return f"validation in-scope accuracy >= {in_scope_target:g}"
+
+
+def oos_metrics(
+    test_logits: np.ndarray,
+    test_gold: Sequence[int],
+    oos_index: int,
+    threshold: float | None,
+    *,
+    method: str = "energy",
+) -> dict[str, float | None]:
+    """:data:`OOS_KEYS` on test: the score's AUROC and FPR95, and the metrics with the threshold."""
+    from kdlib.benchmark import classification_metrics
+
+    gold = np.asarray(test_gold)
+    scores = oos_scores(test_logits, method, oos_index)
+    predicted = apply_threshold(np.asarray(test_logits).argmax(axis=1), scores, threshold, oos_index)
+    with_threshold = classification_metrics(gold, predicted, oos_label=oos_index)
+    return {
+        **detection_metrics(scores, gold == oos_index),
+        "threshold": threshold,
+        **{f"threshold_{key}": with_threshold[key] for key in ("in_scope_accuracy", "oos_recall", "oos_precision")},
+        "threshold_accuracy": with_threshold["accuracy"],
+    }

@@ -1,0 +1,207 @@
+"""OOS detection: scores by hand, AUROC / FPR95 against scikit-learn, a threshold from validation only, n/a data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import ClassLabel, Dataset, Features, Value
+from scipy.special import logsumexp, softmax
+from sklearn.metrics import roc_auc_score
+
+from kdlib.benchmark import PerformanceBenchmark, classification_metrics, evaluate
+from kdlib.inference import Predictor
+from kdlib.oos import OOS_KEYS, apply_threshold, choose_threshold, detection_metrics, oos_scores
+from kdlib.results import comparison_table, oos_table, summary_frame
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(40, 4)) * 3
+OOS = 3
+
+
+def test_scores_by_hand_leave_out_the_oos_column():
+    energy = oos_scores(LOGITS, "energy", OOS)
+    np.testing.assert_allclose(energy, -logsumexp(LOGITS[:, :3], axis=1))
+    msp = oos_scores(LOGITS, "msp", OOS)
+    np.testing.assert_allclose(msp, 1 - softmax(LOGITS[:, :3], axis=1).max(axis=1))
+    np.testing.assert_allclose(oos_scores(LOGITS, "energy"), -logsumexp(LOGITS, axis=1))
+    # Higher = more out of scope: a confident row scores lower than a flat one.
+    confident, flat = np.array([[9.0, 0.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 1.0, 0.0]])
+    assert oos_scores(confident, "msp", OOS) < oos_scores(flat, "msp", OOS)
+    with pytest.raises(ValueError, match="oos_score must be one of"):
+        oos_scores(LOGITS, "mahalanobis")
+
+
+def test_auroc_and_fpr95_against_scikit_learn_on_fixed_arrays():
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2, 0.9, 0.65, 0.3, 0.55])
+    is_oos = np.array([0, 0, 1, 1, 0, 0, 1, 1, 0, 1], dtype=bool)
+    found = detection_metrics(scores, is_oos)
+    assert found["oos_auroc"] == pytest.approx(roc_auc_score(is_oos, scores))
+    # FPR95 by brute force: flag scores >= t; the lowest in-scope share flagged with OOS recall >= 0.95.
+    fprs = [np.mean(scores[~is_oos] >= t) for t in scores if np.mean(scores[is_oos] >= t) >= 0.95]
+    assert found["oos_fpr95"] == pytest.approx(min(fprs))
+    assert found["oos_fpr95"] == pytest.approx(0.4)  # t = 0.35 (lowest OOS score) flags in-scope 0.4 and 0.7 of 5
+    big_scores, big_oos = RNG.normal(size=500), RNG.random(500) < 0.2
+    big_scores[big_oos] += 1.0
+    big = detection_metrics(big_scores, big_oos)
+    fprs = [np.mean(big_scores[~big_oos] >= t) for t in big_scores if np.mean(big_scores[big_oos] >= t) >= 0.95]
+    assert big == pytest.approx({"oos_auroc": roc_auc_score(big_oos, big_scores), "oos_fpr95": min(fprs)})
+
+
+def _brute_force_threshold(scores, predicted, gold, rule, target):
+    best, best_value = None, None
+    for t in [None, *sorted(set(scores), reverse=True)]:
+        m = classification_metrics(gold, apply_threshold(predicted, scores, t, OOS), oos_label=OOS)
+        if rule == "accuracy":
+            if best_value is None or m["accuracy"] > best_value:
+                best, best_value = t, m["accuracy"]
+        elif m["in_scope_accuracy"] >= target:
+            best = t
+    return best
+
+
+@pytest.mark.parametrize(("rule", "target"), [("in_scope_accuracy", 0.6), ("in_scope_accuracy", 0.5), ("accuracy", 0)])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_choose_threshold_matches_brute_force(rule, target, seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 4, size=60)
+    predicted = np.where(rng.random(60) < 0.7, gold, rng.integers(0, 4, size=60))
+    scores = np.round(rng.random(60) + (gold == OOS) * 0.5, 1)  # rounding makes ties
+    chosen = choose_threshold(scores, predicted, gold, OOS, rule=rule, in_scope_target=target)
+    assert chosen == _brute_force_threshold(scores, predicted, gold, rule, target)
+
+
+def test_unreachable_target_means_no_threshold():
+    gold, predicted = np.array([0, 1, OOS]), np.array([1, 1, 0])  # in-scope accuracy 0.5 before flagging
+    assert choose_threshold(np.array([0.1, 0.2, 0.9]), predicted, gold, OOS, in_scope_target=0.9) is None
+    with pytest.raises(ValueError, match="threshold_rule"):
+        choose_threshold(np.zeros(3), predicted, gold, OOS, rule="f1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the benchmark: validation chooses, test only measures
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ["alarm", "balance", "weather", "oos"]
+
+
+class TableLookupPredictor(Predictor):
+    """Logits looked up by text: a model whose outputs the test controls exactly."""
+
+    def __init__(self, logits_by_text: dict[str, np.ndarray], labels=NAMES):
+        self.labels, self.table = list(labels), logits_by_text
+
+    def logits(self, texts):
+        return np.stack([self.table[t] for t in texts])
+
+    def size_bytes(self):
+        return 1
+
+
+def _split(prefix: str, labels: np.ndarray, names=NAMES) -> Dataset:
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"text": [f"{prefix} {i}" for i in range(len(labels))], "label": list(labels)}, features)
+
+
+@pytest.fixture
+def splits():
+    rng = np.random.default_rng(7)
+    table = {}
+    out = {}
+    for name, n in (("validation", 80), ("test", 120)):
+        gold = rng.integers(0, 4, size=n)
+        split = _split(name, gold)
+        for text, g in zip(split["text"], gold, strict=True):
+            logits = rng.normal(size=4)
+            logits[g] += 2.0 if g != 3 else 0.5  # OOS queries are often taken for an intent
+            table[text] = logits
+        out[name] = split
+    return TableLookupPredictor(table), out["validation"], out["test"]
+
+
+def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits):
+    predictor, validation, test = splits
+    metrics, detail = evaluate(predictor, test, validation=validation, in_scope_target=0.6)
+    assert set(OOS_KEYS) <= set(metrics) and metrics["threshold"] is not None
+    # The same test texts with shuffled labels: every test figure may change, the threshold may not.
+    shuffled = test.cast_column("label", ClassLabel(names=NAMES)).map(
+        lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True
+    )
+    again, _ = evaluate(predictor, shuffled, validation=validation, in_scope_target=0.6)
+    assert again["threshold"] == metrics["threshold"]
+    assert again["threshold_accuracy"] != metrics["threshold_accuracy"]
+    # ... while validation labels do decide it (the check above could fail).
+    other_validation = validation.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
+    moved, _ = evaluate(predictor, test, validation=other_validation, in_scope_target=0.6)
+    assert moved["threshold"] != metrics["threshold"]
+    # The test figures are those of the validation threshold applied to test.
+    logits = predictor.logits(test["text"])
+    expected = apply_threshold(logits.argmax(1), oos_scores(logits, "energy", 3), metrics["threshold"], 3)
+    by_hand = classification_metrics(np.array(test["label"]), expected, oos_label=3)
+    assert metrics["threshold_accuracy"] == pytest.approx(by_hand["accuracy"])
+    assert metrics["threshold_oos_recall"] == pytest.approx(by_hand["oos_recall"])
+    assert detail["threshold"] == metrics["threshold"] and detail["is_oos"].sum() == np.sum(
+        np.array(test["label"]) == 3
+    )
+
+
+def test_without_validation_the_score_is_measured_but_no_threshold_applied(splits):
+    predictor, _, test = splits
+    metrics, _ = evaluate(predictor, test)
+    assert metrics["oos_auroc"] is not None and metrics["threshold"] is None
+    assert metrics["threshold_accuracy"] is None
+
+
+def test_data_without_an_oos_label_is_not_applicable_never_zero(splits):
+    names = ["alarm", "balance", "weather"]
+    predictor = TableLookupPredictor({f"q {i}": np.eye(3)[i % 3] * 2 for i in range(9)}, labels=names)
+    test = _split("q", np.arange(9) % 3, names)
+    bench = PerformanceBenchmark(predictor, test, "m", validation=test, n_latency_queries=2, warmup=0)
+    result = bench.run_benchmark()
+    assert all(result["m"][key] is None for key in OOS_KEYS) and bench.oos_detail is None
+    shown = summary_frame(result)
+    assert (shown.loc["m", list(OOS_KEYS)] == "n/a").all() and shown.loc["m", "oos_recall"] == "n/a"
+    assert shown.loc["m", "accuracy"] == 1.0
+    record = {**result["m"], "run": "r", "variant": "teacher"}
+    view = oos_table(comparison_table([record, {**record, "variant": "student"}]))
+    assert (view[list(OOS_KEYS)] == "n/a").all().all()
+
+
+def test_loses_more_oos_compares_the_drops_against_the_baseline():
+    base = {
+        "run": "r",
+        "variant": "teacher",
+        "accuracy": 0.9,
+        "time_avg_ms": 10.0,
+        "size_mb": 80.0,
+        "throughput_qps": 100.0,
+        "threshold_oos_recall": 0.80,
+        "threshold_in_scope_accuracy": 0.95,
+    }
+    records = [
+        base,
+        {**base, "variant": "a", "threshold_oos_recall": 0.70, "threshold_in_scope_accuracy": 0.94},  # -10 vs -1
+        {**base, "variant": "b", "threshold_oos_recall": 0.79, "threshold_in_scope_accuracy": 0.90},  # -1 vs -5
+        {**base, "variant": "c", "throughput_qps": 150.0, "time_avg_ms": 2.0},
+    ]
+    table = comparison_table(records).set_index("variant")
+    assert table.loc["a", "loses_more_oos"] is True and table.loc["b", "loses_more_oos"] is False
+    assert pd.isna(table.loc["teacher", "loses_more_oos"])
+    assert table.loc["c", "throughput_vs_baseline"] == pytest.approx(1.5)
+    assert table.loc["c", "speedup_vs_baseline"] == pytest.approx(5.0)
+
+
+def test_oos_table_says_none_for_a_threshold_that_met_no_rule():
+    base = {
+        "run": "r",
+        "variant": "teacher",
+        "accuracy": 0.5,
+        "time_avg_ms": 1.0,
+        "size_mb": 1.0,
+        "oos_auroc": 0.7,
+        "threshold": None,
+        "threshold_accuracy": 0.5,
+    }
+    view = oos_table(comparison_table([base, {**base, "variant": "student", "threshold": -2.5}]))
+    assert list(view["threshold"]) == ["none", -2.5]
+    assert view.loc[0, "oos_auroc"] == 0.7 and view.loc[0, "oos_fpr95"] == "n/a"
