@@ -41,7 +41,7 @@ sync:
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/pip-compile || $(BIN)/python -m pip install --quiet pip-tools
-	$(BIN)/pip-compile --quiet --custom-compile-command "make lock" --generate-hashes --allow-unsafe --strip-extras --extra dev \
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra dev --extra postgres \
 		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml requirements.in
 
 run: setup

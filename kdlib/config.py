@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -112,6 +113,11 @@ class RunConfig(BaseModel):
     gradient_accumulation_steps: Int = Field(1, ge=1, description="batches accumulated per optimiser step")
     cache_teacher_logits: bool = Field(True, description="compute the teacher's logits once, not at every step")
     n_trials: Int = Field(0, ge=0, description="Optuna trials over epochs, alpha and T; 0 skips the search")
+    search_storage: Text | None = Field(
+        None,
+        description="the search's study: a journal file (several workers on one disk) or a database URL "
+        "(postgresql+psycopg://…, workers on many machines); None: a journal under outputs/checkpoints/<run_name>/",
+    )
     variants: list[Literal["int8", "onnx", "onnx-int8"]] = Field(
         ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
     )
@@ -151,6 +157,17 @@ class RunConfig(BaseModel):
         if self.student_init != "teacher_layers" and not self.student:
             raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
         return self
+
+    @field_validator("search_storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value and "://" in value:
+            scheme = value.split("://", 1)[0].split("+", 1)[0]
+            if scheme not in ("sqlite", "postgresql", "mysql"):
+                raise ValueError(f"is a URL of scheme {scheme!r}; use a journal file path or a sqlite / postgresql URL")
+            if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None:
+                raise ValueError("is a PostgreSQL URL but the psycopg driver is missing: pip install -e '.[postgres]'")
+        return value
 
     @model_validator(mode="after")
     def _highlight_is_built(self) -> RunConfig:
@@ -417,8 +434,9 @@ class RunPaths:
         return self.output_dir / f".{self.run_name}.lock"
 
     @property
-    def optuna_db(self) -> Path:
-        return self.checkpoints_dir / "optuna.db"
+    def search_journal(self) -> Path:
+        """The search's Optuna journal when ``search_storage`` names none."""
+        return self.checkpoints_dir / "search.journal"
 
     def ensure(self) -> RunPaths:
         for folder in (self.run_results, self.models_dir, self.tables_dir, self.figures_dir):

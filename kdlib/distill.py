@@ -29,8 +29,11 @@ import math
 import numbers
 import os
 import shutil
+import socket
 import sys
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -461,8 +464,6 @@ def train_student(
     process training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on
     the same ``data``) skips tokenising and the teacher-logit cache when several runs share them.
     """
-    import time
-
     from filelock import FileLock, Timeout
 
     if config.alpha < 1.0 and teacher is None:
@@ -575,8 +576,6 @@ class ProgressLines(TrainerCallback):
     terminal; a kernel's stderr would end up in the stored notebook), else to the process's stderr."""
 
     def __init__(self, every: float = 30.0, clock=None, stream=None) -> None:
-        import time
-
         self.every, self.clock = every, clock or time.monotonic
         self.stream = stream
         self.start = self.last = None
@@ -641,6 +640,67 @@ def suggest_hyperparameters(trial) -> dict:
     }
 
 
+def open_study(
+    storage: str | os.PathLike,
+    *,
+    study_name: str = "distillation",
+    seed: int = 42,
+    directions: Sequence[str] = ("maximize",),
+):
+    """The Optuna study every worker opening the same ``storage`` and ``study_name`` shares.
+
+    ``storage`` is a database URL (``postgresql+psycopg://user@host/db`` for workers on many machines,
+    ``sqlite:///...`` for one process) or a file path: an Optuna JournalStorage file, appended to
+    under a file lock, so several processes on one machine or on a shared disk can search together
+    (Optuna documents SQLite as unsafe for parallel workers).
+    """
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    text = os.fspath(storage)
+    if "://" not in text:
+        Path(text).parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(text))
+    for attempt in range(5):
+        try:
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                directions=list(directions),
+                load_if_exists=True,
+                sampler=optuna.samplers.TPESampler(seed=seed),
+            )
+        except Exception as err:  # workers starting together race to create a new database's tables
+            if attempt == 4 or type(err).__module__.split(".")[0] != "sqlalchemy":
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def run_study(study, objective, n_trials: int) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones, counting every worker's.
+
+    A rerun after an interruption runs only the missing trials; workers started together stop
+    once the shared count is reached (each may finish the one trial it had started). Every trial
+    records the worker (``host:pid``) that ran it.
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining <= 0:
+        return
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def tagged(trial):
+        trial.set_user_attr("worker", worker)
+        return objective(trial)
+
+    study.optimize(tagged, n_trials=remaining, callbacks=[MaxTrialsCallback(n_trials, states=finished)])
+
+
 def hyperparameter_search(
     make_student,
     tokenizer: PreTrainedTokenizerBase,
@@ -649,53 +709,44 @@ def hyperparameter_search(
     teacher: PreTrainedModel,
     base_config: TrainConfig,
     n_trials: int,
-    storage_path: str | Path,
+    storage: str | os.PathLike,
     output_dir: str | Path,
     study_name: str = "distillation",
     space=suggest_hyperparameters,
 ) -> dict:
     """Maximise validation accuracy over ``space`` with Optuna; returns the best parameters.
 
-    The study lives in a SQLite file, so an interrupted search resumes: trials already finished
-    count towards ``n_trials``. ``make_student()`` returns a fresh student for each trial.
+    The study lives in ``storage`` (:func:`open_study`: a journal file or a database URL), so an
+    interrupted search resumes, and several workers given the same storage share one search
+    (:func:`run_study`). ``make_student()`` returns a fresh student for each trial.
     ``n_trials = 0`` skips the search and returns ``{}``.
     """
     if n_trials <= 0:
         return {}
-    import optuna
-
-    storage_path = Path(storage_path)
-    storage_path.parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=f"sqlite:///{storage_path}",
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=base_config.seed),
-    )
+    study = open_study(storage, study_name=study_name, seed=base_config.seed)
+    prepared = None
 
     def objective(trial) -> float:
+        nonlocal prepared
+        if prepared is None:  # tokenise and compute the teacher's logits once for all trials
+            cache = teacher if base_config.cache_teacher_logits else None
+            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
         config = replace(base_config, **space(trial))
+        folder = Path(output_dir) / f"trial-{trial.number}"
         result = train_student(
             make_student(),
             tokenizer,
             data,
             teacher=teacher,
             config=config,
-            output_dir=Path(output_dir) / f"trial-{trial.number}",
+            output_dir=folder,
             resume=False,
             prepared=prepared,
             save_strategy="no",
         )
         metrics = result.trainer.evaluate()
-        shutil.rmtree(Path(output_dir) / f"trial-{trial.number}", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return float(metrics["eval_accuracy"])
 
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    remaining = n_trials - len(finished)
-    if remaining > 0:
-        # Tokenise and compute the teacher's logits once for all trials, not once per trial.
-        cache = teacher if base_config.cache_teacher_logits else None
-        prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
-        study.optimize(objective, n_trials=remaining)
+    run_study(study, objective, n_trials)
     return dict(study.best_params)

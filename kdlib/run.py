@@ -38,7 +38,7 @@ from kdlib.config import (
 )
 
 NOTEBOOKS = ("01_baseline_benchmark", "02_distill", "03_compare")
-PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student")
+PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student", "search_storage")
 
 
 def notebook_parameters(notebook: Path, params: dict) -> dict:

@@ -192,3 +192,10 @@ def test_the_highlighted_variant_defaults_to_the_last_one_built():
     assert load_config("smoke", variants=["onnx"]).highlighted_variant == "student-onnx"
     assert load_config("smoke", variants=[]).highlighted_variant == "student"
     assert load_config("smoke", highlight="teacher").highlighted_variant == "teacher"
+
+
+def test_search_storage_is_a_journal_path_or_a_database_url():
+    assert load_config(search_storage="runs/search.journal").search_storage == "runs/search.journal"
+    assert load_config(search_storage="sqlite:///search.db").search_storage == "sqlite:///search.db"
+    with pytest.raises(ConfigError, match="search_storage.*scheme 'redis'"):
+        load_config(search_storage="redis://localhost/0")

@@ -1,13 +1,16 @@
-"""Optuna hyperparameter search: maximises validation accuracy, lives in SQLite, resumes."""
+"""Optuna hyperparameter search: maximises validation accuracy, lives in a journal or a database, resumes, shares."""
 
 from __future__ import annotations
+
+import os
+import socket
 
 import optuna
 import pytest
 import torch
 
 from kdlib.data import build_dataset_dict
-from kdlib.distill import TrainConfig, hyperparameter_search, suggest_hyperparameters, train_student
+from kdlib.distill import TrainConfig, hyperparameter_search, open_study, suggest_hyperparameters, train_student
 from kdlib.models import student_from_teacher
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
@@ -39,21 +42,26 @@ def test_the_reference_search_space():
     assert suggest_hyperparameters(trial) == {"epochs": 7, "alpha": 0.3, "temperature": 11}
 
 
-def test_search_resumes_from_its_sqlite_study(setup, tmp_path):
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_search_resumes_from_its_study(setup, tmp_path, kind):
     data, tokenizer, teacher = setup
+    journal = tmp_path / "search.journal"
+    storage = journal if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
     kwargs = dict(
         teacher=teacher, base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
-        storage_path=tmp_path / "optuna.db", output_dir=tmp_path / "trials", space=tiny_space,
+        storage=storage, output_dir=tmp_path / "trials", space=tiny_space,
     )
     best = hyperparameter_search(lambda: student_from_teacher(teacher), tokenizer, data, n_trials=2, **kwargs)
     assert set(best) == {"alpha", "temperature"} and 0 <= best["alpha"] <= 1
-    study = optuna.load_study(study_name="distillation", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert journal.exists() == (kind == "journal")  # a path is a journal file, a URL a database
+    study = open_study(storage)
     assert len(study.trials) == 2
     assert best == study.best_params
     # An "interrupted" search asked for 3 trials runs only the one that is missing.
     hyperparameter_search(lambda: student_from_teacher(teacher), tokenizer, data, n_trials=3, **kwargs)
-    study = optuna.load_study(study_name="distillation", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = open_study(storage)
     assert len(study.trials) == 3
+    assert {t.user_attrs["worker"] for t in study.trials} == {f"{socket.gethostname()}:{os.getpid()}"}
     assert not list((tmp_path / "trials").glob("trial-*")), "trial checkpoints are cleaned up"
 
 
@@ -61,9 +69,9 @@ def test_zero_trials_skips_the_search(setup, tmp_path):
     data, tokenizer, teacher = setup
     best = hyperparameter_search(
         lambda: student_from_teacher(teacher), tokenizer, data, teacher=teacher, base_config=TrainConfig(),
-        n_trials=0, storage_path=tmp_path / "optuna.db", output_dir=tmp_path,
+        n_trials=0, storage=tmp_path / "search.journal", output_dir=tmp_path,
     )
-    assert best == {} and not (tmp_path / "optuna.db").exists()
+    assert best == {} and not (tmp_path / "search.journal").exists()
 
 
 def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, monkeypatch):
@@ -86,7 +94,7 @@ def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, m
     hyperparameter_search(
         lambda: student_from_teacher(teacher), tokenizer, data, n_trials=3, teacher=teacher,
         base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
-        storage_path=tmp_path / "optuna.db", output_dir=tmp_path / "trials",
+        storage=tmp_path / "search.journal", output_dir=tmp_path / "trials",
         space=lambda trial: {"alpha": trial.suggest_float("alpha", 0.0, 0.9)},
     )
     # one tokenisation; one logit pass per cached split (train, validation), not per trial
