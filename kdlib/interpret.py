@@ -21,8 +21,8 @@ def _pct(value: float) -> str:
 
 
 def _points(delta: float) -> str:
-    """A signed difference of two fractions, in percentage points."""
-    return f"{100 * delta:+.1f} points"
+    """A signed difference of two fractions, in percentage points (two decimals below 0.1 point)."""
+    return f"{100 * delta:+.2f} points" if 0 < abs(delta) < 0.001 else f"{100 * delta:+.1f} points"
 
 
 def _has(record: Mapping, *keys: str) -> bool:
@@ -44,9 +44,8 @@ def _threshold_sentence(record: Mapping) -> str:
 
 def interpret_baseline(record: Mapping) -> str:
     """What notebook 01's teacher figures say: accuracy, and what it hides about out-of-scope queries."""
-    text = (
-        f"The teacher answers {_pct(record['accuracy'])} of the {record.get('test_rows', 0):,} test queries correctly."
-    )
+    rows = int(record.get("test_rows") or 0)
+    text = f"The teacher answers {_pct(record['accuracy'])} of the {rows:,} test queries correctly."
     if not _has(record, "oos_recall"):
         return text + " The data has no out-of-scope label, so OOS detection does not apply (n/a)."
     text += (
@@ -95,7 +94,6 @@ def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
         a, b = records.get(fp32), records.get(int8)
         if a is None or b is None:
             continue
-        changed = round(abs(b["accuracy"] - a["accuracy"]) * b.get("test_rows", 0))
         sentence = f"int8 ({int8} against {fp32}) moves accuracy {_points(b['accuracy'] - a['accuracy'])}"
         if _has(a, "threshold_oos_recall") and _has(b, "threshold_oos_recall"):
             sentence += (
@@ -103,10 +101,14 @@ def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
             )
         sentence += "."
         if b["accuracy"] > a["accuracy"]:
+            rows = int(b.get("test_rows") or 0)
+            net = (
+                f", here a net {round((b['accuracy'] - a['accuracy']) * rows)} of {rows:,} test queries" if rows else ""
+            )
             sentence += (
-                f" Scoring above fp32 is not a better model: rounding the weights moves queries near a decision "
-                f"boundary either way, here a net {changed} of {b.get('test_rows', 0):,} test queries, and the "
-                "int8 kernels differ between CPUs (the 3rd decimal changes from AMD to Intel)."
+                " Scoring above fp32 is not a better model: rounding the weights moves queries near a decision "
+                f"boundary either way{net}, and the int8 kernels differ between CPUs (the 3rd decimal changes "
+                "from AMD to Intel)."
             )
         out.append(sentence)
     return out

@@ -31,13 +31,7 @@ TABLE_COLUMNS = [
     "in_scope_accuracy",
     "oos_recall",
     "oos_precision",
-    "oos_auroc",
-    "oos_fpr95",
-    "threshold",
-    "threshold_in_scope_accuracy",
-    "threshold_oos_recall",
-    "threshold_oos_precision",
-    "threshold_accuracy",
+    *OOS_KEYS,
     "loses_more_oos",
     "size_mb",
     "num_parameters",
@@ -50,6 +44,7 @@ TABLE_COLUMNS = [
     "throughput_vs_baseline",
     "size_ratio_vs_baseline",
     "threads",
+    "test_rows",
 ]
 # The OOS view of the comparison table (notebook 03): n/a where the data has no OOS label.
 OOS_TABLE_COLUMNS = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS, "loses_more_oos"]

@@ -102,3 +102,9 @@ def test_comparison_picks_the_fastest_variant_within_a_point_and_explains_latenc
     # No variant within a point: the nearest is named instead.
     far = comparison_table([TEACHER, {**STUDENT, "accuracy": 0.80}])
     assert "No variant stays within 1 point" in interpret_comparison(far) and "-7.5 points" in interpret_comparison(far)
+
+
+def test_comparison_table_keeps_the_test_size_and_tiny_differences_keep_two_decimals():
+    onnx_int8 = _variant("student-onnx-int8", accuracy=0.8628, size_mb=17.0, time_avg_ms=0.4, throughput_qps=2000.0)
+    text = interpret_comparison(comparison_table([TEACHER, STUDENT, ONNX, onnx_int8]))
+    assert "moves accuracy +0.04 points" in text and "a net 2 of 5,500 test queries" in text
