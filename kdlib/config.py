@@ -118,7 +118,7 @@ class RunConfig(BaseModel):
         description="the search's study: a journal file (several workers on one disk) or a database URL "
         "(postgresql+psycopg://…, workers on many machines); None: a journal under outputs/checkpoints/<run_name>/",
     )
-    variants: list[Literal["int8", "onnx", "onnx-int8"]] = Field(
+    variants: list[Literal["int8", "onnx", "onnx-int8", "onnx-fused-int8"]] = Field(
         ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
     )
     n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")

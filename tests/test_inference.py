@@ -103,8 +103,9 @@ def test_reference_predictions_are_not_trivial(setup):
 
 
 def test_build_variants_names_and_files(setup):
-    assert set(setup["variants"]) == {"student-int8", "student-onnx", "student-onnx-int8"}
-    assert sorted(os.listdir(setup["out_dir"])) == ["model-int8.onnx", "model.onnx"]  # no temp or side files
+    assert set(setup["variants"]) == {"student-int8", "student-onnx", "student-onnx-int8", "student-onnx-fused-int8"}
+    expected = ["model-fused-int8.onnx", "model-fused.onnx", "model-int8.onnx", "model.onnx"]
+    assert sorted(os.listdir(setup["out_dir"])) == expected  # no temp or side files
 
 
 def test_onnx_fp32_matches_torch(setup):
@@ -119,7 +120,7 @@ def test_onnx_fp32_matches_torch(setup):
     assert single["score"] == pytest.approx(expected["score"], abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["student-int8", "student-onnx-int8"])
+@pytest.mark.parametrize("name", ["student-int8", "student-onnx-int8", "student-onnx-fused-int8"])
 def test_int8_variants_agree_with_fp32(setup, name):
     predictor = setup["variants"][name]
     parity = parity_check(setup["reference"], predictor, TEXTS)
@@ -338,3 +339,47 @@ def test_parity_check_counts_disagreements():
     assert result == {"max_abs_logit_diff": pytest.approx(1.0), "prediction_agreement": 0.75, "n": 4}
     with pytest.raises(ValueError, match="labels"):
         parity_check(reference, _Fixed([[0, 0]] * 4, labels=("b", "a")), texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused ONNX variant and the lean tokenizer path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tiny-bert", "tiny-distilbert"])
+def test_fused_export_is_fused_and_predicts_like_pytorch(kind, tmp_path):
+    import onnx
+
+    from kdlib.inference import export_onnx_fused
+
+    labels = ["alarm", "music", "weather"]
+    model, tokenizer = make_tiny_model(kind, labels), make_tiny_tokenizer()
+    path = export_onnx_fused(model, tokenizer, tmp_path / "fused.onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization"} <= ops, ops
+    texts = ["wake me up at seven", "play a song by the beatles please, right now", "x"]
+    reference = TorchPredictor(model, tokenizer)
+    np.testing.assert_allclose(OnnxPredictor(path, tokenizer).logits(texts), reference.logits(texts), atol=1e-4)
+    variant = build_variants(model, tokenizer, tmp_path / "variants", variants=["onnx-fused-int8"])
+    assert list(variant) == ["student-onnx-fused-int8"]
+    assert variant["student-onnx-fused-int8"].describe()["backend"] == "onnxruntime-int8"
+    assert parity_check(reference, variant["student-onnx-fused-int8"], texts)["prediction_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_lean_encoder_gives_the_tokenizer_calls_ids(which):
+    from kdlib.inference import _lean_encoder
+    from kdlib.models import load_tokenizer
+
+    tokenizer = make_tiny_tokenizer() if which == "tiny" else load_tokenizer("all-MiniLM-L6-v2")
+    encoder = _lean_encoder(tokenizer, max_length=12)
+    assert encoder is not None and encoder is not tokenizer.backend_tokenizer  # a copy: the tokenizer is shared
+    texts = ["a", "wake me up at seven tomorrow and again on friday, and the weekend too", "Héllo  World!"]
+    for batch in (texts, texts[:1], texts[1:2]):
+        expected = tokenizer(batch, padding=True, truncation=True, max_length=12, return_tensors="np")
+        encodings = encoder.encode_batch(batch)
+        np.testing.assert_array_equal([e.ids for e in encodings], expected["input_ids"])
+        np.testing.assert_array_equal([e.attention_mask for e in encodings], expected["attention_mask"])
+        if "token_type_ids" in expected:
+            np.testing.assert_array_equal([e.type_ids for e in encodings], expected["token_type_ids"])
+    assert len(encoder.encode_batch(texts[1:2])[0].ids) == 12  # truncated like the call
