@@ -110,6 +110,15 @@ def postgres_url():
     pytest.importorskip("psycopg", reason="psycopg not installed: pip install -e '.[postgres]'")
     # The server refuses to run as root: then it runs as the `postgres` user, in a folder it can reach.
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("tests run as root and there is no `postgres` user to run the server as")
+        if shutil.which("runuser") is None:
+            pytest.skip("tests run as root and `runuser` (util-linux) is missing to start the server as `postgres`")
     folder = Path(tempfile.mkdtemp(prefix="kdlib-pg-"))
     folder.chmod(0o755)
     data = folder / "data"
