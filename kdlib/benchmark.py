@@ -89,13 +89,17 @@ def predict_logits(predictor: Predictor, texts: Sequence[str], batch_size: int =
     return out
 
 
-def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
-    """The split's gold labels as indices into the predictor's labels (matched by name)."""
+def _check_split(dataset: object, what: str) -> None:
     if not isinstance(dataset, Dataset):
         raise TypeError(
             f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
             f"got {type(dataset).__name__}."
         )
+
+
+def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
+    """The split's gold labels as indices into the predictor's labels (matched by name)."""
+    _check_split(dataset, what)
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
@@ -144,6 +148,8 @@ def evaluate(
     detail = None
     if has_oos:
         oos_index = predictor.labels.index(oos_label)
+        scores = oos.oos_scores(logits, oos_score, oos_index)
+        metrics.update(oos.detection_metrics(scores, gold == oos_index))
         threshold = None
         if validation is not None:
             val_gold = _gold_ids(predictor, validation, "validation")
@@ -158,16 +164,9 @@ def evaluate(
                 in_scope_target=in_scope_target,
             )
             metrics["threshold_rule"] = oos.describe_rule(threshold_rule, in_scope_target)
-        found = oos.oos_metrics(logits, gold, oos_index, threshold, method=oos_score)
-        if validation is None:  # a score's separation is measurable, a decision threshold is not
-            found = {key: found[key] for key in ("oos_auroc", "oos_fpr95")}
-        metrics.update(found)
-        detail = {
-            "scores": oos.oos_scores(logits, oos_score, oos_index),
-            "is_oos": gold == oos_index,
-            "threshold": threshold,
-            "method": oos_score,
-        }
+            # A score's separation is measurable on any split; a decision threshold only with validation.
+            metrics.update(oos.threshold_metrics(scores, logits.argmax(axis=1), gold, oos_index, threshold))
+        detail = {"scores": scores, "is_oos": gold == oos_index, "threshold": threshold, "method": oos_score}
     return metrics, detail
 
 
@@ -337,12 +336,9 @@ class PerformanceBenchmark:
         threads: int | None = None,
         clock: Clock = time.perf_counter,
     ) -> None:
-        for what, split in (("dataset", dataset), ("validation", validation)):
-            if split is not None and not isinstance(split, Dataset):
-                raise TypeError(
-                    f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
-                    f"got {type(split).__name__}."
-                )
+        _check_split(dataset, "dataset")  # before any work, not after the model is wrapped
+        if validation is not None:
+            _check_split(validation, "validation")
         if isinstance(model, Predictor):
             self.predictor = model
         else:

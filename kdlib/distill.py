@@ -23,6 +23,7 @@ Two departures from the reference, both tested:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -662,20 +663,22 @@ def open_study(
     if "://" not in text:
         Path(text).parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(text))
-    for attempt in range(5):
+    create = functools.partial(
+        optuna.create_study,
+        study_name=study_name,
+        storage=storage,
+        directions=list(directions),
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    for attempt in range(4):
         try:
-            return optuna.create_study(
-                study_name=study_name,
-                storage=storage,
-                directions=list(directions),
-                load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=seed),
-            )
+            return create()
         except Exception as err:  # workers starting together race to create a new database's tables
-            if attempt == 4 or type(err).__module__.split(".")[0] != "sqlalchemy":
+            if type(err).__module__.split(".")[0] != "sqlalchemy":
                 raise
             time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return create()  # the last try: its error, if any, is the caller's
 
 
 def run_study(study, objective, n_trials: int) -> None:

@@ -7,7 +7,6 @@ sentences that match its own figures. Each function returns Markdown for ``IPyth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import pandas as pd
@@ -26,7 +25,7 @@ def _points(delta: float) -> str:
 
 
 def _has(record: Mapping, *keys: str) -> bool:
-    return all(record.get(k) is not None and not (isinstance(record[k], float) and math.isnan(record[k])) for k in keys)
+    return all(pd.notna(record.get(k)) for k in keys)
 
 
 def _threshold_sentence(record: Mapping) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import logsumexp
 
 OOS_SCORES = ("msp", "energy")
 THRESHOLD_RULES = ("in_scope_accuracy", "accuracy")
@@ -50,11 +51,10 @@ def oos_scores(logits: np.ndarray, method: str = "energy", oos_index: int | None
         raise ValueError(f"logits must be a (queries, labels) array with 2+ labels, got shape {logits.shape}.")
     if oos_index is not None:
         logits = np.delete(logits, oos_index, axis=1)
-    top = logits.max(axis=1)
-    log_sum_exp = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    log_sum_exp = logsumexp(logits, axis=1)
     if method == "energy":
         return -log_sum_exp
-    return 1.0 - np.exp(top - log_sum_exp)  # 1 - max softmax
+    return 1.0 - np.exp(logits.max(axis=1) - log_sum_exp)  # 1 - max softmax
 
 
 def detection_metrics(scores: np.ndarray, is_oos: np.ndarray) -> dict[str, float]:
@@ -126,24 +126,17 @@ def describe_rule(rule: str, in_scope_target: float) -> str:
     return f"validation in-scope accuracy >= {in_scope_target:g}"
 
 
-def oos_metrics(
-    test_logits: np.ndarray,
-    test_gold: Sequence[int],
-    oos_index: int,
-    threshold: float | None,
-    *,
-    method: str = "energy",
-) -> dict[str, float | None]:
-    """:data:`OOS_KEYS` on test: the score's AUROC and FPR95, and the metrics with the threshold."""
+def threshold_metrics(
+    scores: np.ndarray, predicted: np.ndarray, gold: Sequence[int], oos_index: int, threshold: float
+) -> dict[str, float]:
+    """The ``threshold_*`` keys of :data:`OOS_KEYS`: the metrics once ``threshold`` is applied."""
     from kdlib.benchmark import classification_metrics
 
-    gold = np.asarray(test_gold)
-    scores = oos_scores(test_logits, method, oos_index)
-    predicted = apply_threshold(np.asarray(test_logits).argmax(axis=1), scores, threshold, oos_index)
-    with_threshold = classification_metrics(gold, predicted, oos_label=oos_index)
+    found = classification_metrics(
+        np.asarray(gold), apply_threshold(predicted, scores, threshold, oos_index), oos_label=oos_index
+    )
     return {
-        **detection_metrics(scores, gold == oos_index),
         "threshold": threshold,
-        **{f"threshold_{key}": with_threshold[key] for key in ("in_scope_accuracy", "oos_recall", "oos_precision")},
-        "threshold_accuracy": with_threshold["accuracy"],
+        **{f"threshold_{key}": found[key] for key in ("in_scope_accuracy", "oos_recall", "oos_precision")},
+        "threshold_accuracy": found["accuracy"],
     }

@@ -336,6 +336,12 @@ def plot_soft_targets(
 # Out-of-scope detection
 # ---------------------------------------------------------------------------------------------
 
+def _not_applicable(ax: Axes) -> None:
+    """What an OOS figure shows for data without an OOS label: a sentence, not an error or zeros."""
+    ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
+    ax.set_axis_off()
+
+
 SCORE_NAMES = {"energy": "Energy score (-logsumexp of the in-scope logits)", "msp": "1 - max softmax probability"}
 
 
@@ -348,8 +354,7 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
     fig = new_figure(figsize=(8, 4))
     ax = fig.add_subplot()
     if detail is None:
-        ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
-        ax.set_axis_off()
+        _not_applicable(ax)
     else:
         scores, is_oos = np.asarray(detail["scores"]), np.asarray(detail["is_oos"], dtype=bool)
         bins = np.histogram_bin_edges(scores, bins=50)
@@ -375,12 +380,11 @@ def plot_oos_vs_latency(
     baseline (``loses_more_oos`` in the comparison table): compression hurt detection most.
     """
     table = _check_metric_table(table)
-    recall = pd.to_numeric(table.get("threshold_oos_recall"), errors="coerce")
+    recall = pd.to_numeric(table.get("threshold_oos_recall", pd.Series(np.nan, index=table.index)), errors="coerce")
     fig = new_figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    if recall is None or recall.isna().all():
-        ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
-        ax.set_axis_off()
+    if recall.isna().all():
+        _not_applicable(ax)
     else:
         colours = mpl.colormaps["tab10"].colors
         flagged = table.get("loses_more_oos", pd.Series(False, index=table.index)).fillna(False).astype(bool)

@@ -262,12 +262,11 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
         table.loc[index, "speedup_vs_baseline"] = first["time_avg_ms"] / table.loc[index, "time_avg_ms"]
         table.loc[index, "throughput_vs_baseline"] = table.loc[index, "throughput_qps"] / first["throughput_qps"]
         table.loc[index, "size_ratio_vs_baseline"] = table.loc[index, "size_mb"] / first["size_mb"]
-        for i in index:
-            row = table.loc[i]
-            recall_lost = first["threshold_oos_recall"] - row["threshold_oos_recall"]
-            in_scope_lost = first["threshold_in_scope_accuracy"] - row["threshold_in_scope_accuracy"]
-            if pd.notna(recall_lost) and pd.notna(in_scope_lost) and row["variant"] != baseline:
-                table.at[i, "loses_more_oos"] = bool(recall_lost > in_scope_lost)
+        recall_lost = first["threshold_oos_recall"] - table.loc[index, "threshold_oos_recall"]
+        in_scope_lost = first["threshold_in_scope_accuracy"] - table.loc[index, "threshold_in_scope_accuracy"]
+        known = recall_lost.notna() & in_scope_lost.notna() & (table.loc[index, "variant"] != baseline)
+        for i in known[known].index:
+            table.at[i, "loses_more_oos"] = bool(recall_lost[i] > in_scope_lost[i])
     # The baseline first in each run, then the other variants in record order.
     run_order = {run: i for i, run in enumerate(dict.fromkeys(table["run"]))}
     sort_key = table["run"].map(run_order) * 2 + (table["variant"] != baseline)

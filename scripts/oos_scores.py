@@ -32,11 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = TorchPredictor(load_classifier(args.model, label_names(data)), load_tokenizer(args.model))
     rows = {}
     for score in OOS_SCORES:
-        options = {
-            "oos_score": score,
-            "threshold_rule": config.threshold_rule,
-            "in_scope_target": config.in_scope_target,
-        }
+        options = {**config.oos_options(), "oos_score": score}
         on_validation, _ = evaluate(predictor, data["validation"], **options)
         on_test, _ = evaluate(predictor, data["test"], validation=data["validation"], **options)
         rows[score] = {

@@ -295,6 +295,7 @@ def test_oos_figures_say_not_applicable_without_an_oos_label(table):
     assert "Not applicable" in plots.plot_oos_scores(None).axes[0].texts[0].get_text()
     no_oos = table.assign(threshold_oos_recall=np.nan)
     assert "Not applicable" in plots.plot_oos_vs_latency(no_oos).axes[0].texts[0].get_text()
+    assert "Not applicable" in plots.plot_oos_vs_latency(table).axes[0].texts[0].get_text()  # no such column
 
 
 def test_oos_recall_against_latency_rings_the_variants_that_lose_more_oos(table):
