@@ -36,11 +36,11 @@ _EXPORTS = {
     ],
     "models": [
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
-        "save_model", "num_layers", "weights_digest",
+        "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
     "distill": [
         "DistillationTrainingArguments", "DistillationTrainer", "TrainConfig", "train_student",
-        "hyperparameter_search", "soft_targets",
+        "hyperparameter_search", "search_layers", "search_trials", "open_study", "soft_targets",
     ],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
@@ -52,7 +52,8 @@ _EXPORTS = {
         "portable_ref", "oos_table",
     ],
     "modelcard": ["write_model_card", "card_dataset", "base_model_id", "training_hyperparameters"],
-    "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency"],
+    "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency",
+              "plot_search"],
     "interpret": ["interpret_baseline", "interpret_distillation", "interpret_comparison"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

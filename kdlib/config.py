@@ -107,16 +107,27 @@ class RunConfig(BaseModel):
     )
     alpha: Float = Field(0.5, ge=0, le=1, description="weight of the hard-label cross-entropy, in [0, 1]")
     temperature: Float = Field(2.0, gt=0, allow_inf_nan=False, description="softmax temperature of the KL term, > 0")
+    hidden_weight: Float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="weight of an MSE between student and teacher hidden states (TinyBERT style); 0: logits only",
+    )
     learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False, description="student learning rate")
     batch_size: Int = Field(32, ge=1, description="student batch size")
     epochs: Int = Field(5, ge=1, description="student training epochs")
     gradient_accumulation_steps: Int = Field(1, ge=1, description="batches accumulated per optimiser step")
     cache_teacher_logits: bool = Field(True, description="compute the teacher's logits once, not at every step")
-    n_trials: Int = Field(0, ge=0, description="Optuna trials over epochs, alpha and T; 0 skips the search")
+    n_trials: Int = Field(
+        0, ge=0, description="Optuna trials over epochs, alpha, T and hidden_weight; 0 skips the search"
+    )
     search_storage: Text | None = Field(
         None,
         description="the search's study: a journal file (several workers on one disk) or a database URL "
         "(postgresql+psycopg://…, workers on many machines); None: a journal under outputs/checkpoints/<run_name>/",
+    )
+    search_latency: bool = Field(
+        False,
+        description="search validation accuracy and measured latency together (Optuna multi-objective, the "
+        "student's depth searched too); the fastest Pareto trial within 1 point of the best is chosen",
     )
     variants: list[Literal["int8", "onnx", "onnx-int8", "onnx-fused-int8"]] = Field(
         ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
@@ -156,6 +167,12 @@ class RunConfig(BaseModel):
     def _student_reference(self) -> RunConfig:
         if self.student_init != "teacher_layers" and not self.student:
             raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
+        return self
+
+    @model_validator(mode="after")
+    def _latency_search_needs_depth(self) -> RunConfig:
+        if self.search_latency and self.student_init != "teacher_layers":
+            raise ValueError("search_latency=True searches the student's depth: it needs student_init='teacher_layers'")
         return self
 
     @field_validator("search_storage")
@@ -212,8 +229,9 @@ class RunConfig(BaseModel):
 # Settings that change what each stage trains (the data is covered by its digest).
 TEACHER_FIELDS = ("teacher", "finetune_epochs", "finetune_learning_rate", "finetune_batch_size",
                   "finetune_warmup_ratio", "seed")
-STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperature", "learning_rate", "batch_size",
-                  "epochs", "gradient_accumulation_steps", "cache_teacher_logits", "n_trials", "seed")
+STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperature", "hidden_weight", "learning_rate",
+                  "batch_size", "epochs", "gradient_accumulation_steps", "cache_teacher_logits", "n_trials",
+                  "search_latency", "seed")
 
 
 # ---------------------------------------------------------------------------------------------

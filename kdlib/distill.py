@@ -4,10 +4,12 @@ The student minimises
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
 
-where the KL term uses batch-mean reduction (``nn.KLDivLoss(reduction="batchmean")`` in the
-reference) and the ``T**2`` factor keeps its gradients on the same scale as the CE term's when
-the temperature changes (Hinton et al., 2015). ``alpha = 1`` is plain fine-tuning, which is how
-notebook 01 fine-tunes the teacher with the same code.
+plus, when ``hidden_weight`` > 0, ``hidden_weight * MSE`` between the student's hidden states and
+the teacher's at mapped depths (TinyBERT / PKD style, :func:`hidden_state_loss`). The KL term uses
+batch-mean reduction (``nn.KLDivLoss(reduction="batchmean")`` in the reference) and the ``T**2``
+factor keeps its gradients on the same scale as the CE term's when the temperature changes (Hinton
+et al., 2015). ``alpha = 1`` is plain fine-tuning, which is how notebook 01 fine-tunes the teacher
+with the same code.
 
 Two departures from the reference, both tested:
 
@@ -35,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,12 @@ def check_alpha_temperature(alpha: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 and finite (it divides the logits); got {temperature!r}.")
 
 
+def check_hidden_weight(hidden_weight: float) -> None:
+    """Refuse a negative or non-finite weight for the hidden-state term."""
+    if not _is_real(hidden_weight) or not math.isfinite(hidden_weight) or hidden_weight < 0:
+        raise ValueError(f"hidden_weight must be a finite number >= 0 (0 = logits only); got {hidden_weight!r}.")
+
+
 def _is_real(value) -> bool:
     """A real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -87,9 +95,11 @@ class DistillationTrainingArguments(TrainingArguments):
 
     alpha: float = field(default=0.5, metadata={"help": "Weight of the cross-entropy term, in [0, 1]."})
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term, > 0."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state MSE term, >= 0."})
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)
+        check_hidden_weight(self.hidden_weight)
         super().__post_init__()
 
 
@@ -101,10 +111,15 @@ def distillation_loss(
     alpha: float,
     temperature: float,
     num_items_in_batch: int | torch.Tensor | None = None,
+    hidden_weight: float = 0.0,
+    hidden_states: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The reference loss. Without ``num_items_in_batch`` it is a batch mean (CE mean, KL batchmean);
-    with it, per-example losses are summed and divided by it (exact under gradient accumulation)."""
+    with it, per-example losses are summed and divided by it (exact under gradient accumulation).
+    ``hidden_weight`` > 0 adds ``hidden_weight *`` :func:`hidden_state_loss` of ``hidden_states``
+    = (student hidden states, teacher hidden states, attention mask)."""
     check_alpha_temperature(alpha, temperature)
+    check_hidden_weight(hidden_weight)
     per_example = alpha * F.cross_entropy(student_logits, labels, reduction="none")
     if alpha < 1.0:
         if teacher_logits is None:
@@ -121,9 +136,48 @@ def distillation_loss(
         p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
         kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=-1)
         per_example = per_example + (1.0 - alpha) * temperature**2 * kl
+    if hidden_weight > 0:
+        if hidden_states is None:
+            raise ValueError(
+                "hidden_weight > 0 needs the student's and the teacher's hidden states: pass `teacher_model=`."
+            )
+        per_example = per_example + hidden_weight * hidden_state_loss(*hidden_states)
     if num_items_in_batch is None:
         return per_example.mean()
     return per_example.sum() / num_items_in_batch
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """For each student hidden state (embeddings, then each layer) the teacher hidden state it is
+    pulled towards: evenly spaced depths ending at the last (PKD-Skip; 3 of 6 -> [0, 2, 4, 6]), the
+    depths of the layers :func:`kdlib.models.default_keep_layers` copies into the student."""
+    return [0] + [round((j + 1) * teacher_layers / student_layers) for j in range(student_layers)]
+
+
+def hidden_state_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-example MSE between the student's hidden states and the teacher's at the depths of
+    :func:`layer_map`, over real (unpadded) tokens and hidden units, averaged over the mapped states.
+
+    Matching inner representations, not only outputs, passes on how the teacher gets to its answer
+    (Sun et al. 2019, PKD; Jiao et al. 2020, TinyBERT). Both models must have the same hidden size.
+    """
+    depths = layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)  # (batch, tokens, 1)
+    per_state = []
+    for student_state, depth in zip(student_hidden, depths, strict=True):
+        teacher_state = teacher_hidden[depth]
+        if student_state.shape != teacher_state.shape:
+            raise ValueError(
+                f"hidden_weight > 0 needs student and teacher hidden states of one shape; got "
+                f"{tuple(student_state.shape)} and {tuple(teacher_state.shape)}. Use a student of the teacher's width."
+            )
+        squared = (student_state - teacher_state.to(student_state.dtype)) ** 2 * mask
+        per_state.append(squared.sum(dim=(1, 2)) / (mask.sum(dim=(1, 2)) * student_state.shape[-1]))
+    return torch.stack(per_state).mean(dim=0)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -158,11 +212,15 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cached = inputs.pop(TEACHER_LOGITS, None)
-        outputs = model(**inputs)
-        teacher_logits = cached
-        if self.teacher is not None and self.args.alpha < 1.0:
+        with_hidden = self.args.hidden_weight > 0
+        outputs = model(**inputs, output_hidden_states=with_hidden)
+        teacher_logits, hidden_states = cached, None
+        if self.teacher is not None and (self.args.alpha < 1.0 or with_hidden):
             with torch.no_grad():
-                teacher_logits = self.teacher(**forward_inputs(self.teacher, inputs)).logits
+                teacher_outputs = self.teacher(**forward_inputs(self.teacher, inputs), output_hidden_states=with_hidden)
+            teacher_logits = teacher_outputs.logits
+            if with_hidden:
+                hidden_states = (outputs.hidden_states, teacher_outputs.hidden_states, inputs["attention_mask"])
         if num_items_in_batch is not None:
             num_items_in_batch = (
                 num_items_in_batch.to(outputs.logits.device)
@@ -176,6 +234,8 @@ class DistillationTrainer(Trainer):
             alpha=self.args.alpha,
             temperature=self.args.temperature,
             num_items_in_batch=num_items_in_batch,
+            hidden_weight=self.args.hidden_weight,
+            hidden_states=hidden_states,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch is summed over processes while DDP averages gradients.
@@ -307,6 +367,7 @@ class TrainConfig:
 
     alpha: float = 0.5
     temperature: float = 2.0
+    hidden_weight: float = 0.0
     learning_rate: float = 2e-5
     batch_size: int = 48
     epochs: float = 5
@@ -321,6 +382,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)
+        check_hidden_weight(self.hidden_weight)
         positive = {"epochs": self.epochs, "learning_rate": self.learning_rate}
         for name, value in positive.items():
             if not _is_real(value) or not math.isfinite(value) or value <= 0:
@@ -354,6 +416,7 @@ def make_training_arguments(
         output_dir=str(output_dir),
         alpha=config.alpha,
         temperature=config.temperature,
+        hidden_weight=config.hidden_weight,
         learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 64),
@@ -455,6 +518,7 @@ def train_student(
     resume: bool = True,
     fingerprint: str | None = None,
     prepared: DatasetDict | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
     **training_overrides,
 ) -> TrainResult:
     """Train ``student`` on ``data`` (text + ClassLabel label) with the distillation loss.
@@ -463,12 +527,17 @@ def train_student(
     run's ``fingerprint``, the settings and the starting weights); calling again with the same
     arguments resumes from the last good one, anything else starts in a fresh folder. A second
     process training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on
-    the same ``data``) skips tokenising and the teacher-logit cache when several runs share them.
+    the same ``data``) skips tokenising and the teacher-logit cache when several runs share them;
+    ``callbacks`` are added to the Trainer's (the search's pruning, for one).
     """
     from filelock import FileLock, Timeout
 
     if config.alpha < 1.0 and teacher is None:
         raise ValueError(f"alpha={config.alpha} < 1 distils from a teacher: pass `teacher=`.")
+    if config.hidden_weight > 0 and teacher is None:
+        raise ValueError(
+            f"hidden_weight={config.hidden_weight} > 0 matches a teacher's hidden states: pass `teacher=`."
+        )
     set_seed(config.seed)
     runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
     overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
@@ -503,7 +572,9 @@ def train_student(
                 )
             tokenized = prepared
         online_teacher = None
-        if config.alpha < 1.0:
+        if config.hidden_weight > 0:
+            online_teacher = teacher  # hidden states are too large to cache; the teacher runs at each step
+        elif config.alpha < 1.0:
             if not config.cache_teacher_logits:
                 online_teacher = teacher
             elif TEACHER_LOGITS not in tokenized["train"].column_names:
@@ -519,6 +590,7 @@ def train_student(
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
             compute_metrics=compute_accuracy_metric,
+            callbacks=list(callbacks),
         )
         trainer.remove_callback(PrinterCallback)  # the epoch table below says it once, readably
         if mode == "console":
@@ -633,11 +705,13 @@ def soft_targets(
 
 
 def suggest_hyperparameters(trial) -> dict:
-    """The reference's search space: epochs 5-10, alpha 0-1, temperature 2-20."""
+    """The reference's search space (epochs 5-10, alpha 0-1, temperature 2-20) plus the weight of
+    the hidden-state term, 0-10 (its MSE starts near 0.25 for a MiniLM student copied from its teacher)."""
     return {
         "epochs": trial.suggest_int("epochs", 5, 10),
         "alpha": trial.suggest_float("alpha", 0.0, 1.0),
         "temperature": trial.suggest_int("temperature", 2, 20),
+        "hidden_weight": trial.suggest_float("hidden_weight", 0.0, 10.0),
     }
 
 
@@ -670,6 +744,9 @@ def open_study(
         directions=list(directions),
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed),
+        # a trial whose validation accuracy after an epoch is below the median of earlier trials' at
+        # that epoch stops there (after 3 complete trials; Optuna cannot prune multi-objective studies)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
     )
     for attempt in range(4):
         try:
@@ -704,6 +781,33 @@ def run_study(study, objective, n_trials: int) -> None:
     study.optimize(tagged, n_trials=remaining, callbacks=[MaxTrialsCallback(n_trials, states=finished)])
 
 
+class PruneTrial(TrainerCallback):
+    """Reports each epoch's validation accuracy to an Optuna trial and stops a trial its pruner
+    judges hopeless (``optuna.TrialPruned`` ends ``trainer.train``)."""
+
+    def __init__(self, trial) -> None:
+        self.trial = trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import optuna
+
+        if metrics and "eval_accuracy" in metrics:
+            self.trial.report(float(metrics["eval_accuracy"]), step=round(state.epoch or 0))
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {metrics['eval_accuracy']:.4f} at epoch {state.epoch:g}")
+
+
+def search_layers(max_layers: int):
+    """A search space that adds the student's depth (teacher layers kept, 1 to ``max_layers``) to
+    :func:`suggest_hyperparameters`: with latency as a second objective, depth is what trades
+    accuracy for speed. ``student_layers`` is passed to ``make_student``."""
+
+    def space(trial) -> dict:
+        return {**suggest_hyperparameters(trial), "student_layers": trial.suggest_int("student_layers", 1, max_layers)}
+
+    return space
+
+
 def hyperparameter_search(
     make_student,
     tokenizer: PreTrainedTokenizerBase,
@@ -716,40 +820,90 @@ def hyperparameter_search(
     output_dir: str | Path,
     study_name: str = "distillation",
     space=suggest_hyperparameters,
+    latency=None,
+    tolerance: float = 0.01,
 ) -> dict:
-    """Maximise validation accuracy over ``space`` with Optuna; returns the best parameters.
+    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters.
 
     The study lives in ``storage`` (:func:`open_study`: a journal file or a database URL), so an
     interrupted search resumes, and several workers given the same storage share one search
-    (:func:`run_study`). ``make_student()`` returns a fresh student for each trial.
-    ``n_trials = 0`` skips the search and returns ``{}``.
+    (:func:`run_study`). ``make_student(**extra)`` returns a fresh student for each trial, given the
+    parameters of ``space`` that are not :class:`TrainConfig` fields (``student_layers`` of
+    :func:`search_layers`). A trial whose validation accuracy after an epoch is below the median of
+    earlier trials' stops there (Optuna's ``MedianPruner``).
+
+    ``latency(model) -> ms``: also minimise the trained student's measured latency (Optuna
+    multi-objective, study ``<study_name>-latency``, no pruning); the choice is then the fastest
+    trial of the Pareto front within ``tolerance`` of the front's best accuracy
+    (:func:`choose_from_front`). ``n_trials = 0`` skips the search and returns ``{}``.
     """
     if n_trials <= 0:
         return {}
-    study = open_study(storage, study_name=study_name, seed=base_config.seed)
+    study = _search_study(storage, study_name, latency is not None, base_config.seed)
+    train_fields = {f.name for f in fields(TrainConfig)}
     prepared = None
 
-    def objective(trial) -> float:
+    def objective(trial):
         nonlocal prepared
         if prepared is None:  # tokenise and compute the teacher's logits once for all trials
             cache = teacher if base_config.cache_teacher_logits else None
             prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
-        config = replace(base_config, **space(trial))
+        params = space(trial)
+        config = replace(base_config, **{k: v for k, v in params.items() if k in train_fields})
+        student = make_student(**{k: v for k, v in params.items() if k not in train_fields})
         folder = Path(output_dir) / f"trial-{trial.number}"
-        result = train_student(
-            make_student(),
-            tokenizer,
-            data,
-            teacher=teacher,
-            config=config,
-            output_dir=folder,
-            resume=False,
-            prepared=prepared,
-            save_strategy="no",
-        )
-        metrics = result.trainer.evaluate()
-        shutil.rmtree(folder, ignore_errors=True)
-        return float(metrics["eval_accuracy"])
+        try:
+            result = train_student(
+                student,
+                tokenizer,
+                data,
+                teacher=teacher,
+                config=config,
+                output_dir=folder,
+                resume=False,
+                prepared=prepared,
+                callbacks=[PruneTrial(trial)] if latency is None else [],
+                save_strategy="no",
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        evaluations = [entry for entry in result.log_history if "eval_accuracy" in entry]
+        if not evaluations or evaluations[-1].get("step") != result.trainer.state.global_step:
+            evaluations.append(result.trainer.evaluate())  # a fractional last epoch was not evaluated
+        accuracy = float(evaluations[-1]["eval_accuracy"])
+        return accuracy if latency is None else (accuracy, float(latency(result.model.eval())))
 
     run_study(study, objective, n_trials)
-    return dict(study.best_params)
+    return choose_from_front(study, tolerance) if latency is not None else dict(study.best_params)
+
+
+def choose_from_front(study, tolerance: float = 0.01) -> dict:
+    """Of an (accuracy, latency) study's Pareto front, the parameters of the fastest trial whose
+    accuracy is within ``tolerance`` of the front's best: speed is what the second objective is for."""
+    front = study.best_trials
+    best = max(trial.values[0] for trial in front)
+    return dict(min((t for t in front if t.values[0] >= best - tolerance), key=lambda t: t.values[1]).params)
+
+
+def _search_study(storage: str | os.PathLike, study_name: str, latency: bool, seed: int = 42):
+    """The study of an accuracy search, or of an accuracy + latency one (its own name in the storage)."""
+    if latency:
+        return open_study(storage, study_name=f"{study_name}-latency", seed=seed, directions=("maximize", "minimize"))
+    return open_study(storage, study_name=study_name, seed=seed)
+
+
+def search_trials(
+    storage: str | os.PathLike, *, latency: bool = False, study_name: str = "distillation"
+) -> pd.DataFrame:
+    """The trials of the search in ``storage`` (``latency``: the accuracy + latency one), one row each:
+    number, state, parameters, objective values, worker, and whether it is on the Pareto front."""
+    study = _search_study(storage, study_name, latency)
+    front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
+    names = ["accuracy", "latency_ms"][: len(study.directions)]
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        values = trial.values or [None] * len(names)
+        rows.append({"trial": trial.number, "state": trial.state.name, **trial.params,
+                     **dict(zip(names, values, strict=True)), "pareto": trial.number in front,
+                     "worker": trial.user_attrs.get("worker")})
+    return pd.DataFrame(rows)

@@ -408,3 +408,30 @@ def plot_oos_vs_latency(
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig
+
+
+def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
+    """Each finished search trial's validation accuracy against its measured latency, coloured by the
+    student's depth, with the Pareto front joined (:func:`kdlib.distill.search_trials`). Without an
+    accuracy + latency search the panel says so instead of drawing an empty plot."""
+    fig = new_figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    done = None if trials is None or "latency_ms" not in trials else trials[trials["state"] == "COMPLETE"]
+    if done is None or done.empty:
+        ax.text(0.5, 0.5, "no accuracy + latency search in this run\n(n_trials > 0 with search_latency = True)",
+                ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_axis_off()
+    else:
+        depth = done["student_layers"] if "student_layers" in done else pd.Series(0, index=done.index)
+        points = ax.scatter(done["latency_ms"], done["accuracy"] * 100, c=depth, cmap="viridis", s=60, zorder=3)
+        if "student_layers" in done:
+            fig.colorbar(points, ax=ax, label="student layers")
+        front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
+        ax.plot(front["latency_ms"], front["accuracy"] * 100, "--", color="black", label="Pareto front", zorder=2)
+        ax.set_xlabel("student latency, one query (ms)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig

@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
                              seed=config.seed)
         train_config = TrainConfig(alpha=config.alpha, temperature=config.temperature,
-                                   learning_rate=config.learning_rate, batch_size=config.batch_size,
+                                   hidden_weight=config.hidden_weight, learning_rate=config.learning_rate,
+                                   batch_size=config.batch_size,
                                    epochs=config.epochs, seed=config.seed)
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
-                                                   "learning_rate", "batch_size", "epochs", "seed")}
+                                                   "hidden_weight", "learning_rate", "batch_size", "epochs", "seed")}
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,8 @@ from kdlib.distill import (
     add_teacher_logits,
     distillation_loss,
     epoch_table,
+    hidden_state_loss,
+    layer_map,
     tokenize_dataset,
     train_student,
 )
@@ -335,6 +338,94 @@ def test_compute_loss_cached_equals_online(student_kind, teacher, tokenized, tok
     # return_outputs gives the student's logits
     loss, outputs = with_cache.compute_loss(student, batch, return_outputs=True)
     assert outputs.logits.shape == (12, len(LABELS))
+
+
+# ---------------------------------------------------------------------------------------------
+# The hidden-state term (TinyBERT / PKD style) against a hand computation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layer_map_is_evenly_spaced_and_ends_at_the_last_layer():
+    assert layer_map(3, 6) == [0, 2, 4, 6]  # the depths of default_keep_layers(6) = [1, 3, 5]
+    assert layer_map(2, 12) == [0, 6, 12]
+    assert layer_map(4, 4) == [0, 1, 2, 3, 4]
+
+
+def test_hidden_state_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    student = [rng.normal(size=(2, 3, 4)) for _ in range(3)]  # embeddings + 2 layers
+    teacher = [rng.normal(size=(2, 3, 4)) for _ in range(5)]  # embeddings + 4 layers
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    expected = np.zeros(2)
+    for s_index, t_index in enumerate([0, 2, 4]):  # 2 of 4 layers: depths 2 and 4
+        for example in range(2):
+            tokens = mask[example].sum()
+            diff = (student[s_index][example] - teacher[t_index][example])[: tokens]
+            expected[example] += (diff**2).sum() / (tokens * 4) / 3
+    as_torch = [torch.tensor(x, dtype=torch.float32) for x in student]
+    got = hidden_state_loss(as_torch, [torch.tensor(x, dtype=torch.float32) for x in teacher], torch.tensor(mask))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    # padded positions do not count: changing them changes nothing
+    as_torch[1][0, 2] += 100.0
+    changed = hidden_state_loss(as_torch, [torch.tensor(x, dtype=torch.float32) for x in teacher], torch.tensor(mask))
+    np.testing.assert_allclose(changed.numpy(), expected, rtol=1e-5)
+
+
+def test_hidden_weight_adds_its_term_to_the_loss():
+    s, t, y = _tensors()
+    hidden = ([torch.ones(2, 3, 4)] * 2, [torch.zeros(2, 3, 4)] * 3, torch.ones(2, 3))  # MSE 1 per example
+    base = distillation_loss(s, t, y, alpha=0.5, temperature=2.0)
+    with_hidden = distillation_loss(s, t, y, alpha=0.5, temperature=2.0, hidden_weight=0.7, hidden_states=hidden)
+    assert with_hidden.item() == pytest.approx(base.item() + 0.7)
+    # 0 is today's loss, whatever hidden states are passed
+    assert distillation_loss(s, t, y, alpha=0.5, temperature=2.0, hidden_states=hidden).item() == base.item()
+    with pytest.raises(ValueError, match="hidden states"):
+        distillation_loss(s, t, y, alpha=0.5, temperature=2.0, hidden_weight=1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        hidden_state_loss([torch.ones(2, 3, 4)] * 2, [torch.zeros(2, 3, 8)] * 2, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_invalid_hidden_weight_is_refused(value, tmp_path):
+    with pytest.raises(ValueError, match="hidden_weight"):
+        TrainConfig(hidden_weight=value)
+    with pytest.raises(ValueError, match="hidden_weight"):
+        make_args(tmp_path, hidden_weight=value)
+
+
+def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teacher, tokenized, tok, tmp_path):
+    """The Trainer's loss = the logit loss + weight x hidden_state_loss of the models' own hidden states;
+    a student copied from the teacher's layers starts close to it, a random one far."""
+    collator = DataCollatorWithPadding(tok)
+    batch = collator([{k: row[k] for k in ("input_ids", "attention_mask", "label")}
+                      for row in tokenized["validation"]])
+    batch = dict(batch)
+    copied = student_from_teacher(teacher).eval()
+    terms = {}
+    for name, student in {"copied": copied, "random": make_tiny_model("tiny-bert", LABELS, seed=9).eval()}.items():
+        plain = DistillationTrainer(model=student, args=make_args(tmp_path), teacher_model=teacher,
+                                    data_collator=collator)
+        weighted = DistillationTrainer(model=student, args=make_args(tmp_path, hidden_weight=2.0),
+                                       teacher_model=teacher, data_collator=collator)
+        with torch.no_grad():
+            s_out = student(**forward_inputs(student, batch), output_hidden_states=True)
+            t_out = teacher(**forward_inputs(teacher, batch), output_hidden_states=True)
+            hand = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch["attention_mask"]).mean()
+            difference = weighted.compute_loss(student, batch) - plain.compute_loss(student, batch)
+        assert difference.item() == pytest.approx(2.0 * hand.item(), rel=1e-5)
+        terms[name] = hand.item()
+    assert terms["copied"] < terms["random"]
+
+
+def test_train_student_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
+    config = TrainConfig(alpha=0.5, hidden_weight=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
+    alone = replace(config, alpha=1.0)  # no KL term: the hidden-state term alone needs the teacher
+    with pytest.raises(ValueError, match="hidden_weight=1.0 > 0"):
+        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, config=alone)
+    student = student_from_teacher(teacher)
+    result = train_student(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
+    assert result.trainer.args.hidden_weight == 1.0 and result.trainer.teacher is teacher
+    assert np.isfinite(result.epoch_table["Training Loss"].iloc[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,3 +311,24 @@ def test_oos_recall_against_latency_rings_the_variants_that_lose_more_oos(table)
     ringed = sorted(tuple(c.get_offsets()[0]) for c in rings)
     assert ringed == sorted((t, r * 100) for t, r, f in zip(with_oos.time_avg_ms, with_oos.threshold_oos_recall,
                                                               with_oos.loses_more_oos, strict=True) if f)
+
+
+def test_search_plot_joins_the_pareto_front_and_says_when_there_is_none():
+    from kdlib.plots import plot_search
+
+    trials = pd.DataFrame({
+        "trial": [0, 1, 2, 3], "state": ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"],
+        "student_layers": [3, 2, 3, 1], "accuracy": [0.95, 0.93, 0.94, None],
+        "latency_ms": [3.0, 2.0, 3.5, None], "pareto": [True, True, False, False],
+    })
+    fig = plot_search(trials)
+    ax = fig.axes[0]
+    points = [c for c in ax.collections if isinstance(c, PathCollection)][0]
+    np.testing.assert_allclose(points.get_offsets(), [[3.0, 95.0], [2.0, 93.0], [3.5, 94.0]])  # pruned left out
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), [2.0, 3.0])  # the front, fastest first
+    np.testing.assert_allclose(line.get_ydata(), [93.0, 95.0])
+    assert len(fig.axes) == 2  # the depth colour bar
+    for nothing in (None, trials.drop(columns=["latency_ms"])):
+        empty = plot_search(nothing)
+        assert "no accuracy + latency search" in empty.axes[0].texts[0].get_text()

@@ -116,3 +116,27 @@ def test_an_unknown_model_fails_fast_naming_the_parameter(first_run, tmp_path, c
     err = capsys.readouterr().err
     assert "teacher = 'bert-bsae-uncased': not a local directory" in err and "tiny-bert" in err
     assert _digest(out / "results") == before
+
+
+def test_an_accuracy_and_latency_search_runs_through_02_and_03(first_run, tmp_path):
+    """n_trials with search_latency: 02 writes the trials with their Pareto flags, trains the chosen
+    depth, 03 draws the front; a rerun without a search removes the trials table."""
+    import shutil
+
+    import pandas as pd
+
+    out = tmp_path / "outputs"
+    shutil.copytree(first_run, out)
+    assert _run(out, "--only", "02", "03", "-p", "variants", "[onnx]", "-p", "n_trials", "3",
+                "-p", "search_latency", "true") == 0
+    trials = pd.read_csv(out / "tables" / "smoke" / "search_trials.csv")
+    assert len(trials) == 3 and (trials["state"] == "COMPLETE").all()
+    assert {"alpha", "temperature", "epochs", "student_layers", "accuracy", "latency_ms", "pareto"} <= set(trials)
+    assert trials["pareto"].any() and (trials["latency_ms"] > 0).all()
+    front = trials[trials["pareto"]]
+    chosen = front[front["accuracy"] >= front["accuracy"].max() - 0.01].sort_values("latency_ms").iloc[0]
+    saved = json.loads((out / "models" / "smoke" / "student" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == chosen["student_layers"]  # the chosen depth was trained and saved
+    assert (out / "figures" / "smoke" / "search_pareto.png").stat().st_size > 10_000
+    assert _run(out, "--only", "02", "-p", "variants", "[]") == 0
+    assert not (out / "tables" / "smoke" / "search_trials.csv").exists()

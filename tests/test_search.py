@@ -37,9 +37,13 @@ def tiny_space(trial) -> dict:
     return {"alpha": trial.suggest_float("alpha", 0.0, 1.0), "temperature": trial.suggest_int("temperature", 2, 20)}
 
 
-def test_the_reference_search_space():
-    trial = optuna.trial.FixedTrial({"epochs": 7, "alpha": 0.3, "temperature": 11})
-    assert suggest_hyperparameters(trial) == {"epochs": 7, "alpha": 0.3, "temperature": 11}
+def test_the_reference_search_space_and_the_hidden_weight():
+    params = {"epochs": 7, "alpha": 0.3, "temperature": 11, "hidden_weight": 2.5}
+    assert suggest_hyperparameters(optuna.trial.FixedTrial(params)) == params
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: suggest_hyperparameters(trial)["alpha"], n_trials=1)
+    ranges = {name: (d.low, d.high) for name, d in study.trials[0].distributions.items()}
+    assert ranges == {"epochs": (5, 10), "alpha": (0.0, 1.0), "temperature": (2, 20), "hidden_weight": (0.0, 10.0)}
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
@@ -116,3 +120,72 @@ def test_prepared_data_trains_like_raw_data(setup, tmp_path):
     with pytest.raises(ValueError, match="prepare_datasets"):
         train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "bad",
                       prepared=data, **kwargs)
+
+
+def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
+    """Optuna's median pruner, fed each epoch's validation accuracy: a trial that cannot learn
+    (learning rate 1e-9) stops at epoch 2 of 4, the first where it falls below the median of the 3
+    completed ones (all at 0.33 after epoch 1, at 1.0 after epoch 2)."""
+    data, tokenizer, teacher = setup
+    storage = tmp_path / "search.journal"
+    study = open_study(storage)
+    for rate in (2e-2, 2e-2, 2e-2, 1e-9):
+        study.enqueue_trial({"learning_rate": rate})
+    hyperparameter_search(
+        lambda: make_tiny_model("tiny-bert", LABELS, seed=5), tokenizer, data, n_trials=4, teacher=teacher,
+        base_config=TrainConfig(alpha=1.0, epochs=4, batch_size=16), storage=storage, output_dir=tmp_path / "trials",
+        space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-9, 1e-1, log=True)},
+    )
+    trials = open_study(storage).get_trials()
+    states = [t.state for t in trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3 + [optuna.trial.TrialState.PRUNED], states
+    assert list(trials[3].intermediate_values) == [1, 2]  # stopped after its second epoch
+    assert all(list(t.intermediate_values) == [1, 2, 3, 4] for t in trials[:3])
+    assert trials[3].intermediate_values[2] < trials[0].intermediate_values[2]
+    assert not any((tmp_path / "trials").glob("trial-*"))  # no trial's checkpoints are left behind
+
+
+def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
+    """Two objectives: validation accuracy up, latency down, over the student's depth too. The latency
+    here is a stand-in clock (the student's layer count), so the front can be checked by hand."""
+    from kdlib.distill import choose_from_front, search_layers, search_trials
+    from kdlib.models import default_keep_layers, num_layers
+
+    data, tokenizer, teacher = setup
+    depth = num_layers(teacher)
+    storage = tmp_path / "search.journal"
+    best = hyperparameter_search(
+        lambda student_layers: student_from_teacher(teacher, default_keep_layers(depth, student_layers)),
+        tokenizer, data, n_trials=5, teacher=teacher, base_config=TrainConfig(epochs=1, batch_size=16),
+        storage=storage, output_dir=tmp_path / "trials", space=search_layers(depth),
+        latency=lambda model: float(num_layers(model)),
+    )
+    study = open_study(storage, study_name="distillation-latency", directions=("maximize", "minimize"))
+    trials = search_trials(storage, latency=True)
+    assert len(trials) == 5 and (trials["state"] == "COMPLETE").all()
+    assert (trials["latency_ms"] == trials["student_layers"]).all()  # each trial's student had its depth
+    assert trials["worker"].notna().all()
+
+    def dominated(row) -> bool:
+        better = (trials["accuracy"] >= row["accuracy"]) & (trials["latency_ms"] <= row["latency_ms"])
+        strictly = (trials["accuracy"] > row["accuracy"]) | (trials["latency_ms"] < row["latency_ms"])
+        return bool((better & strictly).any())
+
+    assert trials["pareto"].tolist() == [not dominated(row) for _, row in trials.iterrows()]
+    front = trials[trials["pareto"]]
+    near = front[front["accuracy"] >= front["accuracy"].max() - 0.01]
+    assert best == choose_from_front(study) and best["student_layers"] == near["latency_ms"].min()
+    # the single-objective study of the same storage is another study, untouched
+    assert search_trials(storage).empty
+
+
+def test_choose_from_front_prefers_the_fastest_trial_within_the_tolerance():
+    from types import SimpleNamespace
+
+    from kdlib.distill import choose_from_front
+
+    front = [SimpleNamespace(values=v, params={"n": i}) for i, v in enumerate([(0.95, 5.0), (0.945, 3.0), (0.92, 1.0)])]
+    study = SimpleNamespace(best_trials=front)
+    assert choose_from_front(study) == {"n": 1}  # 0.945 is within 1 point of 0.95, and faster
+    assert choose_from_front(study, tolerance=0.001) == {"n": 0}
+    assert choose_from_front(study, tolerance=0.05) == {"n": 2}
