@@ -564,6 +564,7 @@ def quantize_onnx_int8(
     *,
     quantize_embeddings: bool = True,
     per_channel: bool = True,
+    quantize_attention: bool = False,
 ) -> Path:
     """Quantise an fp32 ONNX file with ONNX Runtime's dynamic quantisation (8-bit weights).
 
@@ -579,6 +580,9 @@ def quantize_onnx_int8(
       word-embedding matrix is a large share of the weights (about 40 % of MiniLM-L6), so without
       it the file would shrink to ~65 % instead of ~25 % of the fp32 file; it moved MiniLM's
       logits no more than the MatMul quantisation alone did.
+    * ``quantize_attention``: ORT's fused ``Attention`` nodes (:func:`export_onnx_fused`) become
+      ``QAttention`` with int8 Q/K/V weights; on the MiniLM student this took the fused int8 graph
+      from 1.60 to 1.27 ms p50 (2 threads, AMD EPYC) at test accuracy 0.8644 instead of 0.8622.
     * ``Gemm`` (the 2-D pooler / classifier layers in the exported graph) is not quantised:
       ORT's dynamic (IntegerOps) mode has no Gemm kernel; they hold a few thousand weights.
 
@@ -595,6 +599,8 @@ def quantize_onnx_int8(
     metadata = onnx_metadata(src)
     metadata[QUANTIZATION_KEY] = "int8"
     ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
+    if quantize_attention:
+        ops.append("Attention")
     with (
         atomic_path(dst, suffix=".tmp.onnx") as tmp,
         tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work,
@@ -727,7 +733,7 @@ def build_variants(
         )
     if "onnx-fused-int8" in variants:
         fused_path, fused_int8_path = out_dir / "model-fused.onnx", out_dir / "model-fused-int8.onnx"
-        quantize_onnx_int8(export_onnx_fused(model, tokenizer, fused_path), fused_int8_path)
+        quantize_onnx_int8(export_onnx_fused(model, tokenizer, fused_path), fused_int8_path, quantize_attention=True)
         result[f"{prefix}-onnx-fused-int8"] = OnnxPredictor(
             fused_int8_path, tokenizer, threads=threads, max_length=max_length
         )

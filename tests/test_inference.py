@@ -363,6 +363,8 @@ def test_fused_export_is_fused_and_predicts_like_pytorch(kind, tmp_path):
     variant = build_variants(model, tokenizer, tmp_path / "variants", variants=["onnx-fused-int8"])
     assert list(variant) == ["student-onnx-fused-int8"]
     assert variant["student-onnx-fused-int8"].describe()["backend"] == "onnxruntime-int8"
+    int8_ops = {node.op_type for node in onnx.load(str(tmp_path / "variants" / "model-fused-int8.onnx")).graph.node}
+    assert {"QAttention", "MatMulInteger"} <= int8_ops and "Attention" not in int8_ops, int8_ops
     assert parity_check(reference, variant["student-onnx-fused-int8"], texts)["prediction_agreement"] == 1.0
 
 
