@@ -195,6 +195,11 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DistillationTrainingArguments):
             raise TypeError("DistillationTrainer needs DistillationTrainingArguments (alpha, temperature).")
+        if self.args.hidden_weight > 0 and teacher_model is None:
+            raise ValueError(
+                f"hidden_weight={self.args.hidden_weight} > 0 matches the teacher's hidden states, which cached "
+                "logits do not hold: pass `teacher_model=`."
+            )
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.to(self.args.device).eval()

@@ -415,6 +415,9 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
         assert difference.item() == pytest.approx(2.0 * hand.item(), rel=1e-5)
         terms[name] = hand.item()
     assert terms["copied"] < terms["random"]
+    # without a teacher model there are no hidden states: refused when the trainer is built, before any step
+    with pytest.raises(ValueError, match="teacher_model"):
+        DistillationTrainer(model=copied, args=make_args(tmp_path, hidden_weight=2.0), data_collator=collator)
 
 
 def test_train_student_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
