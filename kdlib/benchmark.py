@@ -79,14 +79,25 @@ def classification_metrics(
     return metrics
 
 
-def predict_logits(predictor: Predictor, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Logits ``(len(texts), len(predictor.labels))`` in input order, from length-sorted batches."""
+def predict_logits(
+    predictor: Predictor, texts: Sequence[str], batch_size: int = 64, *, features: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Logits ``(len(texts), len(predictor.labels))`` in input order, from length-sorted batches;
+    with ``features=True`` also the predictor's features (:meth:`Predictor.logits_and_features`)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), len(predictor.labels)), dtype=np.float32)
+    found = None
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        out[chunk] = predictor.logits([texts[i] for i in chunk])
-    return out
+        batch = [texts[i] for i in chunk]
+        if not features:
+            out[chunk] = predictor.logits(batch)
+            continue
+        out[chunk], batch_features = predictor.logits_and_features(batch)
+        if found is None:
+            found = np.zeros((len(texts), batch_features.shape[1]), dtype=np.float32)
+        found[chunk] = batch_features
+    return (out, found) if features else out
 
 
 def _check_split(dataset: object, what: str) -> None:
@@ -95,6 +106,23 @@ def _check_split(dataset: object, what: str) -> None:
             f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
             f"got {type(dataset).__name__}."
         )
+
+
+def _check_inputs(
+    dataset: object, validation: object, train: object, oos_score: str, oos_label: str | None = OOS_LABEL
+) -> bool:
+    """Refuse wrong splits before any work; True when the data has an OOS label."""
+    _check_split(dataset, "dataset")
+    for split, what in ((validation, "validation"), (train, "train")):
+        if split is not None:
+            _check_split(split, what)
+    has_oos = oos_label is not None and oos_label in dataset.features["label"].names
+    if has_oos and oos_score == "mahalanobis" and train is None:
+        raise ValueError(
+            "oos_score='mahalanobis' is fit on the training split: pass `train=` (e.g. data['train']), "
+            "or choose oos_score='energy'."
+        )
+    return has_oos
 
 
 def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
@@ -120,6 +148,7 @@ def evaluate(
     batch_size: int = 64,
     oos_label: str | None = OOS_LABEL,
     validation: Dataset | None = None,
+    train: Dataset | None = None,
     oos_score: str = "energy",
     threshold_rule: str = "in_scope_accuracy",
     in_scope_target: float = 0.95,
@@ -129,6 +158,8 @@ def evaluate(
     With an OOS label in the data, also the OOS detection keys of :data:`kdlib.oos.OOS_KEYS`: the
     ``oos_score``'s AUROC / FPR95 on this split and, with ``validation`` given, the metrics of the
     threshold chosen on ``validation`` by ``threshold_rule`` (see :func:`kdlib.oos.choose_threshold`).
+    ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor without features is scored
+    by ``energy`` instead, and the record's ``oos_score`` says which score was used.
     Without an OOS label these keys are None (not applicable).
 
     Returns the metrics and, with an OOS label, the test scores for plotting
@@ -136,29 +167,43 @@ def evaluate(
     """
     from kdlib import oos
 
+    has_oos = _check_inputs(dataset, validation, train, oos_score, oos_label)
     gold = _gold_ids(predictor, dataset, "dataset")
-    with torch.inference_mode():
-        logits = predict_logits(predictor, dataset["text"], batch_size)
+    method = oos_score
+    if method == oos.FEATURE_SCORE and not predictor.exposes_features:
+        method = oos.FALLBACK_SCORE  # e.g. ONNX Runtime: its graph returns logits only
+    use_features = has_oos and method == oos.FEATURE_SCORE
+
+    def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+        with torch.inference_mode():
+            found = predict_logits(predictor, split["text"], batch_size, features=use_features)
+        if not has_oos:
+            return found, None
+        if use_features:
+            return found[0], scorer(found[1])
+        return found, oos.oos_scores(found, method, oos_index)
+
+    oos_index = predictor.labels.index(oos_label) if has_oos else None
+    if use_features:
+        with torch.inference_mode():
+            _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
+        scorer = oos.MahalanobisScore(train_features, _gold_ids(predictor, train, "train"), oos_index)
+    logits, scores = logits_and_scores(dataset)
     labels = np.asarray(predictor.labels, dtype=object)
-    has_oos = oos_label is not None and oos_label in dataset.features["label"].names
     predicted = list(labels[logits.argmax(axis=1)])
     metrics = classification_metrics(list(labels[gold]), predicted, oos_label if has_oos else None)
     metrics.update({key: None for key in oos.OOS_KEYS})
-    metrics.update(oos_score=oos_score if has_oos else None, threshold_rule=None)
+    metrics.update(oos_score=method if has_oos else None, threshold_rule=None)
     detail = None
     if has_oos:
-        oos_index = predictor.labels.index(oos_label)
-        scores = oos.oos_scores(logits, oos_score, oos_index)
         metrics.update(oos.detection_metrics(scores, gold == oos_index))
         threshold = None
         if validation is not None:
-            val_gold = _gold_ids(predictor, validation, "validation")
-            with torch.inference_mode():
-                val_logits = predict_logits(predictor, validation["text"], batch_size)
+            val_logits, val_scores = logits_and_scores(validation)
             threshold = oos.choose_threshold(
-                oos.oos_scores(val_logits, oos_score, oos_index),
+                val_scores,
                 val_logits.argmax(axis=1),
-                val_gold,
+                _gold_ids(predictor, validation, "validation"),
                 oos_index,
                 rule=threshold_rule,
                 in_scope_target=in_scope_target,
@@ -166,7 +211,7 @@ def evaluate(
             metrics["threshold_rule"] = oos.describe_rule(threshold_rule, in_scope_target)
             # A score's separation is measurable on any split; a decision threshold only with validation.
             metrics.update(oos.threshold_metrics(scores, logits.argmax(axis=1), gold, oos_index, threshold))
-        detail = {"scores": scores, "is_oos": gold == oos_index, "threshold": threshold, "method": oos_score}
+        detail = {"scores": scores, "is_oos": gold == oos_index, "threshold": threshold, "method": method}
     return metrics, detail
 
 
@@ -301,7 +346,9 @@ class PerformanceBenchmark:
         tokenizer: needed only with a ``transformers`` model.
         model_ref: where the model came from, stored in the record.
         validation: the validation split, on which the OOS threshold is chosen (None: no threshold).
-        oos_score: ``"energy"`` or ``"msp"`` (:func:`kdlib.oos.oos_scores`).
+        train: the training split, on which ``oos_score="mahalanobis"`` is fit (needed only for it).
+        oos_score: ``"energy"``, ``"msp"`` (:func:`kdlib.oos.oos_scores`) or ``"mahalanobis"``
+            (:class:`kdlib.oos.MahalanobisScore`; ``energy`` for a predictor without features).
         threshold_rule: ``"in_scope_accuracy"`` (keep validation in-scope accuracy >= ``in_scope_target``)
             or ``"accuracy"`` (maximise validation accuracy).
         in_scope_target: see ``threshold_rule``.
@@ -326,6 +373,7 @@ class PerformanceBenchmark:
         tokenizer=None,
         model_ref: str | None = None,
         validation: Dataset | None = None,
+        train: Dataset | None = None,
         oos_score: str = "energy",
         threshold_rule: str = "in_scope_accuracy",
         in_scope_target: float = 0.95,
@@ -336,9 +384,7 @@ class PerformanceBenchmark:
         threads: int | None = None,
         clock: Clock = time.perf_counter,
     ) -> None:
-        _check_split(dataset, "dataset")  # before any work, not after the model is wrapped
-        if validation is not None:
-            _check_split(validation, "validation")
+        _check_inputs(dataset, validation, train, oos_score)  # before any work, not after the model is wrapped
         if isinstance(model, Predictor):
             self.predictor = model
         else:
@@ -349,7 +395,8 @@ class PerformanceBenchmark:
         self.name = name
         self.model_ref = model_ref
         self.oos_options = dict(
-            validation=validation, oos_score=oos_score, threshold_rule=threshold_rule, in_scope_target=in_scope_target
+            validation=validation, train=train, oos_score=oos_score, threshold_rule=threshold_rule,
+            in_scope_target=in_scope_target,
         )
         self.oos_detail: dict | None = None
         self.n_latency_queries = n_latency_queries

@@ -134,8 +134,10 @@ class RunConfig(BaseModel):
     )
     n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")
     # 01 and 02: out-of-scope detection, a threshold on a score chosen on validation
-    oos_score: Literal["energy", "msp"] = Field(
-        "energy", description="OOS score: energy (-logsumexp of in-scope logits) | msp (1 - max softmax)"
+    oos_score: Literal["mahalanobis", "energy", "msp"] = Field(
+        "mahalanobis",
+        description="OOS score: mahalanobis (distance of mean-pooled features to the nearest intent, fit on train; "
+        "energy for ONNX variants) | energy (-logsumexp of in-scope logits) | msp (1 - max softmax)",
     )
     threshold_rule: Literal["in_scope_accuracy", "accuracy"] = Field(
         "in_scope_accuracy",

@@ -58,9 +58,14 @@ class Predictor:
     """Base class: subclasses implement ``logits``, ``size_bytes`` and ``describe``."""
 
     labels: list[str]
+    exposes_features = False  # True where logits_and_features returns features (the Mahalanobis OOS score)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, where the variant exposes them, one feature vector per text (else None)."""
+        return self.logits(texts), None
 
     def size_bytes(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -94,6 +99,8 @@ def state_dict_size_bytes(model: torch.nn.Module) -> int:
 class TorchPredictor(Predictor):
     """A ``transformers`` sequence classifier (fp32, or dynamically quantised) with its tokenizer."""
 
+    exposes_features = True
+
     def __init__(
         self,
         model: PreTrainedModel | torch.nn.Module,
@@ -125,6 +132,17 @@ class TorchPredictor(Predictor):
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         return self.model(**forward_inputs(self.model, encoded)).logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the mean of the last layer's states over each text's real tokens, in one pass."""
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        output = self.model(**forward_inputs(self.model, encoded), output_hidden_states=True)
+        mask = encoded["attention_mask"].unsqueeze(-1).to(output.hidden_states[-1].dtype)
+        features = (output.hidden_states[-1] * mask).sum(1) / mask.sum(1)
+        return output.logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def size_bytes(self) -> int:
         return state_dict_size_bytes(self.model)

@@ -180,4 +180,10 @@ def _oos_sentences(rows: Mapping[str, Mapping], base: Mapping, baseline: str) ->
         )
     else:
         sentence += "No variant loses more OOS recall than in-scope accuracy."
+    others = sorted({v for v, r in rows.items() if r.get("oos_score") not in (None, base.get("oos_score"))})
+    if others:
+        sentence += (
+            f" {', '.join(others)} cannot expose the features of the {base.get('oos_score')} score and "
+            f"{'is' if len(others) == 1 else 'are'} scored by {rows[others[0]].get('oos_score')} instead."
+        )
     return [sentence]

@@ -342,7 +342,11 @@ def _not_applicable(ax: Axes) -> None:
     ax.set_axis_off()
 
 
-SCORE_NAMES = {"energy": "Energy score (-logsumexp of the in-scope logits)", "msp": "1 - max softmax probability"}
+SCORE_NAMES = {
+    "energy": "Energy score (-logsumexp of the in-scope logits)",
+    "msp": "1 - max softmax probability",
+    "mahalanobis": "Squared Mahalanobis distance to the nearest intent (log scale)",
+}
 
 
 def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
@@ -358,6 +362,9 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
     else:
         scores, is_oos = np.asarray(detail["scores"]), np.asarray(detail["is_oos"], dtype=bool)
         bins = np.histogram_bin_edges(scores, bins=50)
+        if detail.get("method") == "mahalanobis" and scores.min() > 0:  # distances: a long right tail
+            bins = np.geomspace(scores.min(), scores.max(), 51)
+            ax.set_xscale("log")
         ax.hist(scores[~is_oos], bins=bins, alpha=0.6, density=True, label=f"in scope ({(~is_oos).sum():,})")
         ax.hist(scores[is_oos], bins=bins, alpha=0.6, density=True, label=f"out of scope ({is_oos.sum():,})")
         if detail.get("threshold") is not None:

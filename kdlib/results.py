@@ -31,6 +31,7 @@ TABLE_COLUMNS = [
     "in_scope_accuracy",
     "oos_recall",
     "oos_precision",
+    "oos_score",
     *OOS_KEYS,
     "loses_more_oos",
     "size_mb",
@@ -47,7 +48,9 @@ TABLE_COLUMNS = [
     "test_rows",
 ]
 # The OOS view of the comparison table (notebook 03): n/a where the data has no OOS label.
-OOS_TABLE_COLUMNS = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS, "loses_more_oos"]
+OOS_TABLE_COLUMNS = [
+    "run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS, "loses_more_oos"
+]
 
 
 def _check_name(value: str, what: str) -> str:
@@ -249,7 +252,7 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
         row["threads"] = (record.get("env") or {}).get("threads")
         rows.append(row)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "loses_more_oos")]
+    numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "oos_score", "loses_more_oos")]
     for column in numeric:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
     table["loses_more_oos"] = table["loses_more_oos"].astype(object)

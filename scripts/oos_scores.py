@@ -3,7 +3,7 @@
 For every score in kdlib.oos.OOS_SCORES: how well it separates OOS from in-scope queries on the
 validation split, and the test figures of the threshold chosen on validation (the rule and target
 are the run parameters ``threshold_rule`` / ``in_scope_target``). The README's choice of the
-``energy`` default comes from
+``mahalanobis`` default comes from (run for the teacher and for the student)
 
     .venv/bin/python scripts/oos_scores.py outputs/models/minilm/teacher
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for score in OOS_SCORES:
         options = {**config.oos_options(), "oos_score": score}
-        on_validation, _ = evaluate(predictor, data["validation"], **options)
-        on_test, _ = evaluate(predictor, data["test"], validation=data["validation"], **options)
+        on_validation, _ = evaluate(predictor, data["validation"], train=data["train"], **options)
+        on_test, _ = evaluate(predictor, data["test"], validation=data["validation"], train=data["train"], **options)
         rows[score] = {
             "validation_auroc": on_validation["oos_auroc"],
             "validation_fpr95": on_validation["oos_fpr95"],

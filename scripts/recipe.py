@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = train_student(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
                                resume=False)
     metrics = compute_accuracy(
-        TorchPredictor(result.model, tokenizer), data["test"], validation=data["validation"], **config.oos_options()
+        TorchPredictor(result.model, tokenizer), data["test"], validation=data["validation"], train=data["train"],
+        **config.oos_options()
     )
     seconds = time.perf_counter() - start
     if args.save:

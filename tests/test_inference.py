@@ -33,6 +33,7 @@ from kdlib.inference import (
     state_dict_size_bytes,
     torch_int8_predictor,
 )
+from kdlib.models import forward_inputs
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
 LABELS = ["balance", "travel", "weather", "music", "alarm"]
@@ -194,6 +195,22 @@ def test_labels_rebuilt_from_file_alone(setup, tmp_path):
         OnnxPredictor(bare, make_tiny_tokenizer())
     renamed = [f"x{i}" for i in range(len(LABELS))]
     assert OnnxPredictor(bare, make_tiny_tokenizer(), labels=renamed).labels == renamed
+
+
+def test_torch_features_are_each_texts_mean_last_layer_state_whatever_the_padding(setup):
+    """The Mahalanobis score's features: padding of a batch must not move a text's feature vector."""
+    reference, int8 = setup["reference"], setup["variants"]["student-int8"]
+    logits, features = reference.logits_and_features(TEXTS[:4])
+    np.testing.assert_allclose(logits, reference.logits(TEXTS[:4]), atol=1e-5)
+    model, tokenizer = setup["model"], setup["tokenizer"]
+    for row, text in enumerate(TEXTS[:4]):
+        encoded = tokenizer([text], return_tensors="pt")
+        with torch.inference_mode():
+            states = model(**forward_inputs(model, encoded), output_hidden_states=True).hidden_states[-1]
+        np.testing.assert_allclose(features[row], states[0].mean(0).numpy(), atol=1e-5)
+    assert int8.exposes_features and int8.logits_and_features(TEXTS[:2])[1].shape == (2, features.shape[1])
+    onnx = setup["variants"]["student-onnx"]
+    assert not onnx.exposes_features and onnx.logits_and_features(TEXTS[:2])[1] is None
 
 
 def test_benchmark_runs_with_onnx_predictor(setup):

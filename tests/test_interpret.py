@@ -99,6 +99,11 @@ def test_comparison_picks_the_fastest_variant_within_a_point_and_explains_latenc
     assert "3.3× faster per query but 1.11× in throughput" in text and "fixed costs per call" in text
     assert "78.1 % of OOS queries" in text
     assert "student, student-int8, student-onnx" in text  # each lost more OOS recall than in-scope accuracy
+    assert "scored by" not in text  # every variant used the teacher's score
+    mixed = [{**r, "oos_score": "mahalanobis"} for r in (TEACHER, STUDENT, INT8)] + [ONNX]
+    assert "student-onnx cannot expose the features of the mahalanobis score and is scored by energy instead" in (
+        interpret_comparison(comparison_table(mixed))
+    )
     # No variant within a point: the nearest is named instead.
     far = comparison_table([TEACHER, {**STUDENT, "accuracy": 0.80}])
     assert "No variant stays within 1 point" in interpret_comparison(far) and "-7.5 points" in interpret_comparison(far)

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from kdlib.benchmark import PerformanceBenchmark, classification_metrics, evaluate
 from kdlib.inference import Predictor
-from kdlib.oos import OOS_KEYS, apply_threshold, choose_threshold, detection_metrics, oos_scores
+from kdlib.oos import OOS_KEYS, MahalanobisScore, apply_threshold, choose_threshold, detection_metrics, oos_scores
 from kdlib.results import comparison_table, oos_table, summary_frame
 
 RNG = np.random.default_rng(0)
@@ -29,7 +29,33 @@ def test_scores_by_hand_leave_out_the_oos_column():
     confident, flat = np.array([[9.0, 0.0, 0.0, 0.0]]), np.array([[1.0, 1.0, 1.0, 0.0]])
     assert oos_scores(confident, "msp", OOS) < oos_scores(flat, "msp", OOS)
     with pytest.raises(ValueError, match="oos_score must be one of"):
+        oos_scores(LOGITS, "entropy")
+    with pytest.raises(ValueError, match="MahalanobisScore"):
         oos_scores(LOGITS, "mahalanobis")
+
+
+def test_mahalanobis_score_matches_scipy_distance_to_the_nearest_intent():
+    from scipy.spatial.distance import mahalanobis
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1, 2, OOS], 30)
+    features = rng.normal(size=(120, 5)) + labels[:, None] * np.array([2.0, -1.0, 0.5, 0.0, 1.0])
+    score = MahalanobisScore(features, labels, OOS)
+    # By hand: intent means and the covariance around them, from in-scope rows only (OOS rows ignored).
+    in_scope = labels != OOS
+    means = np.stack([features[labels == c].mean(0) for c in (0, 1, 2)])
+    centred = features[in_scope] - means[labels[in_scope]]
+    inverse = np.linalg.inv(centred.T @ centred / len(centred))
+    queries = rng.normal(size=(7, 5)) * 3
+    expected = [min(mahalanobis(q, m, inverse) ** 2 for m in means) for q in queries]
+    np.testing.assert_allclose(score(queries), expected, rtol=1e-6)
+    # OOS training rows do not move the fit; a query far from every intent scores higher than a mean.
+    wild = features.copy()
+    wild[~in_scope] *= 100
+    np.testing.assert_allclose(MahalanobisScore(wild, labels, OOS)(queries), expected, rtol=1e-6)
+    assert score(means[:1] + 50)[0] > score(means[:1])[0]
+    with pytest.raises(ValueError, match="2\\+ in-scope intents"):
+        MahalanobisScore(features[:30], labels[:30], OOS)
 
 
 def test_auroc_and_fpr95_against_scikit_learn_on_fixed_arrays():
@@ -143,6 +169,73 @@ def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits):
     assert detail["threshold"] == metrics["threshold"] and detail["is_oos"].sum() == np.sum(
         np.array(test["label"]) == 3
     )
+
+
+class FeatureLookupPredictor(TableLookupPredictor):
+    """Logits and features looked up by text: the Mahalanobis score's inputs under the test's control."""
+
+    exposes_features = True
+
+    def __init__(self, logits_by_text, features_by_text):
+        super().__init__(logits_by_text)
+        self.features = features_by_text
+
+    def logits_and_features(self, texts):
+        return self.logits(texts), np.stack([self.features[t] for t in texts])
+
+
+@pytest.fixture
+def feature_splits(splits):
+    """The ``splits`` predictor with features (intent-shaped for in-scope texts), plus a train split."""
+    predictor, validation, test = splits
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(4, 6)) * 3
+    train = _split("train", np.repeat([0, 1, 2, 3], 25))
+    table, features = dict(predictor.table), {}
+    for split in (train, validation, test):
+        for text, gold in zip(split["text"], split["label"], strict=True):
+            features[text] = centres[gold] + rng.normal(size=6) * (1.0 if gold != 3 else 4.0)
+            table.setdefault(text, rng.normal(size=4))
+    return FeatureLookupPredictor(table, features), train, validation, test
+
+
+def test_mahalanobis_is_fit_on_train_and_its_threshold_chosen_on_validation(feature_splits):
+    predictor, train, validation, test = feature_splits
+    metrics, detail = evaluate(predictor, test, validation=validation, train=train, oos_score="mahalanobis",
+                               in_scope_target=0.6)
+    assert metrics["oos_score"] == detail["method"] == "mahalanobis" and metrics["threshold"] is not None
+    fit = MahalanobisScore(np.stack([predictor.features[t] for t in train["text"]]), np.array(train["label"]), 3)
+    test_features = np.stack([predictor.features[t] for t in test["text"]])
+    np.testing.assert_allclose(detail["scores"], fit(test_features), rtol=1e-5)  # features pass through float32
+    assert metrics["oos_auroc"] > 0.9  # OOS features are spread away from the intent centres
+    # Test labels never choose; train labels do (they decide the intent means).
+    shuffled = test.map(lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True)
+    again, _ = evaluate(predictor, shuffled, validation=validation, train=train, oos_score="mahalanobis",
+                        in_scope_target=0.6)
+    assert again["threshold"] == metrics["threshold"]
+    relabelled = train.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
+    moved, _ = evaluate(predictor, test, validation=validation, train=relabelled, oos_score="mahalanobis",
+                        in_scope_target=0.6)
+    assert moved["oos_auroc"] != metrics["oos_auroc"]
+
+
+def test_mahalanobis_needs_a_train_split_before_any_work_and_falls_back_without_features(splits):
+    predictor, validation, test = splits
+
+    class Untouchable(TableLookupPredictor):
+        def logits(self, texts):
+            raise AssertionError("the model ran before the arguments were checked")
+
+    for call in (
+        lambda: evaluate(Untouchable({}), test, validation=validation, oos_score="mahalanobis"),
+        lambda: PerformanceBenchmark(Untouchable({}), test, "m", validation=validation, oos_score="mahalanobis"),
+    ):
+        with pytest.raises(ValueError, match="pass `train=`"):
+            call()
+    # A variant without features (ONNX Runtime's) is scored by energy, and its record says so.
+    fallback, _ = evaluate(predictor, test, validation=validation, train=validation, oos_score="mahalanobis")
+    energy, _ = evaluate(predictor, test, validation=validation, oos_score="energy")
+    assert fallback["oos_score"] == "energy" and fallback == energy
 
 
 def test_without_validation_the_score_is_measured_but_no_threshold_applied(splits):

@@ -288,7 +288,13 @@ def test_oos_score_histograms_and_the_threshold_line():
     assert labels == ["in scope (3)", "out of scope (2)", "threshold (from validation)"]
     line = next(line for line in ax.get_lines() if line.get_label().startswith("threshold"))
     assert list(line.get_xdata()) == [0.55, 0.55]
-    assert ax.get_xlabel().startswith("Energy score")
+    assert ax.get_xlabel().startswith("Energy score") and ax.get_xscale() == "linear"
+    # Distances have a long right tail: a log axis, every query still counted once.
+    distances = {"scores": scores * 1000, "is_oos": is_oos, "threshold": 550.0, "method": "mahalanobis"}
+    ax = plots.plot_oos_scores(distances).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel().startswith("Squared Mahalanobis")
+    counts = [sum(p.get_height() * p.get_width() for p in c) for c in ax.containers]
+    assert counts == pytest.approx([1.0, 1.0])  # density histograms over all in-scope / all OOS scores
 
 
 def test_oos_figures_say_not_applicable_without_an_oos_label(table):

@@ -61,20 +61,25 @@ def test_recipe_rejects_malformed_layers_before_any_work(recipe, capsys):
 
 def test_oos_scores_script_reports_each_score_on_validation_and_test(setup, tmp_path):
     from kdlib import TorchPredictor, load_intent_data, load_tokenizer
-    from kdlib.oos import detection_metrics, oos_scores
+    from kdlib.oos import MahalanobisScore, detection_metrics, oos_scores
 
     spec = importlib.util.spec_from_file_location("oos_scores", SCRIPT.parent / "oos_scores.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     folder, teacher_dir = setup
     rows = script.main([str(teacher_dir), "--profile", "smoke", "-p", "data_source", str(folder)])
-    assert set(rows) == {"msp", "energy"}
-    # The validation AUROC is the score's, computed from the model's validation logits.
-    validation = load_intent_data(str(folder))["validation"]
+    assert set(rows) == {"msp", "energy", "mahalanobis"}
+    # The validation AUROC is the score's, computed from the model's validation logits (or features,
+    # the Mahalanobis score fit on the training split).
+    data = load_intent_data(str(folder))
     predictor = TorchPredictor(load_classifier(teacher_dir, LABELS), load_tokenizer(teacher_dir))
-    logits = predictor.logits(validation["text"])
-    is_oos = [LABELS[i] == "oos" for i in validation["label"]]
-    for score in ("msp", "energy"):
-        expected = detection_metrics(oos_scores(logits, score, LABELS.index("oos")), is_oos)["oos_auroc"]
+    logits, features = predictor.logits_and_features(data["validation"]["text"])
+    is_oos = [LABELS[i] == "oos" for i in data["validation"]["label"]]
+    oos = LABELS.index("oos")
+    fit = MahalanobisScore(predictor.logits_and_features(data["train"]["text"])[1], data["train"]["label"], oos)
+    scores = {"msp": oos_scores(logits, "msp", oos), "energy": oos_scores(logits, "energy", oos),
+              "mahalanobis": fit(features)}
+    for score, values in scores.items():
+        expected = detection_metrics(values, is_oos)["oos_auroc"]
         assert rows[score]["validation_auroc"] == pytest.approx(expected, abs=1e-6)
         assert 0 <= rows[score]["test_threshold_accuracy"] <= 1
