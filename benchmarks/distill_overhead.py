@@ -18,8 +18,8 @@ import time
 from kdlib.benchmark import env_fingerprint
 from kdlib.config import RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data, subsample
-from kdlib.distill import TrainConfig, add_teacher_logits, tokenize_dataset, train_student
 from kdlib.models import load_classifier, load_tokenizer, student_from_teacher
+from kdlib.train import TrainConfig, add_teacher_logits, tokenize_dataset, train_student
 
 
 def main() -> None:

@@ -3,14 +3,16 @@
 Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib import PerformanceBenchmark``);
 ``__all__`` is the list. One module per concept:
 
-* :mod:`kdlib.config` - the run configuration (every default), its validation and fingerprint, paths, session;
+* :mod:`kdlib.config` - the run configuration (every default), its validation and fingerprint, paths,
+  session, and the atomic writes every output goes through;
 * :mod:`kdlib.data` - intent data from every source, checked on the way in;
 * :mod:`kdlib.models` - model references, classifiers with the data's labels, students from teacher layers;
-* :mod:`kdlib.distill` - fine-tuning and distillation with the ``transformers`` Trainer, the search;
+* :mod:`kdlib.train` - fine-tuning and distillation with the ``transformers`` Trainer;
+* :mod:`kdlib.search` - the Optuna search over the distillation's hyperparameters (pruned, shareable);
 * :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
 * :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
 * :mod:`kdlib.oos` - out-of-scope scores, AUROC / FPR95, a threshold chosen on validation;
-* :mod:`kdlib.results` and :mod:`kdlib.modelcard` - result records, comparison tables, the model card;
+* :mod:`kdlib.report` - result records, comparison tables, the model card;
 * :mod:`kdlib.plots` - the figures; :mod:`kdlib.interpret` - sentences written from a run's records;
 * :mod:`kdlib.run` - the headless runner behind ``make run``;
 * :mod:`kdlib.testing` - tiny models, a tiny tokenizer and synthetic intents for tests and the smoke profile.
@@ -38,20 +40,17 @@ _EXPORTS = {
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
         "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
-    "distill": [
-        "DistillationTrainingArguments", "DistillationTrainer", "TrainConfig", "train_student",
-        "hyperparameter_search", "search_layers", "search_trials", "open_study", "soft_targets",
-    ],
+    "train": ["DistillationTrainingArguments", "DistillationTrainer", "TrainConfig", "train_student", "soft_targets"],
+    "search": ["hyperparameter_search", "search_layers", "search_trials", "open_study"],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
     ],
     "benchmark": ["PerformanceBenchmark", "compute_accuracy", "evaluate", "compute_size", "time_pipeline"],
     "oos": ["oos_scores", "detection_metrics", "choose_threshold", "apply_threshold"],
-    "results": [
+    "report": [
         "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",
-        "portable_ref", "oos_table",
+        "portable_ref", "oos_table", "write_model_card", "card_dataset", "base_model_id", "training_hyperparameters",
     ],
-    "modelcard": ["write_model_card", "card_dataset", "base_model_id", "training_hyperparameters"],
     "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency",
               "plot_search"],
     "interpret": ["interpret_baseline", "interpret_distillation", "interpret_comparison"],

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kdlib.config import atomic_path
 from kdlib.models import forward_inputs, pick_device
-from kdlib.results import atomic_path
 
 DEFAULT_MAX_LENGTH = 128
 

@@ -26,7 +26,7 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from kdlib.results import atomic_open
+from kdlib.config import atomic_open
 
 LATENCY_LABEL = "Average latency (ms)"
 ACCURACY_LABEL = "Accuracy (%)"
@@ -115,7 +115,7 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
 def _check_metric_table(table: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in _METRIC_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.results.comparison_table().")
+        raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.report.comparison_table().")
     table = table.copy()
     if "run" not in table.columns:
         table["run"] = ""
@@ -419,7 +419,7 @@ def plot_oos_vs_latency(
 
 def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
     """Each finished search trial's validation accuracy against its measured latency, coloured by the
-    student's depth, with the Pareto front joined (:func:`kdlib.distill.search_trials`). Without an
+    student's depth, with the Pareto front joined (:func:`kdlib.search.search_trials`). Without an
     accuracy + latency search the panel says so instead of drawing an empty plot."""
     fig = new_figure(figsize=(8, 4.5))
     ax = fig.add_subplot()

@@ -1,4 +1,4 @@
-"""Multi-process smoke test of kdlib.distill.train_student (DDP on CPU with the gloo backend).
+"""Multi-process smoke test of kdlib.train.train_student (DDP on CPU with the gloo backend).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/ddp_smoke.py --output-dir /tmp/ddp
 
@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from kdlib.data import build_dataset_dict
-from kdlib.distill import TrainConfig, train_student
 from kdlib.models import student_from_teacher
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer, synthetic_intents
+from kdlib.train import TrainConfig, train_student
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdlib.interpret import interpret_baseline, interpret_comparison, interpret_distillation
-from kdlib.results import comparison_table
+from kdlib.report import comparison_table
 
 TEACHER = {
     "run": "r",

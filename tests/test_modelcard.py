@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
 from kdlib.data import EMBEDDED_SOURCE
-from kdlib.distill import EPOCH_TABLE_COLUMNS
-from kdlib.modelcard import CardDataset, build_model_card, card_dataset, optimizer_description, write_model_card
+from kdlib.report import CardDataset, build_model_card, card_dataset, optimizer_description, write_model_card
+from kdlib.train import EPOCH_TABLE_COLUMNS
 
 EPOCHS = pd.DataFrame(
     [["No log", 1.0, 318, 3.2, 0.75], [1.234, 2.0, 636, 1.1, 0.9]], columns=EPOCH_TABLE_COLUMNS
@@ -105,7 +105,7 @@ def test_writing_replaces_the_card_atomically(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("kdlib.modelcard.build_model_card", broken)
+    monkeypatch.setattr("kdlib.report.build_model_card", broken)
     with pytest.raises(RuntimeError):
         write_model_card(tmp_path, **CARD)
     assert path.read_text() == before

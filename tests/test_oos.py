@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from kdlib.benchmark import PerformanceBenchmark, classification_metrics, evaluate
 from kdlib.inference import Predictor
 from kdlib.oos import OOS_KEYS, MahalanobisScore, apply_threshold, choose_threshold, detection_metrics, oos_scores
-from kdlib.results import comparison_table, oos_table, summary_frame
+from kdlib.report import comparison_table, oos_table, summary_frame
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(40, 4)) * 3

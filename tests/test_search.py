@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from kdlib.data import build_dataset_dict
-from kdlib.distill import TrainConfig, hyperparameter_search, open_study, suggest_hyperparameters, train_student
 from kdlib.models import student_from_teacher
+from kdlib.search import hyperparameter_search, open_study, suggest_hyperparameters
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.train import TrainConfig, train_student
 
 LABELS = ["alarm", "music", "weather"]
 
@@ -79,11 +80,11 @@ def test_zero_trials_skips_the_search(setup, tmp_path):
 
 
 def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, monkeypatch):
-    import kdlib.distill as distill
+    import kdlib.train as training
 
     data, tokenizer, teacher = setup
     calls = {"tokenise": 0, "logits": 0}
-    tokenize, logits_for = distill.tokenize_dataset, distill.teacher_logits_for
+    tokenize, logits_for = training.tokenize_dataset, training.teacher_logits_for
 
     def counting_tokenize(*args, **kwargs):
         calls["tokenise"] += 1
@@ -93,8 +94,8 @@ def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, m
         calls["logits"] += 1
         return logits_for(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "tokenize_dataset", counting_tokenize)
-    monkeypatch.setattr(distill, "teacher_logits_for", counting_logits)
+    monkeypatch.setattr(training, "tokenize_dataset", counting_tokenize)
+    monkeypatch.setattr(training, "teacher_logits_for", counting_logits)
     hyperparameter_search(
         lambda: student_from_teacher(teacher), tokenizer, data, n_trials=3, teacher=teacher,
         base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
@@ -106,7 +107,7 @@ def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, m
 
 
 def test_prepared_data_trains_like_raw_data(setup, tmp_path):
-    from kdlib.distill import prepare_datasets
+    from kdlib.train import prepare_datasets
 
     data, tokenizer, teacher = setup
     config = TrainConfig(alpha=0.5, temperature=3, epochs=1, batch_size=16, learning_rate=5e-3)
@@ -148,8 +149,8 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
 def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
     """Two objectives: validation accuracy up, latency down, over the student's depth too. The latency
     here is a stand-in clock (the student's layer count), so the front can be checked by hand."""
-    from kdlib.distill import choose_from_front, search_layers, search_trials
     from kdlib.models import default_keep_layers, num_layers
+    from kdlib.search import choose_from_front, search_layers, search_trials
 
     data, tokenizer, teacher = setup
     depth = num_layers(teacher)
@@ -182,7 +183,7 @@ def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
 def test_choose_from_front_prefers_the_fastest_trial_within_the_tolerance():
     from types import SimpleNamespace
 
-    from kdlib.distill import choose_from_front
+    from kdlib.search import choose_from_front
 
     front = [SimpleNamespace(values=v, params={"n": i}) for i, v in enumerate([(0.95, 5.0), (0.945, 3.0), (0.92, 1.0)])]
     study = SimpleNamespace(best_trials=front)

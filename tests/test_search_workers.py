@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from kdlib.distill import open_study
+from kdlib.search import open_study
 
 WORKER = r"""
 import json, os, socket, sys, time
 from pathlib import Path
-from kdlib.distill import open_study, run_study
+from kdlib.search import open_study, run_study
 
 storage, folder, n_trials, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 study = open_study(storage, study_name="shared", seed=seed)

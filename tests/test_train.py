@@ -1,4 +1,4 @@
-"""Tests of kdlib.distill: the loss by hand, validation, cache = online, gradient accumulation,
+"""Tests of kdlib.train: the loss by hand, validation, cache = online, gradient accumulation,
 the epoch table, and train_student end to end (reproducibility, resume) on tiny models."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, TrainerCallback
 
-from kdlib import distill
+from kdlib import train as training
 from kdlib.data import build_dataset_dict
-from kdlib.distill import (
+from kdlib.models import forward_inputs, num_layers, student_from_teacher
+from kdlib.testing import SYNTHETIC_KEYWORDS, make_tiny_model, make_tiny_tokenizer, synthetic_intents
+from kdlib.train import (
     EPOCH_TABLE_COLUMNS,
     NO_LOG,
     TEACHER_LOGITS,
@@ -31,8 +33,6 @@ from kdlib.distill import (
     tokenize_dataset,
     train_student,
 )
-from kdlib.models import forward_inputs, num_layers, student_from_teacher
-from kdlib.testing import SYNTHETIC_KEYWORDS, make_tiny_model, make_tiny_tokenizer, synthetic_intents
 
 # ---------------------------------------------------------------------------------------------
 # Shared fixtures: synthetic keyword data, a tiny tokenizer, a fine-tuned tiny teacher
@@ -688,12 +688,12 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
 
     folder = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        patch.setattr(distill, "DistillationTrainer", _InterruptingTrainer)
+        patch.setattr(training, "DistillationTrainer", _InterruptingTrainer)
         with pytest.raises(Interrupted):
             run(folder)
     assert sorted(p.name for p in folder.glob("*/checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
 
-    monkeypatch.setattr(distill, "DistillationTrainer", _CountingTrainer)
+    monkeypatch.setattr(training, "DistillationTrainer", _CountingTrainer)
     resumed = run(folder)
     # only the second epoch was trained by this call
     counter = next(c for c in resumed.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
@@ -725,7 +725,7 @@ def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp
     config = _distil_config(epochs=1)
     first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
                           config=config)
-    monkeypatch.setattr(distill, "DistillationTrainer", _CountingTrainer)
+    monkeypatch.setattr(training, "DistillationTrainer", _CountingTrainer)
     again = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
                           config=config)
     counter = next(c for c in again.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
@@ -747,7 +747,7 @@ def test_infinite_temperature_is_refused():
 
 
 def test_train_config_warmup_ratio_is_used(tmp_path):
-    args = distill.make_training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
+    args = training.make_training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
     assert args.get_warmup_steps(100) == 10
 
 
@@ -808,7 +808,7 @@ def test_train_config_refuses_settings_that_cannot_train(field, value):
 
 def test_a_diverging_run_stops_before_anything_is_saved(teacher, data, tok, tmp_path):
     config = _distil_config(epochs=1, learning_rate=1e12)
-    with pytest.raises(distill.TrainingDivergedError, match=r"learning_rate=1e\+12.*lower the learning rate"):
+    with pytest.raises(training.TrainingDivergedError, match=r"learning_rate=1e\+12.*lower the learning rate"):
         train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
                       config=config)
     assert not list(tmp_path.glob("*/checkpoint-*")), "no checkpoint of diverged weights"
@@ -833,7 +833,7 @@ def test_a_torn_checkpoint_is_set_aside_with_a_warning(teacher, data, tok, tmp_p
         again = _one_epoch_run(teacher, data, tok, tmp_path)
     assert again.resumed_from is None and again.trainer.state.global_step == STEPS_PER_EPOCH
     assert (first.checkpoint_dir / f"torn-checkpoint-{STEPS_PER_EPOCH}").is_dir()  # kept for inspection
-    assert distill.last_good_checkpoint(first.checkpoint_dir) == str(checkpoint)  # the new one is whole
+    assert training.last_good_checkpoint(first.checkpoint_dir) == str(checkpoint)  # the new one is whole
 
 
 def test_a_second_trainer_on_the_same_checkpoints_is_refused(teacher, data, tok, tmp_path):
@@ -862,7 +862,7 @@ def test_progress_lines_are_rate_limited_and_estimate_the_time_left():
     from types import SimpleNamespace
 
     clock, out = _FakeClock(), io.StringIO()
-    lines = distill.ProgressLines(every=30, clock=clock, stream=out)
+    lines = training.ProgressLines(every=30, clock=clock, stream=out)
     args = SimpleNamespace(num_train_epochs=5)
     state = SimpleNamespace(global_step=0, max_steps=100, epoch=0.0)
     lines.on_train_begin(args, state, None)
@@ -879,12 +879,12 @@ def test_progress_lines_are_rate_limited_and_estimate_the_time_left():
 @pytest.mark.parametrize(("env", "expected"), [("off", "off"), ("console", "console"), ("notebook", "notebook")])
 def test_progress_mode_follows_the_environment(monkeypatch, env, expected):
     monkeypatch.setenv("KDLIB_PROGRESS", env)
-    assert distill.progress_mode() == expected
+    assert training.progress_mode() == expected
 
 
 def test_progress_outside_a_notebook_is_lines(monkeypatch):
     monkeypatch.delenv("KDLIB_PROGRESS", raising=False)
-    assert distill.progress_mode() == "console"
+    assert training.progress_mode() == "console"
 
 
 def test_progress_off_prints_nothing(teacher, data, tok, tmp_path, monkeypatch, capfd):

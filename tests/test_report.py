@@ -8,8 +8,8 @@ import os
 import pandas as pd
 import pytest
 
-from kdlib import results
-from kdlib.results import (
+from kdlib import config, report
+from kdlib.report import (
     TABLE_COLUMNS,
     comparison_table,
     load_run,
@@ -94,7 +94,7 @@ def test_failed_rename_keeps_the_earlier_record(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("simulated crash before the rename")
 
-    monkeypatch.setattr(results.os, "replace", broken_replace)
+    monkeypatch.setattr(report.os, "replace", broken_replace)
     with pytest.raises(OSError, match="simulated crash"):
         save_record(tmp_path, "r", "student", metrics(0.86, 6.5, 66.0))
     assert path.read_bytes() == before
@@ -124,7 +124,7 @@ def test_failed_write_midway_keeps_the_earlier_record(tmp_path, monkeypatch):
             raise OSError("No space left on device")
 
     # atomic_open writes through the builtin open(); a module global shadows it for this test.
-    monkeypatch.setattr(results, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(config, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError, match="No space left"):
         save_record(tmp_path, "r", "student", metrics(0.86, 6.5, 66.0, note="x" * 10_000))
     assert path.read_bytes() == before
@@ -277,7 +277,7 @@ def test_write_table_csv_reads_back_the_same(tmp_path, two_run_table):
 
 def test_model_paths_inside_the_project_are_saved_relative(tmp_path):
     from kdlib.config import project_root
-    from kdlib.results import portable_ref
+    from kdlib.report import portable_ref
 
     inside = project_root() / "outputs" / "models" / "x" / "student"
     assert portable_ref(str(inside)) == "outputs/models/x/student"
@@ -304,30 +304,30 @@ def _lineage_records(changes: dict | None = None):
 
 
 def test_records_of_one_model_lineage_compare():
-    results.check_lineage(_lineage_records())
+    report.check_lineage(_lineage_records())
 
 
 def test_a_variant_of_another_training_is_refused():
     records = _lineage_records({(2, "fingerprint"): "old-fp"})
     with pytest.raises(ValueError, match=r"student-onnx \(old-fp\).*delete the stale records"):
-        results.check_lineage(records)
+        report.check_lineage(records)
 
 
 def test_students_of_another_teacher_are_refused():
     records = _lineage_records({(0, "weights_digest"): "T2"})
     with pytest.raises(ValueError, match="student, student-onnx were not distilled from this teacher"):
-        results.check_lineage(records)
+        report.check_lineage(records)
 
 
 def test_records_without_identity_are_refused(tmp_path):
-    results.save_record(tmp_path, "r", "teacher", {"accuracy": 0.9})
-    results.save_record(tmp_path, "r", "student", {"accuracy": 0.8}, fingerprint="s", teacher_weights_digest="T")
+    report.save_record(tmp_path, "r", "teacher", {"accuracy": 0.9})
+    report.save_record(tmp_path, "r", "student", {"accuracy": 0.8}, fingerprint="s", teacher_weights_digest="T")
     with pytest.raises(ValueError, match="mixes results of different models"):
-        results.check_lineage(results.load_run(tmp_path, "r"))
+        report.check_lineage(report.load_run(tmp_path, "r"))
 
 
 def test_identity_is_saved_in_the_record(tmp_path):
-    path = results.save_record(
+    path = report.save_record(
         tmp_path, "r", "student", {"accuracy": 0.8}, fingerprint="abc", teacher_weights_digest="T"
     )
     record = json.loads(path.read_text())

@@ -1,0 +1,235 @@
+"""The book's Optuna search over the distillation's hyperparameters, made cheap and shareable.
+
+Every trial trains a student with :func:`kdlib.train.train_student` on data tokenised once and
+teacher logits cached once; Optuna's median pruner stops a trial whose validation accuracy after
+an epoch is below the median of earlier trials at that epoch. The study lives in a journal file
+(several processes on one disk) or a database URL (many machines), so workers can share it.
+With ``latency=True`` the search has two objectives, validation accuracy and measured latency,
+and :func:`choose_from_front` picks from the Pareto front.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pandas as pd
+from datasets import DatasetDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from kdlib.train import TrainConfig, prepare_datasets, train_student
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameter search (the book's Optuna search over epochs, alpha and T)
+# ---------------------------------------------------------------------------------------------
+
+
+def suggest_hyperparameters(trial) -> dict:
+    """The reference's search space (epochs 5-10, alpha 0-1, temperature 2-20) plus the weight of
+    the hidden-state term, 0-10 (its MSE starts near 0.25 for a MiniLM student copied from its teacher)."""
+    return {
+        "epochs": trial.suggest_int("epochs", 5, 10),
+        "alpha": trial.suggest_float("alpha", 0.0, 1.0),
+        "temperature": trial.suggest_int("temperature", 2, 20),
+        "hidden_weight": trial.suggest_float("hidden_weight", 0.0, 10.0),
+    }
+
+
+def open_study(
+    storage: str | os.PathLike,
+    *,
+    study_name: str = "distillation",
+    seed: int = 42,
+    directions: Sequence[str] = ("maximize",),
+):
+    """The Optuna study every worker opening the same ``storage`` and ``study_name`` shares.
+
+    ``storage`` is a database URL (``postgresql+psycopg://user@host/db`` for workers on many machines,
+    ``sqlite:///...`` for one process) or a file path: an Optuna JournalStorage file, appended to
+    under a file lock, so several processes on one machine or on a shared disk can search together
+    (Optuna documents SQLite as unsafe for parallel workers).
+    """
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    text = os.fspath(storage)
+    if "://" not in text:
+        Path(text).parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(text))
+    create = functools.partial(
+        optuna.create_study,
+        study_name=study_name,
+        storage=storage,
+        directions=list(directions),
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        # a trial whose validation accuracy after an epoch is below the median of earlier trials' at
+        # that epoch stops there (after 3 complete trials; Optuna cannot prune multi-objective studies)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
+    )
+    for attempt in range(4):
+        try:
+            return create()
+        except Exception as err:  # workers starting together race to create a new database's tables
+            if type(err).__module__.split(".")[0] != "sqlalchemy":
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    return create()  # the last try: its error, if any, is the caller's
+
+
+def run_study(study, objective, n_trials: int) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones, counting every worker's.
+
+    A rerun after an interruption runs only the missing trials; workers started together stop
+    once the shared count is reached (each may finish the one trial it had started). Every trial
+    records the worker (``host:pid``) that ran it.
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining <= 0:
+        return
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def tagged(trial):
+        trial.set_user_attr("worker", worker)
+        return objective(trial)
+
+    study.optimize(tagged, n_trials=remaining, callbacks=[MaxTrialsCallback(n_trials, states=finished)])
+
+
+class PruneTrial(TrainerCallback):
+    """Reports each epoch's validation accuracy to an Optuna trial and stops a trial its pruner
+    judges hopeless (``optuna.TrialPruned`` ends ``trainer.train``)."""
+
+    def __init__(self, trial) -> None:
+        self.trial = trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import optuna
+
+        if metrics and "eval_accuracy" in metrics:
+            self.trial.report(float(metrics["eval_accuracy"]), step=round(state.epoch or 0))
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {metrics['eval_accuracy']:.4f} at epoch {state.epoch:g}")
+
+
+def search_layers(max_layers: int):
+    """A search space that adds the student's depth (teacher layers kept, 1 to ``max_layers``) to
+    :func:`suggest_hyperparameters`: with latency as a second objective, depth is what trades
+    accuracy for speed. ``student_layers`` is passed to ``make_student``."""
+
+    def space(trial) -> dict:
+        return {**suggest_hyperparameters(trial), "student_layers": trial.suggest_int("student_layers", 1, max_layers)}
+
+    return space
+
+
+def hyperparameter_search(
+    make_student,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    *,
+    teacher: PreTrainedModel,
+    base_config: TrainConfig,
+    n_trials: int,
+    storage: str | os.PathLike,
+    output_dir: str | Path,
+    study_name: str = "distillation",
+    space=suggest_hyperparameters,
+    latency=None,
+    tolerance: float = 0.01,
+) -> dict:
+    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters.
+
+    The study lives in ``storage`` (:func:`open_study`: a journal file or a database URL), so an
+    interrupted search resumes, and several workers given the same storage share one search
+    (:func:`run_study`). ``make_student(**extra)`` returns a fresh student for each trial, given the
+    parameters of ``space`` that are not :class:`TrainConfig` fields (``student_layers`` of
+    :func:`search_layers`). A trial whose validation accuracy after an epoch is below the median of
+    earlier trials' stops there (Optuna's ``MedianPruner``).
+
+    ``latency(model) -> ms``: also minimise the trained student's measured latency (Optuna
+    multi-objective, study ``<study_name>-latency``, no pruning); the choice is then the fastest
+    trial of the Pareto front within ``tolerance`` of the front's best accuracy
+    (:func:`choose_from_front`). ``n_trials = 0`` skips the search and returns ``{}``.
+    """
+    if n_trials <= 0:
+        return {}
+    study = _search_study(storage, study_name, latency is not None, base_config.seed)
+    train_fields = {f.name for f in fields(TrainConfig)}
+    prepared = None
+
+    def objective(trial):
+        nonlocal prepared
+        if prepared is None:  # tokenise and compute the teacher's logits once for all trials
+            cache = teacher if base_config.cache_teacher_logits else None
+            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
+        params = space(trial)
+        config = replace(base_config, **{k: v for k, v in params.items() if k in train_fields})
+        student = make_student(**{k: v for k, v in params.items() if k not in train_fields})
+        folder = Path(output_dir) / f"trial-{trial.number}"
+        try:
+            result = train_student(
+                student,
+                tokenizer,
+                data,
+                teacher=teacher,
+                config=config,
+                output_dir=folder,
+                resume=False,
+                prepared=prepared,
+                callbacks=[PruneTrial(trial)] if latency is None else [],
+                save_strategy="no",
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        evaluations = [entry for entry in result.log_history if "eval_accuracy" in entry]
+        if not evaluations or evaluations[-1].get("step") != result.trainer.state.global_step:
+            evaluations.append(result.trainer.evaluate())  # a fractional last epoch was not evaluated
+        accuracy = float(evaluations[-1]["eval_accuracy"])
+        return accuracy if latency is None else (accuracy, float(latency(result.model.eval())))
+
+    run_study(study, objective, n_trials)
+    return choose_from_front(study, tolerance) if latency is not None else dict(study.best_params)
+
+
+def choose_from_front(study, tolerance: float = 0.01) -> dict:
+    """Of an (accuracy, latency) study's Pareto front, the parameters of the fastest trial whose
+    accuracy is within ``tolerance`` of the front's best: speed is what the second objective is for."""
+    front = study.best_trials
+    best = max(trial.values[0] for trial in front)
+    return dict(min((t for t in front if t.values[0] >= best - tolerance), key=lambda t: t.values[1]).params)
+
+
+def _search_study(storage: str | os.PathLike, study_name: str, latency: bool, seed: int = 42):
+    """The study of an accuracy search, or of an accuracy + latency one (its own name in the storage)."""
+    if latency:
+        return open_study(storage, study_name=f"{study_name}-latency", seed=seed, directions=("maximize", "minimize"))
+    return open_study(storage, study_name=study_name, seed=seed)
+
+
+def search_trials(
+    storage: str | os.PathLike, *, latency: bool = False, study_name: str = "distillation"
+) -> pd.DataFrame:
+    """The trials of the search in ``storage`` (``latency``: the accuracy + latency one), one row each:
+    number, state, parameters, objective values, worker, and whether it is on the Pareto front."""
+    study = _search_study(storage, study_name, latency)
+    front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
+    names = ["accuracy", "latency_ms"][: len(study.directions)]
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        values = trial.values or [None] * len(names)
+        rows.append({"trial": trial.number, "state": trial.state.name, **trial.params,
+                     **dict(zip(names, values, strict=True)), "pareto": trial.number in front,
+                     "worker": trial.user_attrs.get("worker")})
+    return pd.DataFrame(rows)
