@@ -27,6 +27,7 @@ from datasets import Dataset
 
 from kdlib.data import OOS_LABEL
 from kdlib.inference import Predictor, TorchPredictor
+from kdlib.models import pick_device
 
 Clock = Callable[[], float]
 
@@ -171,7 +172,7 @@ def evaluate(
     gold = _gold_ids(predictor, dataset, "dataset")
     method = oos_score
     if method == oos.FEATURE_SCORE and not predictor.exposes_features:
-        method = oos.FALLBACK_SCORE  # e.g. ONNX Runtime: its graph returns logits only
+        method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
     use_features = has_oos and method == oos.FEATURE_SCORE
 
     def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
@@ -325,7 +326,7 @@ def env_fingerprint(device: str | None = None) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "device": str(pick_device(device)),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

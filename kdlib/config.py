@@ -140,7 +140,7 @@ class RunConfig(BaseModel):
     oos_score: Literal["mahalanobis", "energy", "msp"] = Field(
         "mahalanobis",
         description="OOS score: mahalanobis (distance of mean-pooled features to the nearest intent, fit on train; "
-        "energy for ONNX variants) | energy (-logsumexp of in-scope logits) | msp (1 - max softmax)",
+        "energy for a model without features) | energy (-logsumexp of in-scope logits) | msp (1 - max softmax)",
     )
     threshold_rule: Literal["in_scope_accuracy", "accuracy"] = Field(
         "in_scope_accuracy",
@@ -505,7 +505,9 @@ def prepare_session(seed: int = 42, threads: int | None = None) -> dict[str, Any
     pd.set_option("display.float_format", "{:.4g}".format)
     # One line per row in plain text (no wrapped column blocks): a row is recognisable by its name.
     pd.set_option("display.expand_frame_repr", False)
-    return {"seed": seed, "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    from kdlib.models import pick_device
+
+    return {"seed": seed, "threads": torch.get_num_threads(), "device": str(pick_device())}
 
 
 # ---------------------------------------------------------------------------------------------

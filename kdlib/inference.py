@@ -43,7 +43,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlib.config import atomic_path
-from kdlib.models import forward_inputs, pick_device
+from kdlib.models import forward_inputs, model_labels, pick_device
 
 DEFAULT_MAX_LENGTH = 128
 
@@ -88,6 +88,22 @@ class Predictor:
         return [self.labels[i] for i in self.logits(list(texts)).argmax(axis=-1)]
 
 
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` over each text's real tokens: the features of the Mahalanobis OOS score
+    (the same computation in PyTorch and inside every exported ONNX graph)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def logits_and_features(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier's logits and the mean of its last layer's token states, from one forward pass."""
+    output = model(**inputs, output_hidden_states=True)
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(inputs["input_ids"])
+    return output.logits, mean_pooled(output.hidden_states[-1], mask)
+
+
 def state_dict_size_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: the size figure of the reference study."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,11 +131,10 @@ class TorchPredictor(Predictor):
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        config = getattr(model, "config", None)
         if labels is None:
-            if config is None:
+            labels = model_labels(model)
+            if labels is None:
                 raise ValueError("Pass `labels=` for a model without a transformers config.")
-            labels = [config.id2label[i] for i in range(config.num_labels)]
         self.labels = list(labels)
         self.max_length = max_length
         self.backend = backend
@@ -139,10 +154,8 @@ class TorchPredictor(Predictor):
         encoded = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        output = self.model(**forward_inputs(self.model, encoded), output_hidden_states=True)
-        mask = encoded["attention_mask"].unsqueeze(-1).to(output.hidden_states[-1].dtype)
-        features = (output.hidden_states[-1] * mask).sum(1) / mask.sum(1)
-        return output.logits.float().cpu().numpy(), features.float().cpu().numpy()
+        logits, features = logits_and_features(self.model, forward_inputs(self.model, encoded))
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def size_bytes(self) -> int:
         return state_dict_size_bytes(self.model)
@@ -175,7 +188,7 @@ class PipelinePredictor(Predictor):
         self.model = model.eval()
         self.device = pick_device(device)
         self.pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device=self.device)
-        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.labels = model_labels(model)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict]:
         return self.pipe(texts if isinstance(texts, str) else list(texts))
@@ -212,6 +225,7 @@ QUANTIZATION_KEY = "kdlib.quantization"
 MODEL_TYPE_KEY = "kdlib.model_type"
 TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")
+ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
 # Texts of different lengths, so the example batch has padding (attention mask with zeros) and
 # neither dimension is 0 or 1, which torch.export would specialise to a constant.
 _EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the export")
@@ -244,17 +258,10 @@ def torch_int8_predictor(
 ) -> TorchPredictor:
     """The int8 model behind the common interface (on the CPU, the only device it runs on)."""
     return TorchPredictor(
-        quantize_dynamic_int8(model), tokenizer, labels=_model_labels(model), device="cpu",
+        quantize_dynamic_int8(model), tokenizer, labels=model_labels(model), device="cpu",
         max_length=max_length, backend="pytorch-int8",
         num_parameters=model.num_parameters(),  # same weights, stored as int8
     )
-
-
-def _model_labels(model: torch.nn.Module) -> list[str] | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +293,8 @@ def export_onnx(
     """Export a BERT / DistilBERT sequence classifier to one self-contained ONNX file.
 
     Inputs are the tokenizer outputs the model's ``forward`` takes (int64, axes ``batch`` and
-    ``sequence`` dynamic), the output is ``logits`` (``batch`` x labels). The label names go into
+    ``sequence`` dynamic), the outputs are ``logits`` (``batch`` x labels) and ``features`` (the mean
+    of the last layer's token states, for the Mahalanobis OOS score; :func:`mean_pooled`). The label names go into
     the file's ``metadata_props`` (key ``kdlib.labels``, JSON), so :class:`OnnxPredictor` can be
     rebuilt from the file and a tokenizer alone.
 
@@ -313,7 +321,7 @@ def export_onnx(
     cpu_model.eval()
     encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
     inputs = {n: encoded[n].to(torch.long) for n in names}
-    metadata = {LABELS_KEY: json.dumps(_model_labels(model)),
+    metadata = {LABELS_KEY: json.dumps(model_labels(model)),
                 MODEL_TYPE_KEY: str(getattr(getattr(model, "config", None), "model_type", ""))}
     try:
         with atomic_path(path, suffix=".tmp.onnx") as tmp:
@@ -344,8 +352,9 @@ def _export_dynamo(
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
-            model, (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic, input_names=list(inputs),
-            output_names=["logits"], opset_version=opset, optimize=True, verbose=False,
+            _NamedOutputs(model), (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic,
+            input_names=list(inputs), output_names=list(ONNX_OUTPUTS), opset_version=opset, optimize=True,
+            verbose=False,
         )
     if program is None:
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program.")
@@ -362,14 +371,14 @@ def _export_torchscript(
 ) -> None:
     import onnx
 
-    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    axes["logits"] = {0: "batch"}
+    inputs = _positional(inputs)
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs} | {n: {0: "batch"} for n in ONNX_OUTPUTS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _PositionalInputs(model, list(inputs)).eval(), tuple(inputs.values()), str(out), dynamo=False,
-            input_names=list(inputs), output_names=["logits"], dynamic_axes=axes, opset_version=opset or 17,
-            do_constant_folding=True,
+            _NamedOutputs(model).eval(), tuple(inputs.values()), str(out), dynamo=False,
+            input_names=list(inputs), output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+            opset_version=opset or 17, do_constant_folding=True,
         )
     proto = onnx.load(str(out))
     _set_metadata(proto, metadata)
@@ -394,7 +403,7 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     eager.set_attn_implementation("eager")  # the pattern the fusions look for
     encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
     inputs = {n: encoded[n].to(torch.long) for n in names}
-    metadata = {LABELS_KEY: json.dumps(_model_labels(model)), MODEL_TYPE_KEY: eager.config.model_type}
+    metadata = {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: eager.config.model_type}
     with atomic_path(path, suffix=".tmp.onnx") as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         raw = Path(work) / "raw.onnx"
         _export_torchscript(eager, inputs, raw, None, metadata)
@@ -411,19 +420,36 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return path
 
 
-class _PositionalInputs(torch.nn.Module):
-    """Positional inputs in the tokenizer's order, passed to the model by name, logits out.
+class _NamedOutputs(torch.nn.Module):
+    """The graph's outputs, :data:`ONNX_OUTPUTS`: logits and features (:func:`logits_and_features`).
 
-    The legacy exporter passes inputs positionally, and BERT's forward order (input_ids,
-    attention_mask, token_type_ids) is not the tokenizer's (token_type_ids before attention_mask).
+    Named parameters, so that the dynamo exporter can match ``dynamic_shapes`` to them; the legacy
+    exporter passes inputs positionally, in :data:`FORWARD_ORDER` (:func:`_positional`).
     """
 
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model = model
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, args, strict=True))).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return logits_and_features(self.model, {k: v for k, v in given.items() if v is not None})
+
+
+FORWARD_ORDER = ("input_ids", "attention_mask", "token_type_ids")  # _NamedOutputs.forward's parameters
+
+
+def _positional(inputs: dict) -> dict:
+    """``inputs`` in :data:`FORWARD_ORDER`, for the legacy exporter's positional call."""
+    names = [n for n in FORWARD_ORDER if n in inputs]
+    if names != list(FORWARD_ORDER[: len(names)]):
+        raise ValueError(f"The legacy ONNX exporter needs inputs in the order {FORWARD_ORDER}; got {list(inputs)}.")
+    return {n: inputs[n] for n in names}
 
 
 def _set_metadata(proto, metadata: dict) -> None:
@@ -436,19 +462,20 @@ def _set_metadata(proto, metadata: dict) -> None:
 
 
 def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: float = 1e-3) -> None:
-    """Refuse a file whose logits differ from PyTorch's: a wrong graph must not replace a good one."""
+    """Refuse a file whose logits or features differ from PyTorch's: a wrong graph must not replace a good one."""
     import onnxruntime as ort
 
     model.eval()  # an exporter may have restored some module's training mode (dropout on)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a two-text batch: threads would only add start-up cost
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {n: v.numpy() for n, v in inputs.items()})[0]
+    got = session.run(list(ONNX_OUTPUTS), {n: v.numpy() for n, v in inputs.items()})
     with torch.inference_mode():
-        expected = model(**inputs).logits.float().numpy()
-    diff = float(np.abs(got - expected).max())
-    if not diff <= atol:
-        raise RuntimeError(f"The exported ONNX graph disagrees with PyTorch (max abs logit diff {diff:.3g}).")
+        expected = [t.float().numpy() for t in logits_and_features(model, inputs)]
+    for name, found, wanted in zip(ONNX_OUTPUTS, got, expected, strict=True):
+        diff = float(np.abs(found - wanted).max())
+        if not diff <= atol:
+            raise RuntimeError(f"The exported ONNX graph disagrees with PyTorch (max abs {name} diff {diff:.3g}).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +551,7 @@ class OnnxPredictor(Predictor):
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = "logits" if "logits" in outputs else outputs[0]
+        self.exposes_features = "features" in outputs  # graphs kdlib exported; older files have logits only
         self._encoder = _lean_encoder(tokenizer, max_length)
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -539,7 +567,7 @@ class OnnxPredictor(Predictor):
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
+    def _feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         encoded = self._encode(list(texts))
         feed = {}
         for name in self.input_names:
@@ -549,7 +577,16 @@ class OnnxPredictor(Predictor):
                 feed[name] = np.zeros_like(np.asarray(encoded["input_ids"], dtype=np.int64))
             else:
                 raise KeyError(f"The ONNX graph needs input {name!r}, which the tokenizer does not produce.")
-        return np.asarray(self.session.run([self._output], feed)[0], dtype=np.float32)
+        return feed
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.session.run([self._output], self._feed(texts))[0], dtype=np.float32)
+
+    def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.exposes_features:
+            return self.logits(texts), None
+        logits, features = self.session.run([self._output, "features"], self._feed(texts))
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
     def size_bytes(self) -> int:
         """Bytes on disk: the .onnx file plus any external-data files it references."""

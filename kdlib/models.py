@@ -184,7 +184,7 @@ def classifier_layer(model: PreTrainedModel) -> torch.nn.Linear:
 
 def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrainedModel:
     """Re-order a fine-tuned head so that output ``i`` is the data's label ``i``, matching by name."""
-    checkpoint_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    checkpoint_labels = model_labels(model)
     check_label_match(checkpoint_labels, data_labels)
     if list(checkpoint_labels) != list(data_labels):
         order = torch.tensor([checkpoint_labels.index(name) for name in data_labels])
@@ -222,8 +222,13 @@ def needs_fine_tuning(ref: str | os.PathLike, *, param: str = "model") -> bool:
     return not has_classification_head(AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)))
 
 
-def model_labels(model: PreTrainedModel) -> list[str]:
-    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+def model_labels(model: PreTrainedModel | torch.nn.Module) -> list[str] | None:
+    """The label names of a classifier's outputs, in output order (None for a model without a config):
+    the one reader of ``id2label`` in kdlib."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:

@@ -20,9 +20,9 @@ model's own detector, already used by the argmax):
 * ``mahalanobis``: the distance of a query's features (the mean of the last layer's token states)
   to the nearest in-scope intent's training mean, under one covariance shared by all intents
   (Lee et al., 2018; Podolskiy et al., 2021 found it the strongest detector for fine-tuned
-  transformers on CLINC150). It needs the training split and a variant that exposes its features
-  (the PyTorch ones); a variant that does not (ONNX Runtime) is scored by ``energy`` instead, and
-  its record says so.
+  transformers on CLINC150). It needs the training split and a variant that exposes its features:
+  PyTorch models, and every ONNX graph kdlib exports (its second output). One that does not (an
+  ONNX file exported elsewhere) is scored by ``energy`` instead, and its record says so.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_onnx_graph_inputs_outputs(setup):
         assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
         dims = graph_input.type.tensor_type.shape.dim
         assert [d.dim_param for d in dims] == ["batch", "sequence"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]
     assert not any(node.metadata_props for node in proto.graph.node)  # no stack traces / local paths
     assert all(not t.HasField("data_location") or t.data_location == onnx.TensorProto.DEFAULT
                for t in proto.graph.initializer)  # every weight inside the file
@@ -197,7 +197,7 @@ def test_labels_rebuilt_from_file_alone(setup, tmp_path):
     assert OnnxPredictor(bare, make_tiny_tokenizer(), labels=renamed).labels == renamed
 
 
-def test_torch_features_are_each_texts_mean_last_layer_state_whatever_the_padding(setup):
+def test_features_are_each_texts_mean_last_layer_state_in_every_variant(setup, tmp_path):
     """The Mahalanobis score's features: padding of a batch must not move a text's feature vector."""
     reference, int8 = setup["reference"], setup["variants"]["student-int8"]
     logits, features = reference.logits_and_features(TEXTS[:4])
@@ -209,8 +209,19 @@ def test_torch_features_are_each_texts_mean_last_layer_state_whatever_the_paddin
             states = model(**forward_inputs(model, encoded), output_hidden_states=True).hidden_states[-1]
         np.testing.assert_allclose(features[row], states[0].mean(0).numpy(), atol=1e-5)
     assert int8.exposes_features and int8.logits_and_features(TEXTS[:2])[1].shape == (2, features.shape[1])
-    onnx = setup["variants"]["student-onnx"]
-    assert not onnx.exposes_features and onnx.logits_and_features(TEXTS[:2])[1] is None
+    # Every exported graph returns the same features (fp32: equal; int8: close), so each variant can be
+    # scored by Mahalanobis distance; a graph with logits only is scored by energy (no features).
+    for name, atol in (("student-onnx", 1e-4), ("student-onnx-int8", 0.5)):
+        onnx_logits, onnx_features = setup["variants"][name].logits_and_features(TEXTS[:4])
+        np.testing.assert_allclose(onnx_features, features, atol=atol)
+        np.testing.assert_allclose(onnx_logits, setup["variants"][name].logits(TEXTS[:4]), atol=1e-6)
+    proto = onnx.load(str(setup["out_dir"] / "model.onnx"))
+    proto.graph.output.pop()  # a file exported before the features output: logits only
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    logits_only = tmp_path / "logits-only.onnx"
+    onnx.save(proto, str(logits_only))
+    older = OnnxPredictor(logits_only, make_tiny_tokenizer())
+    assert not older.exposes_features and older.logits_and_features(TEXTS[:2])[1] is None
 
 
 def test_benchmark_runs_with_onnx_predictor(setup):
