@@ -43,3 +43,15 @@ def clinc_plus():
 @pytest.fixture
 def tiny_labels() -> list[str]:
     return ["book_flight", "oos", "play_music", "weather"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine they make torch ~30x slower.
+    Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -45,14 +45,7 @@ MINILM = "all-MiniLM-L6-v2"
 TEXTS = ["book me a flight to paris", "play some jazz please", "will it rain tomorrow?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core box OpenMP waits make each
-    forward pass ~100x slower; restore the setting afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def batch_for(model, tokenizer=None):

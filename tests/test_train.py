@@ -47,13 +47,7 @@ STEPS_PER_EPOCH = math.ceil(len(LABELS) * N_TRAIN_PER_LABEL / BATCH)  # 8
 _split = synthetic_intents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and the CI box has two shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
