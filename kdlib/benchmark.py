@@ -28,6 +28,7 @@ from datasets import Dataset
 from kdlib.data import OOS_LABEL
 from kdlib.inference import Predictor, TorchPredictor
 from kdlib.models import pick_device
+from kdlib.oos import FEATURE_SCORE
 
 Clock = Callable[[], float]
 
@@ -118,7 +119,7 @@ def _check_inputs(
         if split is not None:
             _check_split(split, what)
     has_oos = oos_label is not None and oos_label in dataset.features["label"].names
-    if has_oos and oos_score == "mahalanobis" and train is None:
+    if has_oos and oos_score == FEATURE_SCORE and train is None:
         raise ValueError(
             "oos_score='mahalanobis' is fit on the training split: pass `train=` (e.g. data['train']), "
             "or choose oos_score='energy'."
@@ -174,21 +175,23 @@ def evaluate(
     if method == oos.FEATURE_SCORE and not predictor.exposes_features:
         method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
     use_features = has_oos and method == oos.FEATURE_SCORE
-
-    def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
-        with torch.inference_mode():
-            found = predict_logits(predictor, split["text"], batch_size, features=use_features)
-        if not has_oos:
-            return found, None
-        if use_features:
-            return found[0], scorer(found[1])
-        return found, oos.oos_scores(found, method, oos_index)
-
     oos_index = predictor.labels.index(oos_label) if has_oos else None
+    scorer = None
     if use_features:
         with torch.inference_mode():
             _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
         scorer = oos.MahalanobisScore(train_features, _gold_ids(predictor, train, "train"), oos_index)
+
+    def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+        """One pass over ``split``: its logits and, with OOS data, its OOS scores."""
+        with torch.inference_mode():
+            found = predict_logits(predictor, split["text"], batch_size, features=use_features)
+        if not has_oos:
+            return found, None
+        if scorer is not None:
+            return found[0], scorer(found[1])
+        return found, oos.oos_scores(found, method, oos_index)
+
     logits, scores = logits_and_scores(dataset)
     labels = np.asarray(predictor.labels, dtype=object)
     predicted = list(labels[logits.argmax(axis=1)])

@@ -143,19 +143,20 @@ class TorchPredictor(Predictor):
 
     @torch.inference_mode()
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        return self.model(**forward_inputs(self.model, encoded)).logits.float().cpu().numpy()
+        return self.model(**self._inputs(texts)).logits.float().cpu().numpy()
 
     @torch.inference_mode()
     def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the mean of the last layer's states over each text's real tokens, in one pass."""
+        logits, features = logits_and_features(self.model, self._inputs(texts))
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+    def _inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tokenised batch, padded and truncated, as the model's forward takes it."""
         encoded = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        logits, features = logits_and_features(self.model, forward_inputs(self.model, encoded))
-        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+        return forward_inputs(self.model, encoded)
 
     def size_bytes(self) -> int:
         return state_dict_size_bytes(self.model)

@@ -33,7 +33,6 @@ import numpy as np
 from scipy.special import logsumexp
 
 OOS_SCORES = ("msp", "energy", "mahalanobis")
-LOGIT_SCORES = ("msp", "energy")  # the scores computed from logits alone
 FEATURE_SCORE = "mahalanobis"  # the score that needs features and a training split
 FALLBACK_SCORE = "energy"  # what a variant without features is scored by instead
 THRESHOLD_RULES = ("in_scope_accuracy", "accuracy")
