@@ -1,4 +1,4 @@
-"""Try one training recipe: fine-tune a teacher, or distil a student from a saved teacher.
+"""Try one training recipe: fine-tune a teacher, distil a student from a saved teacher, or search.
 
 Prints the per-epoch table (validation accuracy is what a recipe is chosen by), then the test
 metrics, the wall time and the machine. Parameters are the run parameters of kdlib.config (the
@@ -10,7 +10,14 @@ default recipe was chosen" figures come from this script, e.g.
     .venv/bin/python scripts/recipe.py student -p teacher_model outputs/models/minilm/teacher \
         -p keep_layers "[1, 3, 5]" -p threads 1
 
-Nothing is written under outputs/ unless ``--save DIR`` is given.
+``search`` mode runs the Optuna search of notebook 02 (``kdlib.search``: the book's alpha, T and epochs
+plus ``hidden_weight``, pruned, validation accuracy) on a saved teacher and prints its trials. Its
+study lives in ``search_storage``, so several processes given the same file share one search:
+
+    .venv/bin/python scripts/recipe.py search -p teacher_model outputs/models/minilm/teacher \
+        -p n_trials 8 -p search_storage outputs/search/minilm.journal -p threads 1   # in 2 shells
+
+Nothing is written under outputs/ unless ``--save DIR`` (or a ``search_storage`` there) is given.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from kdlib.run import absolute_paths
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["teacher", "student"], nargs="?")
+    parser.add_argument("mode", choices=["teacher", "student", "search"], nargs="?")
     parser.add_argument("--profile", default="minilm")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--help-params", action="store_true", help="list every parameter with its default")
@@ -40,8 +47,14 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
         config = load_config(args.profile, **overrides)
-        if args.mode == "student" and not config.teacher_model:
-            raise ConfigError("student mode distils from a saved teacher: pass -p teacher_model DIR.")
+        if args.mode != "teacher" and not config.teacher_model:
+            raise ConfigError(f"{args.mode} mode distils from a saved teacher: pass -p teacher_model DIR.")
+        if args.mode == "search" and (config.n_trials <= 0 or not config.search_storage):
+            raise ConfigError("search mode needs -p n_trials N (> 0) and -p search_storage FILE_OR_URL "
+                              "(the study that several worker processes share).")
+        if args.mode == "search" and config.search_latency:
+            raise ConfigError("search mode searches validation accuracy only: leave search_latency false "
+                              "(notebook 02 runs the accuracy + latency search).")
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
 
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    hidden_weight=config.hidden_weight, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size,
                                    epochs=config.epochs, seed=config.seed)
+        if args.mode == "search":
+            return search(config, tokenizer, data, teacher, labels, train_config)
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
                                                    "hidden_weight", "learning_rate", "batch_size", "epochs", "seed")}
 
@@ -106,6 +121,29 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")},
     }
     print(json.dumps(summary, indent=2))
+    return summary
+
+
+def search(config, tokenizer, data, teacher, labels, train_config) -> dict:
+    """Run this process's share of the search in ``config.search_storage``; print every worker's trials."""
+    from kdlib import hyperparameter_search, init_student, search_trials
+    from kdlib.benchmark import env_fingerprint
+
+    def make_student():
+        return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
+                            seed=config.seed)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kdlib-search-") as checkpoints:
+        best = hyperparameter_search(make_student, tokenizer, data, teacher=teacher, base_config=train_config,
+                                     n_trials=config.n_trials, storage=config.search_storage, output_dir=checkpoints)
+    seconds = time.perf_counter() - start
+    trials = search_trials(config.search_storage)
+    print(trials.to_string(index=False))
+    machine = env_fingerprint()
+    summary = {"best": best, "trials": trials.to_dict("records"), "seconds": round(seconds, 1),
+               "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")}}
+    print(json.dumps(summary, indent=2, default=str))
     return summary
 
 

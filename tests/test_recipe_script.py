@@ -83,3 +83,27 @@ def test_oos_scores_script_reports_each_score_on_validation_and_test(setup, tmp_
         expected = detection_metrics(values, is_oos)["oos_auroc"]
         assert rows[score]["validation_auroc"] == pytest.approx(expected, abs=1e-6)
         assert 0 <= rows[score]["test_threshold_accuracy"] <= 1
+
+
+def test_recipe_search_shares_one_study_and_resumes_it(recipe, setup, tmp_path):
+    folder, teacher_dir = setup
+    journal = tmp_path / "study.journal"
+    argv = ["search", "--profile", "smoke", "-p", "teacher_model", str(teacher_dir), "-p", "data_source", str(folder),
+            "-p", "batch_size", "16", "-p", "search_storage", str(journal)]
+    first = recipe.main([*argv, "-p", "n_trials", "2"])
+    assert [t["trial"] for t in first["trials"]] == [0, 1]
+    finished = [t for t in first["trials"] if t["state"] == "COMPLETE"]
+    best = max(finished, key=lambda t: t["accuracy"])
+    assert first["best"] == {k: best[k] for k in ("epochs", "alpha", "temperature", "hidden_weight")}
+    assert all(5 <= t["epochs"] <= 10 and 0 <= t["alpha"] <= 1 for t in first["trials"])
+    # The same storage again, with a larger budget: only the missing trial runs, the first two are kept.
+    second = recipe.main([*argv, "-p", "n_trials", "3"])
+    assert [t["trial"] for t in second["trials"]] == [0, 1, 2]
+    assert second["trials"][:2] == first["trials"]
+
+
+@pytest.mark.parametrize("missing", [["-p", "n_trials", "2"], ["-p", "search_storage", "s.journal"]])
+def test_recipe_search_needs_trials_and_storage_before_any_work(recipe, capsys, tmp_path, missing):
+    with pytest.raises(SystemExit):
+        recipe.main(["search", "-p", "teacher_model", str(tmp_path / "absent"), *missing])
+    assert "search_storage" in capsys.readouterr().err and not (tmp_path / "absent").exists()
