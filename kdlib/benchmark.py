@@ -128,8 +128,8 @@ def _check_inputs(
 
 
 def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
-    """The split's gold labels as indices into the predictor's labels (matched by name)."""
-    _check_split(dataset, what)
+    """The split's gold labels as indices into the predictor's labels (matched by name); a label the
+    model cannot predict is refused. Splits are type-checked by :func:`_check_inputs` first."""
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
@@ -170,7 +170,10 @@ def evaluate(
     from kdlib import oos
 
     has_oos = _check_inputs(dataset, validation, train, oos_score, oos_label)
-    gold = _gold_ids(predictor, dataset, "dataset")
+    splits = {"dataset": dataset, "validation": validation, "train": train}
+    # every split's labels checked against the model's before the first pass over any of them
+    golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items() if split is not None}
+    gold = golds["dataset"]
     method = oos_score
     if method == oos.FEATURE_SCORE and not predictor.exposes_features:
         method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
@@ -180,7 +183,7 @@ def evaluate(
     if use_features:
         with torch.inference_mode():
             _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
-        scorer = oos.MahalanobisScore(train_features, _gold_ids(predictor, train, "train"), oos_index)
+        scorer = oos.MahalanobisScore(train_features, golds["train"], oos_index)
 
     def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
         """One pass over ``split``: its logits and, with OOS data, its OOS scores."""
@@ -207,7 +210,7 @@ def evaluate(
             threshold = oos.choose_threshold(
                 val_scores,
                 val_logits.argmax(axis=1),
-                _gold_ids(predictor, validation, "validation"),
+                golds["validation"],
                 oos_index,
                 rule=threshold_rule,
                 in_scope_target=in_scope_target,

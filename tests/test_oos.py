@@ -232,6 +232,11 @@ def test_mahalanobis_needs_a_train_split_before_any_work_and_falls_back_without_
     ):
         with pytest.raises(ValueError, match="pass `train=`"):
             call()
+    # A validation or train split with an intent the model does not know: refused before any pass.
+    for split in ("validation", "train"):
+        unknown = _split("v", [0, 1, 2, 3], NAMES[:3] + ["lost_card"])
+        with pytest.raises(ValueError, match=f"label\\(s\\) \\['lost_card'\\] of the {split}"):
+            evaluate(Untouchable({}), test, **{"validation": validation, "train": validation, split: unknown})
     # A variant without features (ONNX Runtime's) is scored by energy, and its record says so.
     fallback, _ = evaluate(predictor, test, validation=validation, train=validation, oos_score="mahalanobis")
     energy, _ = evaluate(predictor, test, validation=validation, oos_score="energy")
