@@ -55,6 +55,7 @@ from transformers import (
     set_seed,
 )
 
+from kdlib.config import RunConfig
 from kdlib.models import MODEL_INPUT_NAMES, forward_inputs, weights_digest
 
 TEACHER_LOGITS = "teacher_logits"
@@ -364,24 +365,44 @@ def compute_accuracy_metric(eval_pred) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _profile_default(name: str):
+    """The default profile's value of a run parameter (:class:`kdlib.config.RunConfig`): one source."""
+    return RunConfig.model_fields[name].default
+
+
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one training run; the reference's values are the defaults."""
+    """Hyperparameters of one training run. The run parameters among them default to the default
+    profile's values (:class:`kdlib.config.RunConfig`; the book's lr 2e-5 / batch 48 are the ``book``
+    profile's); :meth:`for_teacher` and :meth:`for_student` build them from a run configuration."""
 
-    alpha: float = 0.5
-    temperature: float = 2.0
-    hidden_weight: float = 0.0
-    learning_rate: float = 2e-5
-    batch_size: int = 48
-    epochs: float = 5
-    seed: int = 42
-    gradient_accumulation_steps: int = 1
+    alpha: float = _profile_default("alpha")
+    temperature: float = _profile_default("temperature")
+    hidden_weight: float = _profile_default("hidden_weight")
+    learning_rate: float = _profile_default("learning_rate")
+    batch_size: int = _profile_default("batch_size")
+    epochs: float = _profile_default("epochs")
+    seed: int = _profile_default("seed")
+    gradient_accumulation_steps: int = _profile_default("gradient_accumulation_steps")
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0
     max_length: int = 128
-    cache_teacher_logits: bool = True
+    cache_teacher_logits: bool = _profile_default("cache_teacher_logits")
     group_by_length: bool = True
     max_steps: int = -1
+
+    @classmethod
+    def for_teacher(cls, config: RunConfig) -> TrainConfig:
+        """Notebook 01's fine-tuning of the teacher: cross-entropy only (alpha = 1), ``finetune_*``."""
+        return cls(alpha=1.0, learning_rate=config.finetune_learning_rate, batch_size=config.finetune_batch_size,
+                   epochs=config.finetune_epochs, warmup_ratio=config.finetune_warmup_ratio, seed=config.seed)
+
+    @classmethod
+    def for_student(cls, config: RunConfig) -> TrainConfig:
+        """Notebook 02's distillation of the student, from the run's distillation parameters."""
+        names = ("alpha", "temperature", "hidden_weight", "learning_rate", "batch_size", "epochs", "seed",
+                 "gradient_accumulation_steps", "cache_teacher_logits")
+        return cls(**{name: getattr(config, name) for name in names})
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)

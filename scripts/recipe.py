@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode == "teacher":
         tokenizer = load_tokenizer(config.teacher, param="teacher")
         teacher, model = None, load_classifier(config.teacher, labels, seed=config.seed, param="teacher")
-        train_config = TrainConfig(alpha=1.0, learning_rate=config.finetune_learning_rate,
-                                   batch_size=config.finetune_batch_size, epochs=config.finetune_epochs,
-                                   warmup_ratio=config.finetune_warmup_ratio, seed=config.seed)
+        train_config = TrainConfig.for_teacher(config)
         recipe = {k: getattr(config, k) for k in ("teacher", "finetune_epochs", "finetune_learning_rate",
                                                    "finetune_batch_size", "finetune_warmup_ratio", "seed")}
     else:
@@ -90,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = load_classifier(config.teacher_model, labels, param="teacher_model")
         model = init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
                              seed=config.seed)
-        train_config = TrainConfig(alpha=config.alpha, temperature=config.temperature,
-                                   hidden_weight=config.hidden_weight, learning_rate=config.learning_rate,
-                                   batch_size=config.batch_size,
-                                   epochs=config.epochs, seed=config.seed)
+        train_config = TrainConfig.for_student(config)
         if args.mode == "search":
             return search(config, tokenizer, data, teacher, labels, train_config)
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",

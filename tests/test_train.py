@@ -886,3 +886,20 @@ def test_progress_off_prints_nothing(teacher, data, tok, tmp_path, monkeypatch, 
     _one_epoch_run(teacher, data, tok, tmp_path)
     captured = capfd.readouterr()
     assert "[train]" not in captured.out + captured.err
+
+
+def test_train_config_defaults_are_the_default_profiles_and_follow_a_run():
+    from kdlib.config import RunConfig, load_config
+
+    profile = RunConfig()
+    shared = ("alpha", "temperature", "hidden_weight", "learning_rate", "batch_size", "epochs", "seed",
+              "gradient_accumulation_steps", "cache_teacher_logits")
+    assert {name: getattr(TrainConfig(), name) for name in shared} == {name: getattr(profile, name) for name in shared}
+    run = load_config("minilm", alpha=0.2, temperature=7, hidden_weight=3.0, learning_rate=1e-3, batch_size=8,
+                      epochs=2, seed=3, gradient_accumulation_steps=2, cache_teacher_logits=False,
+                      finetune_learning_rate=5e-5, finetune_batch_size=4, finetune_epochs=1, finetune_warmup_ratio=0.2)
+    assert TrainConfig.for_student(run) == TrainConfig(alpha=0.2, temperature=7, hidden_weight=3.0, learning_rate=1e-3,
+                                                       batch_size=8, epochs=2, seed=3, gradient_accumulation_steps=2,
+                                                       cache_teacher_logits=False)
+    assert TrainConfig.for_teacher(run) == TrainConfig(alpha=1.0, learning_rate=5e-5, batch_size=4, epochs=1,
+                                                       warmup_ratio=0.2, seed=3)
