@@ -319,6 +319,8 @@ def stratified_holdout(
     texts: Sequence[str], labels: Sequence[str], fraction: float, seed: int
 ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
     """Split (texts, labels) into train and held-out parts with the same label proportions."""
+    # Kept over Dataset.train_test_split(stratify_by_column=...): that raises on a label seen once and
+    # when fewer rows are held out than there are labels (datasets 5.2, tried); here both stay usable.
     if not 0 < fraction < 1:
         raise DataError(f"validation_fraction must be between 0 and 1, got {fraction}.")
     by_label: dict[str, list[int]] = {}
