@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from kdlib.benchmark import compute_accuracy, compute_size, env_fingerprint, time_pipeline
+from kdlib.benchmark import OtherProcesses, compute_accuracy, compute_size, env_fingerprint, time_pipeline
 from kdlib.config import RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes spent busy, CPU seconds this process spent), for the busy check."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / ticks, own.ru_utime + own.ru_stime
 
 
 def main() -> None:
@@ -63,15 +51,12 @@ def main() -> None:
     predictors.update(build_variants(student, student_tok, paths.onnx_dir / "latency", threads=args.threads))
 
     queries = data["test"]["text"][: args.queries]
-    start_busy, start_own, start_wall = *cpu_seconds(), time.monotonic()
     p50s: dict[str, list[float]] = {name: [] for name in predictors}
-    for _ in range(args.repeats):
-        for name, predictor in predictors.items():
-            p50s[name].append(time_pipeline(predictor, queries)["time_p50_ms"])
-
-    end_busy, end_own = cpu_seconds()
-    wall = time.monotonic() - start_wall
-    others = max(0.0, (end_busy - start_busy) - (end_own - start_own)) / (wall * os.cpu_count())
+    with OtherProcesses() as busy:
+        for _ in range(args.repeats):
+            for name, predictor in predictors.items():
+                p50s[name].append(time_pipeline(predictor, queries)["time_p50_ms"])
+    others = busy.share
     teacher_p50 = float(np.median(p50s["teacher (pipeline, fp32)"]))
     rows = {}
     for name, predictor in predictors.items():

@@ -292,6 +292,34 @@ def time_throughput(
 # ---------------------------------------------------------------------------------------------
 
 
+class OtherProcesses:
+    """The share of the CPU that other processes used between entering and leaving the block
+    (``/proc/stat`` minus this process's own CPU time): torch with 2 threads runs ~50x slower when
+    another process holds the cores, so benchmark scripts refuse to store figures timed beside one."""
+
+    share: float = 0.0
+
+    def __enter__(self) -> OtherProcesses:
+        self._start = (*self._cpu_seconds(), time.monotonic())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, own = self._cpu_seconds()
+        start_busy, start_own, start_wall = self._start
+        wall = time.monotonic() - start_wall
+        self.share = max(0.0, (busy - start_busy) - (own - start_own)) / (wall * (os.cpu_count() or 1))
+
+    @staticmethod
+    def _cpu_seconds() -> tuple[float, float]:
+        """(CPU seconds all processes spent busy, CPU seconds this process spent)."""
+        import resource
+
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return (sum(fields) - fields[3] - fields[4]) / ticks, own.ru_utime + own.ru_stime  # all but idle, iowait
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -551,7 +551,7 @@ class OnnxPredictor(Predictor):
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        self._output = "logits" if "logits" in outputs else outputs[0]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]
         self.exposes_features = "features" in outputs  # graphs kdlib exported; older files have logits only
         self._encoder = _lean_encoder(tokenizer, max_length)
 
@@ -568,7 +568,8 @@ class OnnxPredictor(Predictor):
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
 
-    def _feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The session's inputs for ``texts`` (what :meth:`logits` passes to ``session.run``)."""
         encoded = self._encode(list(texts))
         feed = {}
         for name in self.input_names:
@@ -581,12 +582,12 @@ class OnnxPredictor(Predictor):
         return feed
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.session.run([self._output], self._feed(texts))[0], dtype=np.float32)
+        return np.asarray(self.session.run([self.output_name], self.feed(texts))[0], dtype=np.float32)
 
     def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         if not self.exposes_features:
             return self.logits(texts), None
-        logits, features = self.session.run([self._output, "features"], self._feed(texts))
+        logits, features = self.session.run([self.output_name, "features"], self.feed(texts))
         return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
     def size_bytes(self) -> int:

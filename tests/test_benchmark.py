@@ -179,3 +179,28 @@ def test_a_list_instead_of_a_dataset_is_a_clear_type_error():
 
     with pytest.raises(TypeError, match="dataset must be a datasets.Dataset .* got list"):
         PerformanceBenchmark(Constant(), ["some text"], "x")
+
+
+def test_other_processes_share_subtracts_this_process_and_divides_by_cores(monkeypatch):
+    from kdlib import benchmark
+
+    readings = iter([(100.0, 1.0), (103.0, 2.0)])  # (all processes busy, this process) CPU seconds
+    clock = iter([50.0, 52.0])
+    monkeypatch.setattr(benchmark.OtherProcesses, "_cpu_seconds", staticmethod(lambda: next(readings)))
+    monkeypatch.setattr(benchmark.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(benchmark.os, "cpu_count", lambda: 2)
+    with benchmark.OtherProcesses() as busy:
+        pass
+    assert busy.share == pytest.approx((3.0 - 1.0) / (2.0 * 2))  # 2 s of others' CPU over 2 s on 2 cores
+
+
+def test_other_processes_sees_a_process_that_holds_a_core():
+    import subprocess
+    import sys
+
+    from kdlib.benchmark import OtherProcesses
+
+    with OtherProcesses() as busy:
+        subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"],
+                       check=True)
+    assert busy.share >= 0.4 / (os.cpu_count() or 1)  # the child held one core for most of the block
