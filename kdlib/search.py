@@ -41,6 +41,41 @@ def suggest_hyperparameters(trial) -> dict:
     }
 
 
+def _trial_seeded_tpe(seed: int):
+    """Optuna's TPE sampler whose random draws for trial ``n`` are seeded by ``seed + n``.
+
+    Workers sharing a study are all given the run's seed; one seeded sampler per worker would make
+    them draw the same start-up trials (seen: two workers trained identical students). Seeding by
+    the trial number keeps draws distinct and reproducible, whichever worker runs a trial.
+    """
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+
+        def _tpe(self, trial) -> optuna.samplers.TPESampler:
+            return self._by_trial.setdefault(trial.number, optuna.samplers.TPESampler(seed=seed + trial.number))
+
+        def infer_relative_search_space(self, study, trial):
+            return self._tpe(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._tpe(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial) -> None:
+            self._tpe(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._tpe(trial).after_trial(study, trial, state, values)
+            self._by_trial.pop(trial.number, None)
+
+    return TrialSeededTPE()
+
+
 def open_study(
     storage: str | os.PathLike,
     *,
@@ -69,7 +104,7 @@ def open_study(
         storage=storage,
         directions=list(directions),
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=_trial_seeded_tpe(seed),
         # a trial whose validation accuracy after an epoch is below the median of earlier trials' at
         # that epoch stops there (after 3 complete trials; Optuna cannot prune multi-objective studies)
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3),

@@ -190,3 +190,17 @@ def test_choose_from_front_prefers_the_fastest_trial_within_the_tolerance():
     assert choose_from_front(study) == {"n": 1}  # 0.945 is within 1 point of 0.95, and faster
     assert choose_from_front(study, tolerance=0.001) == {"n": 0}
     assert choose_from_front(study, tolerance=0.05) == {"n": 2}
+
+
+def test_a_trial_draws_the_same_values_whichever_study_or_process_runs_it(tmp_path):
+    """Trial n's draw comes from seed + n: a rerun of the search repeats it, another seed changes it."""
+
+    def draws(storage, seed):
+        study = open_study(storage, seed=seed)
+        study.optimize(lambda trial: suggest_hyperparameters(trial)["alpha"], n_trials=4)
+        return [t.params for t in study.trials]
+
+    first = draws(tmp_path / "a.journal", 42)
+    assert draws(tmp_path / "b.journal", 42) == first
+    assert draws(tmp_path / "c.journal", 7) != first
+    assert len({params["alpha"] for params in first}) == 4

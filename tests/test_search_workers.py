@@ -24,9 +24,9 @@ import json, os, socket, sys, time
 from pathlib import Path
 from kdlib.search import open_study, run_study
 
-storage, folder, n_trials, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-study = open_study(storage, study_name="shared", seed=seed)
-(folder / f"ready-{seed}").touch()
+storage, folder, n_trials, name = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+study = open_study(storage, study_name="shared", seed=42)  # every worker gets the run's seed, as in 02
+(folder / f"ready-{name}").touch()
 deadline = time.monotonic() + 60
 while len(list(folder.glob("ready-*"))) < 2 and time.monotonic() < deadline:  # start together
     time.sleep(0.05)
@@ -40,7 +40,7 @@ def objective(trial):
 
 run_study(study, objective, n_trials)
 worker = f"{socket.gethostname()}:{os.getpid()}"
-(folder / f"ran-{seed}.json").write_text(json.dumps({"worker": worker, "ran": ran}))
+(folder / f"ran-{name}.json").write_text(json.dumps({"worker": worker, "ran": ran}))
 """
 
 N_TRIALS = 12
@@ -50,17 +50,17 @@ def _run_two_workers(storage: str, folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, storage, str(folder), str(N_TRIALS), str(seed)],
+            [sys.executable, "-c", WORKER, storage, str(folder), str(N_TRIALS), name],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for seed in (1, 2)
+        for name in ("a", "b")
     ]
     for worker in workers:
         out, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err[-2000:]
-    return [json.loads((folder / f"ran-{seed}.json").read_text()) for seed in (1, 2)]
+    return [json.loads((folder / f"ran-{name}.json").read_text()) for name in ("a", "b")]
 
 
 def _check_shared(storage, logs: list[dict]) -> None:
@@ -73,6 +73,8 @@ def _check_shared(storage, logs: list[dict]) -> None:
     assert not a & b, "no trial was run twice"
     assert a | b == {t.number for t in complete}, "every trial a worker ran is in the study, and nothing else"
     assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    # Workers given the same seed still draw different trials (a per-worker seeded sampler would not).
+    assert len({t.params["x"] for t in complete}) == len(complete)
     # Workers stop at the shared count; each may finish the trial it had started.
     assert N_TRIALS <= len(complete) <= N_TRIALS + 1
     for log in logs:
