@@ -55,3 +55,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def intent_csv_folder(tmp_path) -> Path:
+    """A data folder of train / validation / test CSVs: three easy intents (``oos`` one of them), 12
+    queries each, the same in every split. The scripts' tests run on it with tiny models."""
+    words = {"alarm": "wake me up at", "music": "play a song by", "oos": "how tall is"}
+    rows = [f"{text} {i},{label}" for i in range(12) for label, text in words.items()]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows))
+    return folder

@@ -37,13 +37,8 @@ class _Share:
 
 
 @pytest.fixture()
-def run_outputs(tmp_path):
-    words = {"alarm": "wake me up at", "music": "play a song by", "oos": "how tall is"}
-    rows = [f"{words[label]} {i},{label}" for i in range(8) for label in LABELS]
-    data = tmp_path / "data"
-    data.mkdir()
-    for split in ("train", "validation", "test"):
-        (data / f"{split}.csv").write_text("text,label\n" + "\n".join(rows))
+def run_outputs(tmp_path, intent_csv_folder):
+    data = intent_csv_folder
     models = tmp_path / "outputs" / "models" / "r"
     save_model(make_tiny_model("tiny-bert", LABELS, num_layers=4), make_tiny_tokenizer(), models / "teacher")
     student = make_tiny_model("tiny-bert", LABELS, num_layers=2, seed=1)

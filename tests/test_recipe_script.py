@@ -23,13 +23,8 @@ def recipe():
 
 
 @pytest.fixture()
-def setup(tmp_path):
-    words = {"alarm": "wake me up at", "music": "play a song by", "oos": "how tall is"}
-    rows = [f"{words[label]} {i},{label}" for i in range(12) for label in LABELS]
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for split in ("train", "validation", "test"):
-        (folder / f"{split}.csv").write_text("text,label\n" + "\n".join(rows))
+def setup(tmp_path, intent_csv_folder):
+    folder = intent_csv_folder
     teacher_dir = tmp_path / "teacher"
     save_model(make_tiny_model("tiny-bert", LABELS, num_layers=4), make_tiny_tokenizer(), teacher_dir)
     return folder, teacher_dir
