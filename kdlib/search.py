@@ -257,14 +257,18 @@ def search_trials(
     storage: str | os.PathLike, *, latency: bool = False, study_name: str = "distillation"
 ) -> pd.DataFrame:
     """The trials of the search in ``storage`` (``latency``: the accuracy + latency one), one row each:
-    number, state, parameters, objective values, worker, and whether it is on the Pareto front."""
+    number, state, parameters, objective values, whether it is on the Pareto front, the epochs it
+    reported to the pruner, its wall time in minutes (what the search cost) and its worker."""
     study = _search_study(storage, study_name, latency)
     front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
     names = ["accuracy", "latency_ms"][: len(study.directions)]
     rows = []
     for trial in study.get_trials(deepcopy=False):
         values = trial.values or [None] * len(names)
+        ended = trial.datetime_complete
+        minutes = (ended - trial.datetime_start).total_seconds() / 60 if ended and trial.datetime_start else None
         rows.append({"trial": trial.number, "state": trial.state.name, **trial.params,
                      **dict(zip(names, values, strict=True)), "pareto": trial.number in front,
+                     "epochs_reported": len(trial.intermediate_values), "minutes": minutes,
                      "worker": trial.user_attrs.get("worker")})
     return pd.DataFrame(rows)

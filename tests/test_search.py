@@ -11,7 +11,7 @@ import torch
 
 from kdlib.data import build_dataset_dict
 from kdlib.models import student_from_teacher
-from kdlib.search import hyperparameter_search, open_study, suggest_hyperparameters
+from kdlib.search import hyperparameter_search, open_study, search_trials, suggest_hyperparameters
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 from kdlib.train import TrainConfig, train_student
 
@@ -144,6 +144,8 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
     assert all(list(t.intermediate_values) == [1, 2, 3, 4] for t in trials[:3])
     assert trials[3].intermediate_values[2] < trials[0].intermediate_values[2]
     assert not any((tmp_path / "trials").glob("trial-*"))  # no trial's checkpoints are left behind
+    table = search_trials(storage)
+    assert table["epochs_reported"].tolist() == [4, 4, 4, 2] and (table["minutes"] > 0).all()
 
 
 def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
@@ -165,7 +167,8 @@ def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
     trials = search_trials(storage, latency=True)
     assert len(trials) == 5 and (trials["state"] == "COMPLETE").all()
     assert (trials["latency_ms"] == trials["student_layers"]).all()  # each trial's student had its depth
-    assert trials["worker"].notna().all()
+    assert trials["worker"].notna().all() and (trials["minutes"] > 0).all()
+    assert (trials["epochs_reported"] == 0).all()  # a two-objective study is never pruned: nothing reported
 
     def dominated(row) -> bool:
         better = (trials["accuracy"] >= row["accuracy"]) & (trials["latency_ms"] <= row["latency_ms"])
