@@ -40,7 +40,7 @@ _EXPORTS = {
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
         "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
-    "train": ["DistillationTrainingArguments", "DistillationTrainer", "TrainConfig", "train_student", "soft_targets"],
+    "train": ["DistillationTrainer", "TrainConfig", "train_student", "soft_targets"],
     "search": ["hyperparameter_search", "search_layers", "search_trials", "open_study"],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",

@@ -371,9 +371,11 @@ def base_model_id(ref: str | os.PathLike | None) -> str | None:
     return ref
 
 
-def training_hyperparameters(args) -> dict:
-    """The hyperparameters of a run as the Trainer used them (``DistillationTrainingArguments``)."""
-    params = {
+def training_hyperparameters(result) -> dict:
+    """The hyperparameters of a training run (a :class:`kdlib.train.TrainResult`) as the Trainer used
+    them: its ``TrainingArguments``, and the distillation loss's alpha and temperature."""
+    args = result.trainer.args
+    return {
         "learning_rate": args.learning_rate,
         "train_batch_size": args.per_device_train_batch_size,
         "eval_batch_size": args.per_device_eval_batch_size,
@@ -383,11 +385,9 @@ def training_hyperparameters(args) -> dict:
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "lr_scheduler_warmup": args.warmup_steps,
         "num_epochs": args.num_train_epochs,
+        "alpha": result.config.alpha,
+        "temperature": result.config.temperature,
     }
-    for knob in ("alpha", "temperature"):
-        if hasattr(args, knob):
-            params[knob] = getattr(args, knob)
-    return params
 
 
 def optimizer_description(args) -> str:

@@ -84,24 +84,6 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-@dataclass
-class DistillationTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the two distillation knobs of the reference.
-
-    alpha: weight of the hard-label cross-entropy, in [0, 1] (1 = plain fine-tuning).
-    temperature: softens both distributions in the KL term; must be > 0.
-    """
-
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the cross-entropy term, in [0, 1]."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term, > 0."})
-    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state MSE term, >= 0."})
-
-    def __post_init__(self):
-        check_alpha_temperature(self.alpha, self.temperature)
-        check_hidden_weight(self.hidden_weight)
-        super().__post_init__()
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -184,21 +166,23 @@ class TrainingDivergedError(RuntimeError):
 
 
 class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss is :func:`distillation_loss`.
+    """A ``Trainer`` whose loss is :func:`distillation_loss`, with ``config``'s alpha, temperature and
+    hidden_weight (:func:`train_student` builds the ``TrainingArguments`` from the same config).
 
     The teacher's logits come from a cached ``teacher_logits`` column, or from ``teacher_model``
     run on each batch (the reference's way) when that is given.
     """
 
-    def __init__(self, *args, teacher_model: PreTrainedModel | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, DistillationTrainingArguments):
-            raise TypeError("DistillationTrainer needs DistillationTrainingArguments (alpha, temperature).")
-        if self.args.hidden_weight > 0 and teacher_model is None:
+    def __init__(self, *args, config: TrainConfig, teacher_model: PreTrainedModel | None = None, **kwargs):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a kdlib TrainConfig (alpha, temperature), not {type(config).__name__}.")
+        if config.hidden_weight > 0 and teacher_model is None:
             raise ValueError(
-                f"hidden_weight={self.args.hidden_weight} > 0 matches the teacher's hidden states, which cached "
+                f"hidden_weight={config.hidden_weight} > 0 matches the teacher's hidden states, which cached "
                 "logits do not hold: pass `teacher_model=`."
             )
+        super().__init__(*args, **kwargs)
+        self.config = config
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.to(self.args.device).eval()
@@ -216,10 +200,10 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cached = inputs.pop(TEACHER_LOGITS, None)
-        with_hidden = self.args.hidden_weight > 0
+        with_hidden = self.config.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=with_hidden)
         teacher_logits, hidden_states = cached, None
-        if self.teacher is not None and (self.args.alpha < 1.0 or with_hidden):
+        if self.teacher is not None and (self.config.alpha < 1.0 or with_hidden):
             with torch.no_grad():
                 teacher_outputs = self.teacher(**forward_inputs(self.teacher, inputs), output_hidden_states=with_hidden)
             teacher_logits = teacher_outputs.logits
@@ -235,10 +219,10 @@ class DistillationTrainer(Trainer):
             outputs.logits,
             teacher_logits,
             labels,
-            alpha=self.args.alpha,
-            temperature=self.args.temperature,
+            alpha=self.config.alpha,
+            temperature=self.config.temperature,
             num_items_in_batch=num_items_in_batch,
-            hidden_weight=self.args.hidden_weight,
+            hidden_weight=self.config.hidden_weight,
             hidden_states=hidden_states,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -246,11 +230,11 @@ class DistillationTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         if model.training and not torch.isfinite(loss.detach()).all():
             # Before the backward pass and the optimiser step: no diverged weights reach a checkpoint.
-            args = self.args
+            config = self.config
             raise TrainingDivergedError(
-                f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={args.alpha}, "
-                f"temperature={args.temperature}, learning_rate={args.learning_rate:g}). Nothing was saved from this "
-                "step on; lower the learning rate or the temperature."
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={config.alpha}, "
+                f"temperature={config.temperature}, learning_rate={self.args.learning_rate:g}). Nothing was saved "
+                "from this step on; lower the learning rate or the temperature."
             )
         return (loss, outputs) if return_outputs else loss
 
@@ -431,16 +415,12 @@ class TrainResult:
     checkpoint_dir: Path | None = None
 
 
-def make_training_arguments(
-    config: TrainConfig, output_dir: str | Path, **overrides
-) -> DistillationTrainingArguments:
-    """The reference's TrainingArguments (Adam 0.9/0.999/1e-8, linear schedule, eval every epoch)."""
+def training_arguments(config: TrainConfig, output_dir: str | Path, **overrides) -> TrainingArguments:
+    """The ``TrainingArguments`` of ``config`` (AdamW 0.9/0.999/1e-8, linear schedule, eval every
+    epoch); ``overrides`` are any other ``TrainingArguments`` fields."""
     steps_per_warmup = overrides.pop("warmup_steps", None)
     kwargs = dict(
         output_dir=str(output_dir),
-        alpha=config.alpha,
-        temperature=config.temperature,
-        hidden_weight=config.hidden_weight,
         learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=max(config.batch_size, 64),
@@ -471,7 +451,7 @@ def make_training_arguments(
         # wrap the model in DDP and each process would train on its own.
         kwargs.update(use_cpu=True, ddp_backend="gloo")
     kwargs.update(overrides)
-    return DistillationTrainingArguments(**kwargs)
+    return TrainingArguments(**kwargs)
 
 
 def checkpoint_key(config: TrainConfig, student: PreTrainedModel, fingerprint: str | None, overrides: dict) -> str:
@@ -604,10 +584,11 @@ def train_student(
             elif TEACHER_LOGITS not in tokenized["train"].column_names:
                 tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
         mode = progress_mode()
-        args = make_training_arguments(config, output_dir, **{"disable_tqdm": mode != "notebook", **training_overrides})
+        args = training_arguments(config, output_dir, **{"disable_tqdm": mode != "notebook", **training_overrides})
         trainer = DistillationTrainer(
             model=student,
             args=args,
+            config=config,
             teacher_model=online_teacher,
             train_dataset=tokenized["train"],
             eval_dataset=tokenized["validation"],

@@ -23,7 +23,6 @@ from kdlib.train import (
     NO_LOG,
     TEACHER_LOGITS,
     DistillationTrainer,
-    DistillationTrainingArguments,
     TrainConfig,
     add_teacher_logits,
     distillation_loss,
@@ -94,8 +93,9 @@ def without_dropout(model):
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, alpha=0.5, temperature=2.0)
-    return DistillationTrainingArguments(**{**defaults, **kwargs})
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**{"output_dir": str(tmp_path), "report_to": "none", "disable_tqdm": True, **kwargs})
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -236,12 +236,6 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, value, message", BAD)
-def test_invalid_alpha_temperature_in_training_arguments(name, value, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
-        make_args(tmp_path, **{name: value})
-
-
-@pytest.mark.parametrize("name, value, message", BAD)
 def test_invalid_alpha_temperature_in_train_config(name, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{name: value})
@@ -256,7 +250,6 @@ def test_invalid_alpha_temperature_in_loss(name, value, message):
 
 @pytest.mark.parametrize("alpha, temperature", [(0, 1), (1, 0.5), (0.5, 20.0)])
 def test_valid_edges_are_accepted(alpha, temperature, tmp_path):
-    assert make_args(tmp_path, alpha=alpha, temperature=temperature).alpha == alpha
     assert TrainConfig(alpha=alpha, temperature=temperature).temperature == temperature
     assert torch.isfinite(distillation_loss(*_tensors(), alpha=alpha, temperature=temperature))
 
@@ -267,12 +260,10 @@ def test_train_student_refuses_distillation_without_teacher(data, tok, tmp_path)
                       config=TrainConfig(alpha=0.5))
 
 
-def test_trainer_refuses_plain_training_arguments(tmp_path):
-    from transformers import TrainingArguments
-
-    with pytest.raises(TypeError, match="DistillationTrainingArguments"):
-        DistillationTrainer(model=make_tiny_model("tiny-bert", LABELS),
-                            args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+def test_trainer_takes_its_loss_settings_from_a_train_config(tmp_path):
+    with pytest.raises(TypeError, match="TrainConfig"):
+        DistillationTrainer(model=make_tiny_model("tiny-bert", LABELS), args=make_args(tmp_path),
+                            config={"alpha": 0.5, "temperature": 2.0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,11 +299,12 @@ def test_compute_loss_cached_equals_online(student_kind, teacher, tokenized, tok
     else:
         student = make_tiny_model("tiny-distilbert", LABELS, seed=1)
     student.eval()
-    args = make_args(tmp_path, alpha=0.3, temperature=3.0, per_device_eval_batch_size=12)
+    args, config = make_args(tmp_path, per_device_eval_batch_size=12), TrainConfig(alpha=0.3, temperature=3.0)
     collator = DataCollatorWithPadding(tok)
-    with_cache = DistillationTrainer(model=student, args=args, eval_dataset=cached["validation"],
+    with_cache = DistillationTrainer(model=student, args=args, config=config, eval_dataset=cached["validation"],
                                      data_collator=collator)
-    online = DistillationTrainer(model=student, args=args, teacher_model=teacher, data_collator=collator)
+    online = DistillationTrainer(model=student, args=args, config=config, teacher_model=teacher,
+                                 data_collator=collator)
     # The batch exactly as the Trainer builds it (unused columns such as DistilBERT's token_type_ids removed).
     batch = with_cache._prepare_inputs(next(iter(with_cache.get_eval_dataloader())))
     assert TEACHER_LOGITS in batch and batch["input_ids"].shape[0] == 12
@@ -380,11 +372,9 @@ def test_hidden_weight_adds_its_term_to_the_loss():
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_invalid_hidden_weight_is_refused(value, tmp_path):
+def test_invalid_hidden_weight_is_refused(value):
     with pytest.raises(ValueError, match="hidden_weight"):
         TrainConfig(hidden_weight=value)
-    with pytest.raises(ValueError, match="hidden_weight"):
-        make_args(tmp_path, hidden_weight=value)
 
 
 def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teacher, tokenized, tok, tmp_path):
@@ -397,9 +387,9 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
     copied = student_from_teacher(teacher).eval()
     terms = {}
     for name, student in {"copied": copied, "random": make_tiny_model("tiny-bert", LABELS, seed=9).eval()}.items():
-        plain = DistillationTrainer(model=student, args=make_args(tmp_path), teacher_model=teacher,
-                                    data_collator=collator)
-        weighted = DistillationTrainer(model=student, args=make_args(tmp_path, hidden_weight=2.0),
+        plain = DistillationTrainer(model=student, args=make_args(tmp_path), config=TrainConfig(),
+                                    teacher_model=teacher, data_collator=collator)
+        weighted = DistillationTrainer(model=student, args=make_args(tmp_path), config=TrainConfig(hidden_weight=2.0),
                                        teacher_model=teacher, data_collator=collator)
         with torch.no_grad():
             s_out = student(**forward_inputs(student, batch), output_hidden_states=True)
@@ -411,7 +401,8 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
     assert terms["copied"] < terms["random"]
     # without a teacher model there are no hidden states: refused when the trainer is built, before any step
     with pytest.raises(ValueError, match="teacher_model"):
-        DistillationTrainer(model=copied, args=make_args(tmp_path, hidden_weight=2.0), data_collator=collator)
+        DistillationTrainer(model=copied, args=make_args(tmp_path), config=TrainConfig(hidden_weight=2.0),
+                            data_collator=collator)
 
 
 def test_train_student_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
@@ -421,7 +412,7 @@ def test_train_student_with_hidden_weight_needs_a_teacher_and_trains(teacher, da
         train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, config=alone)
     student = student_from_teacher(teacher)
     result = train_student(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
-    assert result.trainer.args.hidden_weight == 1.0 and result.trainer.teacher is teacher
+    assert result.trainer.config.hidden_weight == 1.0 and result.trainer.teacher is teacher
     assert np.isfinite(result.epoch_table["Training Loss"].iloc[-1])
 
 
@@ -439,9 +430,9 @@ def test_gradient_accumulation_is_exact(online, teacher, tokenized, tok, tmp_pat
     cached = add_teacher_logits(tokenized, teacher, tok)
     student = without_dropout(student_from_teacher(teacher))
     student.train()
-    args = make_args(tmp_path, alpha=0.5, temperature=2.0, gradient_accumulation_steps=2,
-                     per_device_train_batch_size=4)
-    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher if online else None)
+    args = make_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, args=args, config=TrainConfig(alpha=0.5, temperature=2.0),
+                                  teacher_model=teacher if online else None)
     collator = DataCollatorWithPadding(tok)
     # rows of very different lengths, so the two halves are padded differently from the whole
     ds = cached["train"]
@@ -495,7 +486,8 @@ def test_gradient_accumulation_with_unequal_batches(teacher, tokenized, tok, tmp
     # A model that does not advertise loss kwargs: the Trainer would then treat the loss as a per-batch
     # mean and divide it by the accumulation steps; DistillationTrainer must still count examples.
     student.accepts_loss_kwargs = False
-    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, gradient_accumulation_steps=2))
+    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, gradient_accumulation_steps=2),
+                                  config=TrainConfig())
     assert trainer.model_accepts_loss_kwargs
     collator = DataCollatorWithPadding(tok)
     rows = [dict(cached["train"][i]) for i in range(0, 120, 15)]
@@ -741,7 +733,7 @@ def test_infinite_temperature_is_refused():
 
 
 def test_train_config_warmup_ratio_is_used(tmp_path):
-    args = training.make_training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
+    args = training.training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
     assert args.get_warmup_steps(100) == 10
 
 
@@ -903,3 +895,16 @@ def test_train_config_defaults_are_the_default_profiles_and_follow_a_run():
                                                        cache_teacher_logits=False)
     assert TrainConfig.for_teacher(run) == TrainConfig(alpha=1.0, learning_rate=5e-5, batch_size=4, epochs=1,
                                                        warmup_ratio=0.2, seed=3)
+
+
+def test_training_hyperparameters_are_the_ones_the_trainer_used(teacher, data, tok, tmp_path):
+    from kdlib.report import training_hyperparameters
+
+    config = _distil_config(epochs=1, alpha=0.3, temperature=4.0)
+    result = train_student(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
+                           config=config)
+    params = training_hyperparameters(result)
+    assert {k: params[k] for k in ("learning_rate", "train_batch_size", "seed", "num_epochs", "alpha", "temperature")} \
+        == {"learning_rate": config.learning_rate, "train_batch_size": config.batch_size, "seed": config.seed,
+            "num_epochs": config.epochs, "alpha": 0.3, "temperature": 4.0}
+    assert params["optimizer"].startswith("AdamW") and "weight_decay=0.01" in params["optimizer"]
