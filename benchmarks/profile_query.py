@@ -34,7 +34,14 @@ import numpy as np
 from kdlib.benchmark import OtherProcesses, env_fingerprint, time_pipeline
 from kdlib.config import RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data
-from kdlib.inference import OnnxPredictor, PipelinePredictor, TorchPredictor, build_variants, softmax
+from kdlib.inference import (
+    OnnxPredictor,
+    PipelinePredictor,
+    TorchPredictor,
+    build_variants,
+    session_options,
+    softmax,
+)
 from kdlib.models import load_classifier, load_tokenizer
 
 VARIANT = "onnx-fused-int8"
@@ -67,10 +74,7 @@ def onnx_runtime_profile(predictor: OnnxPredictor, queries: list[str], warmup: i
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if predictor.threads:
-            options.intra_op_num_threads = predictor.threads
+        options = session_options(predictor.threads)  # the predictor's own, plus the profiler
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "ort")
         session = ort.InferenceSession(str(predictor.path), options, providers=["CPUExecutionProvider"])

@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> dict:
         subsample,
         train_student,
     )
-    from kdlib.benchmark import env_fingerprint
 
     prepare_session(config.seed, config.threads)
     data = subsample(load_intent_data(config.data_source, **config.data_options()), config.row_limits(),
@@ -86,11 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tokenizer = load_tokenizer(config.teacher_model, param="teacher_model")
         teacher = load_classifier(config.teacher_model, labels, param="teacher_model")
-        model = init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
-                             seed=config.seed)
+
+        def make_student():
+            """A fresh student of the teacher's layers (one per search trial)."""
+            return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
+                                seed=config.seed)
+
         train_config = TrainConfig.for_student(config)
         if args.mode == "search":
-            return search(config, tokenizer, data, teacher, labels, train_config)
+            return search(config, tokenizer, data, teacher, make_student, train_config)
+        model = make_student()
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
                                                    "hidden_weight", "learning_rate", "batch_size", "epochs", "seed")}
 
@@ -107,26 +111,28 @@ def main(argv: list[str] | None = None) -> dict:
         save_model(result.model, tokenizer, args.save)
 
     print(result.epoch_table.to_string(index=False))
-    machine = env_fingerprint()
     summary = {
         "recipe": recipe,
         "validation_accuracy": float(result.epoch_table["Accuracy"].iloc[-1]),
         "test": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
         "seconds": round(seconds, 1),
-        "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")},
+        "machine": machine(),
     }
     print(json.dumps(summary, indent=2))
     return summary
 
 
-def search(config, tokenizer, data, teacher, labels, train_config) -> dict:
-    """Run this process's share of the search in ``config.search_storage``; print every worker's trials."""
-    from kdlib import hyperparameter_search, init_student, search_trials
+def machine() -> dict:
+    """Where the figures were measured: threads, torch, CPU and commit."""
     from kdlib.benchmark import env_fingerprint
 
-    def make_student():
-        return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
-                            seed=config.seed)
+    found = env_fingerprint()
+    return {k: found[k] for k in ("threads", "torch_version", "cpu", "git_commit")}
+
+
+def search(config, tokenizer, data, teacher, make_student, train_config) -> dict:
+    """Run this process's share of the search in ``config.search_storage``; print every worker's trials."""
+    from kdlib import hyperparameter_search, search_trials
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-search-") as checkpoints:
@@ -135,9 +141,7 @@ def search(config, tokenizer, data, teacher, labels, train_config) -> dict:
     seconds = time.perf_counter() - start
     trials = search_trials(config.search_storage)
     print(trials.to_string(index=False))
-    machine = env_fingerprint()
-    summary = {"best": best, "trials": trials.to_dict("records"), "seconds": round(seconds, 1),
-               "machine": {k: machine[k] for k in ("threads", "torch_version", "cpu", "git_commit")}}
+    summary = {"best": best, "trials": trials.to_dict("records"), "seconds": round(seconds, 1), "machine": machine()}
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
