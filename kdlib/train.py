@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -383,10 +383,8 @@ class TrainConfig:
 
     @classmethod
     def for_student(cls, config: RunConfig) -> TrainConfig:
-        """Notebook 02's distillation of the student, from the run's distillation parameters."""
-        names = ("alpha", "temperature", "hidden_weight", "learning_rate", "batch_size", "epochs", "seed",
-                 "gradient_accumulation_steps", "cache_teacher_logits")
-        return cls(**{name: getattr(config, name) for name in names})
+        """Notebook 02's distillation of the student: every field that is also a run parameter."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if f.name in RunConfig.model_fields})
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)
