@@ -12,6 +12,11 @@ machine was busy: if other processes used more than a quarter of the CPU while t
 stored, since torch with 2 threads runs ~50x slower when another process holds the cores.
 
     .venv/bin/python benchmarks/latency.py --run minilm [--repeats 5] [--threads 2]
+
+``--student NAME=DIR`` (repeatable) adds another saved student to the same process, in PyTorch fp32
+(its accuracy before quantisation) and as its fastest variant, fused ONNX int8: how a shallower
+student trades accuracy for speed, against the same teacher timings. Give those figures their own
+file with ``--out`` so that the run's ``latency.json`` keeps describing the run.
 """
 
 from __future__ import annotations
@@ -30,17 +35,39 @@ from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
 
 
-def main() -> None:
+def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
+    """``NAME=DIR`` pairs of ``--student``, each a saved model folder, checked before any work."""
+    students: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--student {spec!r}: expected NAME=DIR, e.g. 2-layers=outputs/models/minilm/student-2")
+        if name in students or name.startswith(("teacher", "student")):
+            parser.error(f"--student {spec!r}: NAME must be new and not start with 'teacher' or 'student'")
+        missing = [f for f in ("config.json", "model.safetensors") if not (Path(folder) / f).is_file()]
+        if missing:
+            parser.error(f"--student {spec!r}: {folder} has no {' or '.join(missing)}; give a folder saved by "
+                         "kdlib.save_model (scripts/recipe.py student --save DIR)")
+        students[name] = Path(folder)
+    return students
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="minilm", help="run whose teacher and student to load")
+    parser.add_argument("--outputs", default="outputs", help="the outputs folder of that run")
     parser.add_argument("--data", default=None)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
+                        help="another saved student to time beside the run's (repeatable)")
+    parser.add_argument("--out", default=None, help="file to write (default: <outputs>/benchmarks/<run>/latency.json)")
+    args = parser.parse_args(argv)
+    extra_students = parse_students(args.student, parser)
 
     session = prepare_session(42, args.threads)
-    paths = RunPaths.of("outputs", args.run)
+    paths = RunPaths.of(args.outputs, args.run)
     data = load_intent_data(args.data)
     labels = label_names(data)
     teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)
@@ -49,6 +76,11 @@ def main() -> None:
     predictors = {"teacher (pipeline, fp32)": PipelinePredictor(teacher, teacher_tok)}
     predictors["student"] = TorchPredictor(student, student_tok)
     predictors.update(build_variants(student, student_tok, paths.onnx_dir / "latency", threads=args.threads))
+    for name, folder in extra_students.items():
+        model, tokenizer = load_classifier(folder, labels), load_tokenizer(folder)
+        predictors[name] = TorchPredictor(model, tokenizer)
+        predictors.update(build_variants(model, tokenizer, paths.onnx_dir / "latency" / name, threads=args.threads,
+                                         variants=["onnx-fused-int8"], prefix=name))
 
     queries = data["test"]["text"][: args.queries]
     p50s: dict[str, list[float]] = {name: [] for name in predictors}
@@ -95,11 +127,12 @@ def main() -> None:
         print(f"WARNING: other processes used {others:.0%} of the CPU while timing: these figures are not written. "
               "Rerun on a quiet machine.", file=sys.stderr)
         sys.exit(3)
-    out = Path("outputs/benchmarks") / args.run / "latency.json"
+    out = Path(args.out) if args.out else paths.output_dir / "benchmarks" / args.run / "latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written: {out}")
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,24 +1,26 @@
-"""benchmarks/profile_query.py on tiny models: its figures are the profile's, its arithmetic the model's."""
+"""benchmarks/profile_query.py and latency.py on tiny models: their figures are the ones they measured."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdlib.models import save_model
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_query.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 LABELS = ["alarm", "music", "oos"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("profile_query", SCRIPT)
+def _load_script(name: str = "profile_query"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -74,3 +76,60 @@ def test_profile_query_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     assert stop.value.code == 3 and not written.exists()
+
+
+@pytest.fixture()
+def shallow_student(tmp_path):
+    """A 1-layer student that answers ``music`` to every query (its classifier: zero weights, one bias)."""
+    folder = tmp_path / "shallow"
+    model = make_tiny_model("tiny-bert", LABELS, num_layers=1, seed=2)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()[model.config.label2id["music"]] = 5.0
+    save_model(model, make_tiny_tokenizer(), folder)
+    return folder
+
+
+def test_latency_times_the_run_and_another_student_in_one_process(run_outputs, shallow_student, monkeypatch):
+    argv, _, _ = run_outputs
+    script = _load_script("latency")
+    monkeypatch.setattr(script, "OtherProcesses", _Share)
+    out = run_outputs[2].parent / "latency-depth.json"
+    report = script.main([*argv, "--student", f"one-layer={shallow_student}", "--out", str(out)])
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"teacher (pipeline, fp32)", "student", "student-int8", "student-onnx", "student-onnx-int8",
+                         "student-onnx-fused-int8",
+                         "one-layer", "one-layer-onnx-fused-int8"}
+    teacher_p50 = statistics.median(rows["teacher (pipeline, fp32)"]["p50_all_repeats_ms"])
+    for row in rows.values():
+        assert len(row["p50_all_repeats_ms"]) == 2
+        assert row["speedup"] == pytest.approx(teacher_p50 / statistics.median(row["p50_all_repeats_ms"]))
+    # the extra student's figures are its own: "music" for everything, in PyTorch and in fused ONNX int8
+    for name in ("one-layer", "one-layer-onnx-fused-int8"):
+        assert rows[name]["accuracy"] == pytest.approx(1 / 3)  # a third of the test queries are music
+        assert (rows[name]["in_scope_accuracy"], rows[name]["oos_recall"]) == (pytest.approx(0.5), 0.0)
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert not (out.parent / "latency.json").exists()  # the run's own file is left alone
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-equals-sign", "expected NAME=DIR"),
+    ("student-2=somewhere", "must be new"),
+    ("two={missing}", "has no config.json or model.safetensors"),
+])
+def test_latency_refuses_a_bad_student_before_any_work(run_outputs, tmp_path, monkeypatch, capsys, spec, message):
+    argv, _, _ = run_outputs
+    script = _load_script("latency")
+    monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        script.main([*argv, "--student", spec.format(missing=tmp_path / "nowhere")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_latency_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch):
+    argv, _, profile_file = run_outputs
+    script = _load_script("latency")
+    monkeypatch.setattr(script, "OtherProcesses", type("Busy", (_Share,), {"share": 0.9}))
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 3 and not (profile_file.parent / "latency.json").exists()
