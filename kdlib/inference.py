@@ -353,7 +353,7 @@ def _export_dynamo(
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
-            _NamedOutputs(model), (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic,
+            _NamedOutputs(model).eval(), (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic,
             input_names=list(inputs), output_names=list(ONNX_OUTPUTS), opset_version=opset, optimize=True,
             verbose=False,
         )

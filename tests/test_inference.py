@@ -255,6 +255,18 @@ def test_quantize_dynamic_int8_leaves_original_fp32():
     assert torch_int8_predictor(model, tokenizer).labels == LABELS
 
 
+def test_export_of_a_model_in_training_mode_warns_nothing_and_restores_the_mode(tmp_path):
+    """A model straight from training is in training mode; the exporter is given eval-mode modules (torch warns
+    about training mode, a warning a user would rightly read as dropout in the graph)."""
+    import warnings
+
+    model = make_tiny_model("tiny-bert", LABELS).train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training mode.*")
+        export_onnx(model, make_tiny_tokenizer(), tmp_path / "model.onnx")
+    assert model.training
+
+
 def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
