@@ -321,6 +321,7 @@ class OtherProcesses:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (latency figures mean little without it)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -331,6 +332,7 @@ def cpu_model() -> str:
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The short commit of the checkout that produced a figure, or None outside git."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -442,15 +444,18 @@ class PerformanceBenchmark:
         self.clock = clock
 
     def compute_accuracy(self) -> dict:
+        """Quality on the dataset (:func:`evaluate`: accuracy, macro-F1, OOS detection with a threshold)."""
         metrics, self.oos_detail = evaluate(
             self.predictor, self.dataset, batch_size=self.batch_size, **self.oos_options
         )
         return metrics
 
     def compute_size(self) -> dict:
+        """Size of the saved weights in MB and the parameter count (:func:`compute_size`)."""
         return compute_size(self.predictor)
 
     def time_pipeline(self) -> dict:
+        """Single-query latency over the first ``n_latency_queries`` texts, and batched throughput."""
         queries = self.dataset["text"][: self.n_latency_queries]
         stats = time_pipeline(self.predictor, queries, warmup=self.warmup, clock=self.clock)
         stats.update(

@@ -256,6 +256,7 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def available_profiles() -> list[str]:
+    """Names of the profiles in ``configs/`` (``minilm``, ``smoke``, ...)."""
     return sorted(p.stem for p in (project_root() / CONFIG_DIR_NAME).glob("*.yaml"))
 
 
@@ -398,6 +399,7 @@ class RunPaths:
 
     @classmethod
     def of(cls, output_dir: str | os.PathLike, run_name: str) -> RunPaths:
+        """The folders of run ``run_name`` under ``output_dir`` (relative: to the project root)."""
         if not SLUG.match(run_name or ""):
             raise ConfigError(f"run_name = {run_name!r}: must be letters, digits, '.', '_' or '-' (a folder name).")
         out = Path(output_dir).expanduser()
@@ -407,6 +409,7 @@ class RunPaths:
 
     @classmethod
     def for_config(cls, config: RunConfig) -> RunPaths:
+        """The folders of a run configuration's run."""
         return cls.of(config.output_dir, config.run_name)
 
     @property
@@ -416,34 +419,42 @@ class RunPaths:
 
     @property
     def run_results(self) -> Path:
+        """This run's result records (``results/<run>``)."""
         return self.results_dir / self.run_name
 
     @property
     def models_dir(self) -> Path:
+        """This run's saved models (``models/<run>``)."""
         return self.output_dir / "models" / self.run_name
 
     @property
     def teacher_dir(self) -> Path:
+        """The fine-tuned teacher 01 saves and 02 loads."""
         return self.models_dir / "teacher"
 
     @property
     def student_dir(self) -> Path:
+        """The distilled student 02 saves."""
         return self.models_dir / "student"
 
     @property
     def onnx_dir(self) -> Path:
+        """The ONNX files of the student's variants."""
         return self.models_dir / "onnx"
 
     @property
     def checkpoints_dir(self) -> Path:
+        """Training checkpoints, one folder per training key (resumable)."""
         return self.output_dir / "checkpoints" / self.run_name
 
     @property
     def tables_dir(self) -> Path:
+        """Markdown and CSV tables (``tables/<run>``)."""
         return self.output_dir / "tables" / self.run_name
 
     @property
     def figures_dir(self) -> Path:
+        """PNG figures (``figures/<run>``)."""
         return self.output_dir / "figures" / self.run_name
 
     @property
@@ -462,6 +473,7 @@ class RunPaths:
         return self.checkpoints_dir / "search.journal"
 
     def ensure(self) -> RunPaths:
+        """Create the run's result, model, table and figure folders; returns self."""
         for folder in (self.run_results, self.models_dir, self.tables_dir, self.figures_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return self

@@ -49,6 +49,7 @@ DEFAULT_MAX_LENGTH = 128
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis (max subtracted first, so large logits do not overflow)."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
@@ -61,6 +62,7 @@ class Predictor:
     exposes_features = False  # True where logits_and_features returns features (the Mahalanobis OOS score)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:  # pragma: no cover - abstract
+        """One row of class scores per text, columns in the order of ``labels``."""
         raise NotImplementedError
 
     def logits_and_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,12 +70,15 @@ class Predictor:
         return self.logits(texts), None
 
     def size_bytes(self) -> int:  # pragma: no cover - abstract
+        """Bytes of what a deployment ships: the saved weights (state dict or ONNX file)."""
         raise NotImplementedError
 
     def num_parameters(self) -> int | None:
+        """Number of weights (None where the backend does not say)."""
         return None
 
     def describe(self) -> dict:
+        """Backend, device, dtype and threads: what the benchmark records beside each figure."""
         return {}
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict]:

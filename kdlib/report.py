@@ -78,6 +78,7 @@ def _json_safe(value):
 
 
 def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
+    """Where a variant's benchmark record lives: ``results_dir/<run>/<variant>.json`` (names checked)."""
     return Path(results_dir) / _check_name(run, "Run name") / f"{_check_name(variant, 'Variant name')}.json"
 
 

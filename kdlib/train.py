@@ -403,6 +403,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What a training returns: the trained model, its trainer, the per-epoch table, the settings
+    used, the checkpoint it resumed from (if any), training seconds, the log and its checkpoint folder."""
+
     model: PreTrainedModel
     trainer: DistillationTrainer
     epoch_table: pd.DataFrame

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,19 @@ def test_notebooks_import_from_kdlib_only(notebook):
 def test_public_functions_document_their_parameters():
     missing = [name for name in kdlib.__all__ if callable(getattr(kdlib, name)) and not getattr(kdlib, name).__doc__]
     assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_public_methods_and_properties_of_public_classes_have_docstrings():
+    """What ``help(kdlib.X)`` shows a notebook reader: every public method and property says what it is
+    (an override may inherit its base class's docstring)."""
+    missing = [
+        f"{name}.{member}"
+        for name in kdlib.__all__ if inspect.isclass(cls := getattr(kdlib, name))
+        for member, value in vars(cls).items()
+        if not member.startswith("_") and (callable(value) or isinstance(value, property | classmethod))
+        and not inspect.getdoc(getattr(cls, member))
+    ]
+    assert not missing, f"undocumented: {missing}"
 
 
 def test_the_runner_validates_before_importing_torch():
