@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VARIANT_NAMES = ("int8", "onnx", "onnx-int8")
+VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
 
 
 class ConfigError(ValueError):
@@ -132,7 +132,7 @@ class RunConfig(BaseModel):
         description="search validation accuracy and measured latency together (Optuna multi-objective, the "
         "student's depth searched too); the fastest Pareto trial within 1 point of the best is chosen",
     )
-    variants: list[Literal["int8", "onnx", "onnx-int8", "onnx-fused-int8"]] = Field(
+    variants: list[Literal[VARIANTS]] = Field(
         ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
     )
     n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")

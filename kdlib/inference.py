@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlib.config import atomic_path
+from kdlib.config import VARIANTS, atomic_path
 from kdlib.models import forward_inputs, model_labels, pick_device
 
 DEFAULT_MAX_LENGTH = 128
@@ -230,7 +230,6 @@ LABELS_KEY = "kdlib.labels"
 QUANTIZATION_KEY = "kdlib.quantization"
 MODEL_TYPE_KEY = "kdlib.model_type"
 TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")
 ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
 # Texts of different lengths, so the example batch has padding (attention mask with zeros) and
 # neither dimension is 0 or 1, which torch.export would specialise to a constant.
