@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from kdlib.benchmark import env_fingerprint
-from kdlib.config import RunPaths, prepare_session
+from kdlib.config import ConfigError, RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data, subsample
 from kdlib.models import load_classifier, load_tokenizer, student_from_teacher
 from kdlib.train import TrainConfig, add_teacher_logits, tokenize_dataset, train_student
@@ -32,10 +32,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    try:
+        teacher_ref = args.teacher or RunPaths.of("outputs", args.run).require_models("teacher").teacher_dir
+    except ConfigError as err:
+        parser.error(f"--run {args.run}: {err} Or pass --teacher DIR.")
 
     prepare_session(42, args.threads)
     data = subsample(load_intent_data(args.data), {"train": args.rows, "validation": 64, "test": 64})
-    teacher_ref = args.teacher or RunPaths.of("outputs", args.run).teacher_dir
     teacher = load_classifier(teacher_ref, label_names(data))
     tokenizer = load_tokenizer(teacher_ref)
 

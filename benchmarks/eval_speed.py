@@ -15,7 +15,7 @@ import json
 import torch
 
 from kdlib.benchmark import classification_metrics, env_fingerprint, median_of_repeats, predict_labels
-from kdlib.config import RunPaths, prepare_session
+from kdlib.config import ConfigError, RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data, oos_label
 from kdlib.inference import PipelinePredictor, TorchPredictor
 from kdlib.models import load_classifier, load_tokenizer
@@ -31,11 +31,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="first N test queries only (quick check)")
     args = parser.parse_args()
+    try:
+        model_ref = args.model or RunPaths.of("outputs", args.run).require_models("teacher").teacher_dir
+    except ConfigError as err:
+        parser.error(f"--run {args.run}: {err} Or pass --model DIR.")
 
     prepare_session(42, args.threads)
     data = load_intent_data(args.data)
     test = data["test"] if args.limit is None else data["test"].select(range(args.limit))
-    model_ref = args.model or RunPaths.of("outputs", args.run).teacher_dir
     model = load_classifier(model_ref, label_names(data))
     tokenizer = load_tokenizer(model_ref)
     texts, names = test["text"], test.features["label"].names

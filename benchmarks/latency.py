@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, compute_accuracy, compute_size, env_fingerprint, time_pipeline
-from kdlib.config import RunPaths, prepare_session
+from kdlib.config import ConfigError, RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="file to write (default: <outputs>/benchmarks/<run>/latency.json)")
     args = parser.parse_args(argv)
     extra_students = parse_students(args.student, parser)
+    try:
+        paths = RunPaths.of(args.outputs, args.run).require_models("teacher", "student")
+    except ConfigError as err:
+        parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
 
     session = prepare_session(42, args.threads)
-    paths = RunPaths.of(args.outputs, args.run)
     data = load_intent_data(args.data)
     labels = label_names(data)
     teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, env_fingerprint, time_pipeline
-from kdlib.config import RunPaths, prepare_session
+from kdlib.config import ConfigError, RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import (
     OnnxPredictor,
@@ -117,9 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    try:
+        paths = RunPaths.of(args.outputs, args.run).require_models("teacher", "student")
+    except ConfigError as err:
+        parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
 
     session = prepare_session(42, args.threads)
-    paths = RunPaths.of(args.outputs, args.run)
     data = load_intent_data(args.data)
     labels = label_names(data)
     teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)

@@ -472,6 +472,17 @@ class RunPaths:
         """The search's Optuna journal when ``search_storage`` names none."""
         return self.checkpoints_dir / "search.journal"
 
+    def require_models(self, *names: str) -> RunPaths:
+        """Raise :class:`ConfigError` unless this run saved the models ``names`` (``teacher``,
+        ``student``): what a script that reads them checks before any work. Returns self."""
+        missing = [name for name in names if not (self.models_dir / name / "model.safetensors").is_file()]
+        if missing:
+            raise ConfigError(
+                f"run {self.run_name!r} has no saved {' or '.join(missing)} under {self.models_dir}: run it first "
+                f"(`make run`, or notebooks 01 and 02 with run_name={self.run_name!r}), or name a run that did."
+            )
+        return self
+
     def ensure(self) -> RunPaths:
         """Create the run's result, model, table and figure folders; returns self."""
         for folder in (self.run_results, self.models_dir, self.tables_dir, self.figures_dir):

@@ -133,3 +133,17 @@ def test_latency_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     assert stop.value.code == 3 and not (profile_file.parent / "latency.json").exists()
+
+
+@pytest.mark.parametrize("name", ["profile_query", "latency"])
+@pytest.mark.parametrize("missing", ["teacher", "student"])
+def test_a_run_without_its_models_is_refused_before_any_work(run_outputs, monkeypatch, capsys, name, missing):
+    argv, _, _ = run_outputs
+    models = run_outputs[2].parents[2] / "models" / "r"
+    (models / missing / "model.safetensors").unlink()
+    script = _load_script(name)
+    monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"run 'r' has no saved {missing} under {models}" in err and "make run" in err
