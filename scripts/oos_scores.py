@@ -16,7 +16,8 @@ import argparse
 import json
 
 from kdlib import TorchPredictor, evaluate, label_names, load_classifier, load_intent_data, load_tokenizer, subsample
-from kdlib.config import load_config, parse_cli_value, prepare_session
+from kdlib.config import ConfigError, load_config, parse_cli_value, prepare_session
+from kdlib.models import ModelReferenceError, resolve_model_ref
 from kdlib.oos import OOS_SCORES
 
 
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", default="minilm")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     args = parser.parse_args(argv)
-    config = load_config(args.profile, **{name: parse_cli_value(name, value) for name, value in args.param})
+    try:
+        config = load_config(args.profile, **{name: parse_cli_value(name, value) for name, value in args.param})
+        resolve_model_ref(args.model, param="model")
+    except (ConfigError, ModelReferenceError) as err:
+        parser.exit(2, f"error: {err}\n")
     prepare_session(config.seed, config.threads)
     data = subsample(load_intent_data(config.data_source, **config.data_options()), config.row_limits(), config.seed)
     predictor = TorchPredictor(load_classifier(args.model, label_names(data)), load_tokenizer(args.model))

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.help_params or not args.mode:
         print(parameter_help())
         return {}
+    from kdlib.models import ModelReferenceError, resolve_model_ref
+
     try:
         overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
         config = load_config(args.profile, **overrides)
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.mode == "search" and config.search_latency:
             raise ConfigError("search mode searches validation accuracy only: leave search_latency false "
                               "(notebook 02 runs the accuracy + latency search).")
-    except ConfigError as err:
+        if args.mode == "teacher":
+            resolve_model_ref(config.teacher, param="teacher")
+        else:
+            resolve_model_ref(config.teacher_model, param="teacher_model")
+    except (ConfigError, ModelReferenceError) as err:
         parser.exit(2, f"error: {err}\n")
 
     from kdlib import (

@@ -14,12 +14,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recipe.py"
 LABELS = ["alarm", "music", "oos"]
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("recipe", SCRIPT)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return _load("recipe")
 
 
 @pytest.fixture()
@@ -58,9 +62,7 @@ def test_oos_scores_script_reports_each_score_on_validation_and_test(setup, tmp_
     from kdlib import TorchPredictor, load_intent_data, load_tokenizer
     from kdlib.oos import MahalanobisScore, detection_metrics, oos_scores
 
-    spec = importlib.util.spec_from_file_location("oos_scores", SCRIPT.parent / "oos_scores.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load("oos_scores")
     folder, teacher_dir = setup
     rows = script.main([str(teacher_dir), "--profile", "smoke", "-p", "data_source", str(folder)])
     assert set(rows) == {"msp", "energy", "mahalanobis"}
@@ -102,3 +104,23 @@ def test_recipe_search_needs_trials_and_storage_before_any_work(recipe, capsys, 
     with pytest.raises(SystemExit):
         recipe.main(["search", "-p", "teacher_model", str(tmp_path / "absent"), *missing])
     assert "search_storage" in capsys.readouterr().err and not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("argv", [["student", "-p", "teacher_model", "{absent}"],
+                                  ["teacher", "-p", "teacher", "{absent}"]])
+def test_recipe_refuses_a_missing_model_folder_before_any_work(recipe, capsys, monkeypatch, tmp_path, argv):
+    import kdlib
+
+    monkeypatch.setattr(kdlib, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    absent = tmp_path / "absent"
+    with pytest.raises(SystemExit) as stop:
+        recipe.main([arg.format(absent=absent) for arg in argv])
+    assert stop.value.code == 2 and f"{absent} does not exist" in capsys.readouterr().err
+
+
+def test_oos_scores_refuses_a_missing_model_folder_before_any_work(capsys, monkeypatch, tmp_path):
+    script = _load("oos_scores")
+    monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(tmp_path / "absent")])
+    assert stop.value.code == 2 and "absent does not exist" in capsys.readouterr().err
