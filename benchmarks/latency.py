@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, compute_accuracy, compute_size, env_fingerprint, time_pipeline
-from kdlib.config import ConfigError, RunPaths, prepare_session
+from kdlib.config import ConfigError, RunPaths, missing_model_files, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
@@ -44,7 +44,7 @@ def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[st
             parser.error(f"--student {spec!r}: expected NAME=DIR, e.g. 2-layers=outputs/models/minilm/student-2")
         if name in students or name.startswith(("teacher", "student")):
             parser.error(f"--student {spec!r}: NAME must be new and not start with 'teacher' or 'student'")
-        missing = [f for f in ("config.json", "model.safetensors") if not (Path(folder) / f).is_file()]
+        missing = missing_model_files(folder)
         if missing:
             parser.error(f"--student {spec!r}: {folder} has no {' or '.join(missing)}; give a folder saved by "
                          "kdlib.save_model (scripts/recipe.py student --save DIR)")

@@ -37,6 +37,12 @@ SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
 
 
+def missing_model_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a model saved by :func:`kdlib.save_model` that ``folder`` lacks (empty: it has them).
+    Scripts check this before any work, without importing torch."""
+    return [name for name in ("config.json", "model.safetensors") if not (Path(folder) / name).is_file()]
+
+
 class ConfigError(ValueError):
     """Run parameters that cannot be used; the message names each parameter and the fix."""
 
@@ -475,7 +481,7 @@ class RunPaths:
     def require_models(self, *names: str) -> RunPaths:
         """Raise :class:`ConfigError` unless this run saved the models ``names`` (``teacher``,
         ``student``): what a script that reads them checks before any work. Returns self."""
-        missing = [name for name in names if not (self.models_dir / name / "model.safetensors").is_file()]
+        missing = [name for name in names if missing_model_files(self.models_dir / name)]
         if missing:
             raise ConfigError(
                 f"run {self.run_name!r} has no saved {' or '.join(missing)} under {self.models_dir}: run it first "
