@@ -19,7 +19,7 @@ from kdlib.benchmark import env_fingerprint
 from kdlib.config import ConfigError, RunPaths, prepare_session
 from kdlib.data import label_names, load_intent_data, subsample
 from kdlib.models import load_classifier, load_tokenizer, student_from_teacher
-from kdlib.train import TrainConfig, add_teacher_logits, tokenize_dataset, train_student
+from kdlib.train import TrainConfig, add_teacher_logits, tokenize_dataset, train_classifier
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
         for name, mode in modes.items():  # interleaved, so drift in machine load hits every mode alike
             config = TrainConfig(epochs=1, batch_size=args.batch_size, learning_rate=1e-4, **mode)
             with tempfile.TemporaryDirectory() as out:
-                result = train_student(
+                result = train_classifier(
                     student_from_teacher(teacher), tokenizer, data, teacher=teacher, config=config,
                     output_dir=out, resume=False, save_strategy="no", eval_strategy="no",
                 )

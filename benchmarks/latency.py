@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.benchmark import OtherProcesses, compute_accuracy, compute_size, env_fingerprint, time_pipeline
+from kdlib.benchmark import OtherProcesses, compute_size, env_fingerprint, evaluate, time_pipeline
 from kdlib.config import ConfigError, RunPaths, missing_model_files, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name, predictor in predictors.items():
         scoring = TorchPredictor(teacher, teacher_tok) if name.startswith("teacher") else predictor
-        accuracy = compute_accuracy(scoring, data["test"])
+        accuracy, _ = evaluate(scoring, data["test"])
         p50 = float(np.median(p50s[name]))
         rows[name] = {
             "p50_ms": p50,

@@ -40,12 +40,12 @@ _EXPORTS = {
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
         "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
-    "train": ["DistillationTrainer", "TrainConfig", "train_student", "soft_targets"],
+    "train": ["DistillationTrainer", "TrainConfig", "train_classifier", "soft_targets"],
     "search": ["hyperparameter_search", "search_layers", "search_trials", "open_study"],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
     ],
-    "benchmark": ["PerformanceBenchmark", "compute_accuracy", "evaluate", "compute_size", "time_pipeline"],
+    "benchmark": ["PerformanceBenchmark", "evaluate", "compute_size", "time_pipeline"],
     "oos": ["oos_scores", "detection_metrics", "choose_threshold", "apply_threshold"],
     "report": [
         "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",

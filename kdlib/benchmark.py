@@ -138,11 +138,6 @@ def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
     return np.array([position[names[i]] for i in dataset["label"]], dtype=np.int64)
 
 
-def compute_accuracy(predictor: Predictor, dataset: Dataset, **options) -> dict:
-    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split; see :func:`evaluate` for ``options``."""
-    return evaluate(predictor, dataset, **options)[0]
-
-
 def evaluate(
     predictor: Predictor,
     dataset: Dataset,
@@ -444,7 +439,8 @@ class PerformanceBenchmark:
         self.clock = clock
 
     def compute_accuracy(self) -> dict:
-        """Quality on the dataset (:func:`evaluate`: accuracy, macro-F1, OOS detection with a threshold)."""
+        """Quality on the dataset (:func:`evaluate`: accuracy, macro-F1, OOS detection with a threshold);
+        the book's name for the step, kept for its readers."""
         metrics, self.oos_detail = evaluate(
             self.predictor, self.dataset, batch_size=self.batch_size, **self.oos_options
         )

@@ -1,6 +1,6 @@
 """The book's Optuna search over the distillation's hyperparameters, made cheap and shareable.
 
-Every trial trains a student with :func:`kdlib.train.train_student` on data tokenised once and
+Every trial trains a student with :func:`kdlib.train.train_classifier` on data tokenised once and
 teacher logits cached once; Optuna's median pruner stops a trial whose validation accuracy after
 an epoch is below the median of earlier trials at that epoch. The study lives in a journal file
 (several processes on one disk) or a database URL (many machines), so workers can share it.
@@ -23,7 +23,7 @@ import pandas as pd
 from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from kdlib.train import TrainConfig, prepare_datasets, train_student
+from kdlib.train import TrainConfig, prepare_datasets, train_classifier
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameter search (the book's Optuna search over epochs, alpha and T)
@@ -214,7 +214,7 @@ def hyperparameter_search(
         student = make_student(**{k: v for k, v in params.items() if k not in train_fields})
         folder = Path(output_dir) / f"trial-{trial.number}"
         try:
-            result = train_student(
+            result = train_classifier(
                 student,
                 tokenizer,
                 data,

@@ -167,7 +167,7 @@ class TrainingDivergedError(RuntimeError):
 
 class DistillationTrainer(Trainer):
     """A ``Trainer`` whose loss is :func:`distillation_loss`, with ``config``'s alpha, temperature and
-    hidden_weight (:func:`train_student` builds the ``TrainingArguments`` from the same config).
+    hidden_weight (:func:`train_classifier` builds the ``TrainingArguments`` from the same config).
 
     The teacher's logits come from a cached ``teacher_logits`` column, or from ``teacher_model``
     run on each batch (the reference's way) when that is given.
@@ -512,8 +512,8 @@ def last_good_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
-def train_student(
-    student: PreTrainedModel,
+def train_classifier(
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     data: DatasetDict,
     *,
@@ -526,7 +526,10 @@ def train_student(
     callbacks: Sequence[TrainerCallback] = (),
     **training_overrides,
 ) -> TrainResult:
-    """Train ``student`` on ``data`` (text + ClassLabel label) with the distillation loss.
+    """Train the classifier ``model`` on ``data`` (text + ClassLabel label): fine-tuning with
+    ``alpha=1`` and no ``teacher`` (notebook 01's teacher), distillation from ``teacher`` otherwise
+    (the loss of :class:`DistillationTrainer`). Returns the trained model, the per-epoch table and
+    the Trainer (:class:`TrainResult`).
 
     Checkpoints are written every epoch under ``output_dir/<key>`` (:func:`checkpoint_key`: the
     run's ``fingerprint``, the settings and the starting weights); calling again with the same
@@ -546,7 +549,7 @@ def train_student(
     set_seed(config.seed)
     runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
     overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
-    output_dir = Path(output_dir) / checkpoint_key(config, student, fingerprint, overrides)
+    output_dir = Path(output_dir) / checkpoint_key(config, model, fingerprint, overrides)
     output_dir.mkdir(parents=True, exist_ok=True)
     # One lock per training: the ranks of one multi-process (DDP) run share it through rank 0.
     lock = FileLock(output_dir / ".training.lock", blocking=False)
@@ -587,7 +590,7 @@ def train_student(
         mode = progress_mode()
         args = training_arguments(config, output_dir, **{"disable_tqdm": mode != "notebook", **training_overrides})
         trainer = DistillationTrainer(
-            model=student,
+            model=model,
             args=args,
             config=config,
             teacher_model=online_teacher,

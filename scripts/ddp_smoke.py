@@ -1,4 +1,4 @@
-"""Multi-process smoke test of kdlib.train.train_student (DDP on CPU with the gloo backend).
+"""Multi-process smoke test of kdlib.train.train_classifier (DDP on CPU with the gloo backend).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/ddp_smoke.py --output-dir /tmp/ddp
 
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from kdlib.data import build_dataset_dict
 from kdlib.models import student_from_teacher
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer, synthetic_intents
-from kdlib.train import TrainConfig, train_student
+from kdlib.train import TrainConfig, train_classifier
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")
@@ -91,7 +91,7 @@ def main() -> None:
         alpha=0.5, temperature=2.0, learning_rate=3e-3, batch_size=args.batch_size, epochs=args.epochs,
         seed=args.seed, cache_teacher_logits=not args.online, gradient_accumulation_steps=args.grad_accum,
     )
-    result = train_student(
+    result = train_classifier(
         student, tokenizer, data, output_dir=args.output_dir, config=config, teacher=teacher,
         resume=False, **training_overrides,
     )

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from kdlib import (
         TorchPredictor,
         TrainConfig,
-        compute_accuracy,
+        evaluate,
         init_student,
         label_names,
         load_classifier,
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_tokenizer,
         save_model,
         subsample,
-        train_student,
+        train_classifier,
     )
 
     prepare_session(config.seed, config.threads)
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:
-        result = train_student(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
-                               resume=False)
-    metrics = compute_accuracy(
+        result = train_classifier(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
+                                  resume=False)
+    metrics, _ = evaluate(
         TorchPredictor(result.model, tokenizer), data["test"], validation=data["validation"], train=data["train"],
         **config.oos_options()
     )

@@ -13,7 +13,7 @@ from kdlib.data import build_dataset_dict
 from kdlib.models import student_from_teacher
 from kdlib.search import hyperparameter_search, open_study, search_trials, suggest_hyperparameters
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
-from kdlib.train import TrainConfig, train_student
+from kdlib.train import TrainConfig, train_classifier
 
 LABELS = ["alarm", "music", "weather"]
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     split = ([t for t, _ in rows], [lab for _, lab in rows])
     data = build_dataset_dict({"train": split, "validation": split, "test": split}, origin="synthetic")
     tokenizer = make_tiny_tokenizer()
-    teacher = train_student(
+    teacher = train_classifier(
         make_tiny_model("tiny-bert", LABELS), tokenizer, data, output_dir=tmp_path_factory.mktemp("teacher"),
         config=TrainConfig(alpha=1.0, epochs=2, learning_rate=5e-3, batch_size=16), resume=False,
         save_strategy="no",
@@ -112,15 +112,15 @@ def test_prepared_data_trains_like_raw_data(setup, tmp_path):
     data, tokenizer, teacher = setup
     config = TrainConfig(alpha=0.5, temperature=3, epochs=1, batch_size=16, learning_rate=5e-3)
     kwargs = dict(teacher=teacher, config=config, resume=False, save_strategy="no")
-    raw = train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "raw", **kwargs)
+    raw = train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "raw", **kwargs)
     prepared = prepare_datasets(data, tokenizer, teacher=teacher)
-    again = train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "prepared",
-                          prepared=prepared, **kwargs)
+    again = train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "prepared",
+                             prepared=prepared, **kwargs)
     for (name, a), (_, b) in zip(raw.model.state_dict().items(), again.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="prepare_datasets"):
-        train_student(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "bad",
-                      prepared=data, **kwargs)
+        train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "bad",
+                         prepared=data, **kwargs)
 
 
 def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):

@@ -1,5 +1,5 @@
 """Tests of kdlib.train: the loss by hand, validation, cache = online, gradient accumulation,
-the epoch table, and train_student end to end (reproducibility, resume) on tiny models."""
+the epoch table, and train_classifier end to end (reproducibility, resume) on tiny models."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from kdlib.train import (
     hidden_state_loss,
     layer_map,
     tokenize_dataset,
-    train_student,
+    train_classifier,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def teacher_run(data, tok, tmp_path_factory):
     """alpha = 1: plain fine-tuning of a tiny BERT, as notebook 01 does with the same code."""
     teacher = make_tiny_model("tiny-bert", LABELS, seed=0)
     config = TrainConfig(alpha=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=6, seed=0)
-    return train_student(teacher, tok, data, output_dir=tmp_path_factory.mktemp("teacher"), config=config)
+    return train_classifier(teacher, tok, data, output_dir=tmp_path_factory.mktemp("teacher"), config=config)
 
 
 @pytest.fixture(scope="module")
@@ -254,10 +254,10 @@ def test_valid_edges_are_accepted(alpha, temperature, tmp_path):
     assert torch.isfinite(distillation_loss(*_tensors(), alpha=alpha, temperature=temperature))
 
 
-def test_train_student_refuses_distillation_without_teacher(data, tok, tmp_path):
+def test_train_classifier_refuses_distillation_without_teacher(data, tok, tmp_path):
     with pytest.raises(ValueError, match="teacher"):
-        train_student(make_tiny_model("tiny-bert", LABELS), tok, data, output_dir=tmp_path,
-                      config=TrainConfig(alpha=0.5))
+        train_classifier(make_tiny_model("tiny-bert", LABELS), tok, data, output_dir=tmp_path,
+                         config=TrainConfig(alpha=0.5))
 
 
 def test_trainer_takes_its_loss_settings_from_a_train_config(tmp_path):
@@ -405,13 +405,13 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
                             data_collator=collator)
 
 
-def test_train_student_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
+def test_train_classifier_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
     config = TrainConfig(alpha=0.5, hidden_weight=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
     alone = replace(config, alpha=1.0)  # no KL term: the hidden-state term alone needs the teacher
     with pytest.raises(ValueError, match="hidden_weight=1.0 > 0"):
-        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, config=alone)
+        train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, config=alone)
     student = student_from_teacher(teacher)
-    result = train_student(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
+    result = train_classifier(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
     assert result.trainer.config.hidden_weight == 1.0 and result.trainer.teacher is teacher
     assert np.isfinite(result.epoch_table["Training Loss"].iloc[-1])
 
@@ -540,7 +540,7 @@ def test_epoch_table_empty_and_without_accuracy():
 
 
 # ---------------------------------------------------------------------------------------------
-# train_student end to end
+# train_classifier end to end
 # ---------------------------------------------------------------------------------------------
 
 
@@ -571,8 +571,8 @@ def distil_runs(teacher, data, tok, tmp_path_factory):
     for name, seed in (("a", 7), ("b", 7), ("other_seed", 8)):
         student = student_from_teacher(teacher)
         initial = state(student)
-        result = train_student(student, tok, data, output_dir=tmp_path_factory.mktemp(f"distil_{name}"),
-                               teacher=teacher, config=_distil_config(seed=seed))
+        result = train_classifier(student, tok, data, output_dir=tmp_path_factory.mktemp(f"distil_{name}"),
+                                  teacher=teacher, config=_distil_config(seed=seed))
         runs[name] = (student, initial, result)
     return runs
 
@@ -608,8 +608,8 @@ def test_distilbert_student_with_bert_teacher_cache_and_online(teacher, data, to
     results = {}
     for cache in (True, False):
         student = make_tiny_model("tiny-distilbert", LABELS, seed=3)
-        results[cache] = train_student(student, tok, data, output_dir=tmp_path / str(cache), teacher=teacher,
-                                       config=_distil_config(cache_teacher_logits=cache))
+        results[cache] = train_classifier(student, tok, data, output_dir=tmp_path / str(cache), teacher=teacher,
+                                          config=_distil_config(cache_teacher_logits=cache))
     cached, online = results[True], results[False]
     assert TEACHER_LOGITS in cached.trainer.train_dataset.column_names
     assert online.trainer.teacher is teacher
@@ -667,8 +667,8 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
 
     def run(output_dir, **kwargs):
         student = student_from_teacher(teacher)
-        return train_student(student, tok, data, output_dir=output_dir, teacher=teacher, config=config,
-                             **kwargs)
+        return train_classifier(student, tok, data, output_dir=output_dir, teacher=teacher, config=config,
+                                **kwargs)
 
     reference = run(tmp_path / "uninterrupted")
 
@@ -695,25 +695,25 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
         torch.testing.assert_close(w_res[k], w_ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
     # other settings: never the older run's checkpoints, a fresh training in its own folder
-    other = train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                          config=_distil_config(epochs=1, learning_rate=1e-3))
+    other = train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                             config=_distil_config(epochs=1, learning_rate=1e-3))
     assert other.resumed_from is None and other.checkpoint_dir != resumed.checkpoint_dir
     assert (resumed.checkpoint_dir / f"checkpoint-{2 * STEPS_PER_EPOCH}").is_dir()  # the older run is kept
 
     # resume=False starts over (its own checkpoints deleted)
-    fresh = train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                          config=config, resume=False)
+    fresh = train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                             config=config, resume=False)
     assert fresh.resumed_from is None and fresh.checkpoint_dir == resumed.checkpoint_dir
     assert fresh.trainer.state.global_step == 2 * STEPS_PER_EPOCH
 
 
 def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp_path, monkeypatch):
     config = _distil_config(epochs=1)
-    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config)
+    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config)
     monkeypatch.setattr(training, "DistillationTrainer", _CountingTrainer)
-    again = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config)
+    again = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config)
     counter = next(c for c in again.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
     assert counter.steps == []
     assert again.resumed_from.endswith(f"checkpoint-{STEPS_PER_EPOCH}")
@@ -739,10 +739,10 @@ def test_train_config_warmup_ratio_is_used(tmp_path):
 
 def test_other_training_overrides_never_resume(teacher, data, tok, tmp_path):
     config = _distil_config(epochs=1)
-    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config, lr_scheduler_type="constant")
-    second = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                           config=config, lr_scheduler_type="linear")
+    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config, lr_scheduler_type="constant")
+    second = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                              config=config, lr_scheduler_type="linear")
     assert second.resumed_from is None and second.checkpoint_dir != first.checkpoint_dir
 
 
@@ -751,14 +751,14 @@ def test_checkpoints_of_another_initialisation_are_never_resumed(teacher, data, 
     # return the other student, so each initialisation has its own checkpoints.
     config = _distil_config(epochs=1)
     layers = num_layers(teacher)
-    first = train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config)
-    other = train_student(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path,
-                          teacher=teacher, config=config)
+    first = train_classifier(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config)
+    other = train_classifier(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path,
+                             teacher=teacher, config=config)
     assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
     # the same initialisation resumes (nothing left to train)
-    again = train_student(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config)
+    again = train_classifier(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config)
     assert again.resumed_from is not None and again.checkpoint_dir == first.checkpoint_dir
 
 
@@ -766,12 +766,12 @@ def test_another_run_fingerprint_never_resumes(teacher, data, tok, tmp_path):
     """The run's fingerprint (its data digest, e.g. after changing data_source or max_train_rows) keys
     the checkpoints: the same training settings on other data start afresh."""
     config = _distil_config(epochs=1)
-    first = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config, fingerprint="data-a")
-    other = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                          config=config, fingerprint="data-b")
-    same = train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                         config=config, fingerprint="data-a")
+    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config, fingerprint="data-a")
+    other = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                             config=config, fingerprint="data-b")
+    same = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                            config=config, fingerprint="data-a")
     assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
     assert same.resumed_from is not None and same.checkpoint_dir == first.checkpoint_dir
 
@@ -795,14 +795,14 @@ def test_train_config_refuses_settings_that_cannot_train(field, value):
 def test_a_diverging_run_stops_before_anything_is_saved(teacher, data, tok, tmp_path):
     config = _distil_config(epochs=1, learning_rate=1e12)
     with pytest.raises(training.TrainingDivergedError, match=r"learning_rate=1e\+12.*lower the learning rate"):
-        train_student(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                      config=config)
+        train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
+                         config=config)
     assert not list(tmp_path.glob("*/checkpoint-*")), "no checkpoint of diverged weights"
 
 
 def _one_epoch_run(teacher, data, tok, folder):
-    return train_student(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                         config=_distil_config(epochs=1))
+    return train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
+                            config=_distil_config(epochs=1))
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "drop_state", "truncate_optimizer"])
@@ -901,8 +901,8 @@ def test_training_hyperparameters_are_the_ones_the_trainer_used(teacher, data, t
     from kdlib.report import training_hyperparameters
 
     config = _distil_config(epochs=1, alpha=0.3, temperature=4.0)
-    result = train_student(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
-                           config=config)
+    result = train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
+                              config=config)
     params = training_hyperparameters(result)
     assert {k: params[k] for k in ("learning_rate", "train_batch_size", "seed", "num_epochs", "alpha", "temperature")} \
         == {"learning_rate": config.learning_rate, "train_batch_size": config.batch_size, "seed": config.seed,
