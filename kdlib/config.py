@@ -26,10 +26,13 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
@@ -218,23 +221,27 @@ class RunConfig(BaseModel):
         text = json.dumps({"settings": settings, "data": data_digest, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def data_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`kdlib.data.load_intent_data`."""
-        return {
-            "text_column": self.text_column,
-            "label_column": self.label_column,
-            "validation_fraction": self.validation_fraction,
-            "drop_duplicates": self.drop_duplicates,
-            "seed": self.seed,
-        }
+    def load_data(self, base_dir: str | os.PathLike | None = None) -> DatasetDict:
+        """The run's data, as every notebook and script reads it: ``data_source`` (a relative path
+        taken from ``base_dir``) loaded by :func:`kdlib.data.load_intent_data` with the run's columns,
+        hold-out and duplicate options, then cut to the ``max_*_rows`` limits (:func:`kdlib.data.subsample`)."""
+        from kdlib.data import load_intent_data, subsample
+
+        data = load_intent_data(
+            self.data_source,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            validation_fraction=self.validation_fraction,
+            drop_duplicates=self.drop_duplicates,
+            seed=self.seed,
+            base_dir=base_dir,
+        )
+        limits = {"train": self.max_train_rows, "validation": self.max_validation_rows, "test": self.max_test_rows}
+        return subsample(data, limits, seed=self.seed)
 
     def oos_options(self) -> dict[str, Any]:
         """The OOS keyword arguments of :class:`~kdlib.benchmark.PerformanceBenchmark`."""
         return {name: getattr(self, name) for name in ("oos_score", "threshold_rule", "in_scope_target")}
-
-    def row_limits(self) -> dict[str, int | None]:
-        """Row limits per split for :func:`kdlib.data.subsample` (``None`` keeps a split whole)."""
-        return {"train": self.max_train_rows, "validation": self.max_validation_rows, "test": self.max_test_rows}
 
 
 # Settings that change what each stage trains (the data is covered by its digest).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdlib import TorchPredictor, evaluate, label_names, load_classifier, load_intent_data, load_tokenizer, subsample
+from kdlib import TorchPredictor, evaluate, label_names, load_classifier, load_tokenizer
 from kdlib.config import ConfigError, load_config, parse_cli_value, prepare_session
 from kdlib.models import ModelReferenceError, resolve_model_ref
 from kdlib.oos import OOS_SCORES
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ModelReferenceError) as err:
         parser.exit(2, f"error: {err}\n")
     prepare_session(config.seed, config.threads)
-    data = subsample(load_intent_data(config.data_source, **config.data_options()), config.row_limits(), config.seed)
+    data = config.load_data()
     predictor = TorchPredictor(load_classifier(args.model, label_names(data)), load_tokenizer(args.model))
     rows = {}
     for score in OOS_SCORES:

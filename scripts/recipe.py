@@ -71,16 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
         init_student,
         label_names,
         load_classifier,
-        load_intent_data,
         load_tokenizer,
         save_model,
-        subsample,
         train_classifier,
     )
 
     prepare_session(config.seed, config.threads)
-    data = subsample(load_intent_data(config.data_source, **config.data_options()), config.row_limits(),
-                     seed=config.seed)
+    data = config.load_data()
     labels = label_names(data)
     if args.mode == "teacher":
         tokenizer = load_tokenizer(config.teacher, param="teacher")

@@ -953,3 +953,21 @@ def test_drop_duplicates_refuses_to_empty_a_split(tmp_path):
     folder = make_folder(tmp_path / "d", validation=[TEST[0]])
     with pytest.raises(DataError, match="leave the validation split empty"):
         load_intent_data(folder, drop_duplicates=True)
+
+
+def test_a_runs_data_is_its_source_read_with_its_options_and_cut_to_its_row_limits(tmp_path):
+    """RunConfig.load_data, what every notebook and script reads: each data option reaches the loader."""
+    from kdlib.config import RunConfig
+
+    make_folder(tmp_path / "mine", train=HOLDOUT_TRAIN, validation=None, test=[("a text", "a")],
+                columns=("utterance", "intent"))
+    options = dict(text_column="utterance", label_column="intent", validation_fraction=0.25, seed=7)
+    config = RunConfig(data_source="mine", max_train_rows=20, max_validation_rows=5, **options)
+    data = config.load_data(base_dir=tmp_path)  # a relative source is taken from base_dir
+    expected = subsample(load_intent_data(tmp_path / "mine", **options), {"train": 20, "validation": 5}, seed=7)
+    for split in ("train", "validation", "test"):
+        assert rows_of(data[split]) == rows_of(expected[split]), split
+    assert (len(data["train"]), len(data["validation"])) == (20, 5)
+    reseeded = RunConfig(data_source="mine", max_validation_rows=5, **{**options, "seed": 8})
+    other_seed = reseeded.load_data(base_dir=tmp_path)
+    assert rows_of(other_seed["validation"]) != rows_of(data["validation"])  # the hold-out follows the run's seed

@@ -80,7 +80,7 @@ def test_nbval_fails_when_a_deterministic_output_changes(tmp_path):
     result = _nbval(good, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
 
-    data_cell = next(c for c in nb.cells if c.cell_type == "code" and "data = load_intent_data(" in c.source)
+    data_cell = next(c for c in nb.cells if c.cell_type == "code" and "data = config.load_data(" in c.source)
     output = next(o for o in data_cell.outputs if "data" in o)
     assert "test_rows" in output["data"]["text/plain"]
     output["data"]["text/plain"] = output["data"]["text/plain"].replace("500", "499", 1)

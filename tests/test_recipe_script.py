@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kdlib.config import RunConfig
 from kdlib.models import load_classifier, num_layers, save_model
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
@@ -109,9 +110,7 @@ def test_recipe_search_needs_trials_and_storage_before_any_work(recipe, capsys, 
 @pytest.mark.parametrize("argv", [["student", "-p", "teacher_model", "{absent}"],
                                   ["teacher", "-p", "teacher", "{absent}"]])
 def test_recipe_refuses_a_missing_model_folder_before_any_work(recipe, capsys, monkeypatch, tmp_path, argv):
-    import kdlib
-
-    monkeypatch.setattr(kdlib, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(RunConfig, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     absent = tmp_path / "absent"
     with pytest.raises(SystemExit) as stop:
         recipe.main([arg.format(absent=absent) for arg in argv])
@@ -120,7 +119,7 @@ def test_recipe_refuses_a_missing_model_folder_before_any_work(recipe, capsys, m
 
 def test_oos_scores_refuses_a_missing_model_folder_before_any_work(capsys, monkeypatch, tmp_path):
     script = _load("oos_scores")
-    monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(RunConfig, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main([str(tmp_path / "absent")])
     assert stop.value.code == 2 and "absent does not exist" in capsys.readouterr().err
