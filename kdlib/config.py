@@ -123,6 +123,9 @@ class RunConfig(BaseModel):
         0.0, ge=0, allow_inf_nan=False,
         description="weight of an MSE between student and teacher hidden states (TinyBERT style); 0: logits only",
     )
+    augment_copies: Int = Field(
+        0, ge=0, description="noisy copies of each training query, labelled by the teacher alone; 0: none",
+    )
     learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False, description="student learning rate")
     batch_size: Int = Field(32, ge=1, description="student batch size")
     epochs: Int = Field(5, ge=1, description="student training epochs")
@@ -247,9 +250,9 @@ class RunConfig(BaseModel):
 # Settings that change what each stage trains (the data is covered by its digest).
 TEACHER_FIELDS = ("teacher", "finetune_epochs", "finetune_learning_rate", "finetune_batch_size",
                   "finetune_warmup_ratio", "seed")
-STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperature", "hidden_weight", "learning_rate",
-                  "batch_size", "epochs", "gradient_accumulation_steps", "cache_teacher_logits", "n_trials",
-                  "search_latency", "seed")
+STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperature", "hidden_weight",
+                  "augment_copies", "learning_rate", "batch_size", "epochs", "gradient_accumulation_steps",
+                  "cache_teacher_logits", "n_trials", "search_latency", "seed")
 
 
 # ---------------------------------------------------------------------------------------------

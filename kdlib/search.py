@@ -208,7 +208,8 @@ def hyperparameter_search(
         nonlocal prepared
         if prepared is None:  # tokenise and compute the teacher's logits once for all trials
             cache = teacher if base_config.cache_teacher_logits else None
-            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length)
+            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length,
+                                        augment_copies=base_config.augment_copies, seed=base_config.seed)
         params = space(trial)
         config = replace(base_config, **{k: v for k, v in params.items() if k in train_fields})
         student = make_student(**{k: v for k, v in params.items() if k not in train_fields})

@@ -21,6 +21,10 @@ Two departures from the reference, both tested:
   passes ``num_items_in_batch`` (the number of labelled examples in the whole accumulated batch);
   the loss is then a sum over examples divided by it, so one batch of 8 and two accumulated
   batches of 4 give the same gradient.
+
+One addition, off by default: ``augment_copies`` noisy copies of every training query (words dropped
+and swapped, :func:`add_noisy_copies`), with the teacher's logits computed on them too, in the spirit of
+TinyBERT's data augmentation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import math
 import numbers
 import os
+import random
 import shutil
 import sys
 import time
@@ -42,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from safetensors import safe_open
 from transformers import (
     DataCollatorWithPadding,
@@ -255,6 +260,43 @@ def tokenize_dataset(
     return data.map(encode, batched=True, remove_columns=["text"], desc="Tokenising")
 
 
+def _word_dropout(text: str, rng: random.Random, drop: float, swap: float) -> str:
+    words = text.split()
+    if not words:
+        return text
+    kept = [word for word in words if rng.random() >= drop] or [rng.choice(words)]
+    if len(kept) > 2 and rng.random() < swap:
+        i = rng.randrange(len(kept) - 1)
+        kept[i], kept[i + 1] = kept[i + 1], kept[i]
+    return " ".join(kept)
+
+
+def add_noisy_copies(
+    data: DatasetDict, copies: int, *, seed: int, drop: float = 0.15, swap: float = 0.3
+) -> DatasetDict:
+    """``data`` with ``copies`` noisy copies of every training query appended to its train split:
+    each word dropped with probability ``drop`` (one kept if all would go) and, in copies of 3+ words,
+    one adjacent pair swapped with probability ``swap`` (``random.Random(seed)``: the same copies every
+    run). A copy keeps its query's label, and the teacher's cached logits are computed on it, so the
+    student learns a fragment both ways (TinyBERT augments with masked-LM and GloVe word replacements and
+    teacher labels only; here the teacher-only variant scored lower on validation, README's recipe tables).
+    ``copies = 0`` returns ``data``."""
+    if not isinstance(copies, numbers.Integral) or isinstance(copies, bool) or copies < 0:
+        raise ValueError(f"augment_copies must be a whole number >= 0 (0: no copies); got {copies!r}.")
+    if copies == 0:
+        return data
+    rng = random.Random(seed)
+    train = data["train"]
+    columns = train.to_dict()  # the label and any other column, kept with each copy
+    texts = columns["text"]
+    extra = [
+        Dataset.from_dict({**columns, "text": [_word_dropout(text, rng, drop, swap) for text in texts]},
+                          features=train.features)
+        for _ in range(copies)
+    ]
+    return DatasetDict({**data, "train": concatenate_datasets([train, *extra])})
+
+
 @torch.inference_mode()
 def teacher_logits_for(
     teacher: PreTrainedModel, dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 128
@@ -300,10 +342,14 @@ def prepare_datasets(
     *,
     teacher: PreTrainedModel | None = None,
     max_length: int = 128,
+    augment_copies: int = 0,
+    seed: int = 42,
 ) -> DatasetDict:
-    """Tokenise ``data`` and, given a teacher, add its cached logits: the work every training run on
-    the same data and teacher shares. The logits are raw (temperature is applied in the loss), so
+    """Tokenise ``data`` (with ``augment_copies`` noisy copies of the training queries,
+    :func:`add_noisy_copies`) and, given a teacher, add its cached logits: the work every training run
+    on the same data and teacher shares. The logits are raw (temperature is applied in the loss), so
     one preparation serves runs with any alpha and T, e.g. all trials of a hyperparameter search."""
+    data = add_noisy_copies(data, augment_copies, seed=seed)
     tokenized = tokenize_dataset(data, tokenizer, max_length=max_length)
     return add_teacher_logits(tokenized, teacher, tokenizer) if teacher is not None else tokenized
 
@@ -363,6 +409,7 @@ class TrainConfig:
     alpha: float = _profile_default("alpha")
     temperature: float = _profile_default("temperature")
     hidden_weight: float = _profile_default("hidden_weight")
+    augment_copies: int = _profile_default("augment_copies")
     learning_rate: float = _profile_default("learning_rate")
     batch_size: int = _profile_default("batch_size")
     epochs: float = _profile_default("epochs")
@@ -397,6 +444,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1; got {value!r}.")
+        if not isinstance(self.augment_copies, numbers.Integral) or isinstance(self.augment_copies, bool) \
+                or self.augment_copies < 0:
+            raise ValueError(f"augment_copies must be a whole number >= 0 (0: no copies); got {self.augment_copies!r}.")
         if not _is_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
 
@@ -570,13 +620,20 @@ def train_classifier(
                 shutil.rmtree(checkpoint)
 
         if prepared is None:
-            tokenized = tokenize_dataset(data, tokenizer, max_length=config.max_length)
+            augmented = add_noisy_copies(data, config.augment_copies, seed=config.seed)
+            tokenized = tokenize_dataset(augmented, tokenizer, max_length=config.max_length)
         else:
             columns = prepared["train"].column_names if "train" in prepared else []
             if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
                 raise ValueError(
                     "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
                     f"splits; got splits {sorted(prepared)}, train columns {columns}."
+                )
+            expected = len(data["train"]) * (1 + config.augment_copies)
+            if len(prepared["train"]) != expected:
+                raise ValueError(
+                    f"`prepared` has {len(prepared['train'])} training rows, augment_copies={config.augment_copies} "
+                    f"needs {expected}: pass augment_copies={config.augment_copies} to prepare_datasets."
                 )
             tokenized = prepared
         online_teacher = None

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
             return search(config, tokenizer, data, teacher, make_student, train_config)
         model = make_student()
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
-                                                   "hidden_weight", "learning_rate", "batch_size", "epochs", "seed")}
+                                                   "hidden_weight", "augment_copies", "learning_rate", "batch_size",
+                                                   "epochs", "seed")}
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:

@@ -87,6 +87,8 @@ def test_unknown_profile_names_the_available_ones():
         ({"temperature": 0}, "temperature = 0: Input should be greater than 0"),
         ({"temperature": float("inf")}, "temperature = inf: Input should be a finite number"),
         ({"hidden_weight": -0.5}, "hidden_weight = -0.5: Input should be greater than or equal to 0"),
+        ({"augment_copies": -1}, "augment_copies = -1: Input should be greater than or equal to 0"),
+        ({"augment_copies": 0.5}, "augment_copies = 0.5: Input should be a valid integer"),
         ({"learning_rate": "fast"}, "learning_rate = 'fast'"),
         ({"batch_size": 0}, "batch_size = 0: Input should be greater than or equal to 1"),
         ({"max_train_rows": 0}, "max_train_rows = 0: Input should be greater than or equal to 1"),

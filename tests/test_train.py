@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import DatasetDict
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from kdlib import train as training
@@ -24,11 +26,13 @@ from kdlib.train import (
     TEACHER_LOGITS,
     DistillationTrainer,
     TrainConfig,
+    add_noisy_copies,
     add_teacher_logits,
     distillation_loss,
     epoch_table,
     hidden_state_loss,
     layer_map,
+    prepare_datasets,
     tokenize_dataset,
     train_classifier,
 )
@@ -414,6 +418,51 @@ def test_train_classifier_with_hidden_weight_needs_a_teacher_and_trains(teacher,
     result = train_classifier(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
     assert result.trainer.config.hidden_weight == 1.0 and result.trainer.teacher is teacher
     assert np.isfinite(result.epoch_table["Training Loss"].iloc[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Noisy copies of the training queries
+# ---------------------------------------------------------------------------------------------
+
+
+def test_noisy_copies_are_fragments_of_their_query_the_same_every_run(data):
+    copied = add_noisy_copies(data, 2, seed=0)
+    train, n = copied["train"], len(data["train"])
+    assert len(train) == 3 * n and copied["validation"] is data["validation"] and copied["test"] is data["test"]
+    assert train.features["label"] == data["train"].features["label"]
+    texts, originals = list(train["text"]), list(data["train"]["text"])
+    assert texts[:n] == originals and list(train["label"]) == list(data["train"]["label"]) * 3
+    for i, text in enumerate(texts[n:]):  # a copy keeps some of its query's words, none added
+        assert text and Counter(text.split()) <= Counter(originals[i % n].split())
+    assert sum(text != originals[i % n] for i, text in enumerate(texts[n:])) > n // 2  # most differ
+    assert list(add_noisy_copies(data, 2, seed=0)["train"]["text"]) == texts
+    assert list(add_noisy_copies(data, 2, seed=1)["train"]["text"]) != texts
+    assert add_noisy_copies(data, 0, seed=0) is data
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="augment_copies"):
+            add_noisy_copies(data, bad, seed=0)
+        with pytest.raises(ValueError, match="augment_copies"):
+            TrainConfig(augment_copies=bad)
+
+
+def test_training_with_copies_trains_on_them_with_the_teachers_logits(teacher, data, tok, tmp_path):
+    config = TrainConfig(alpha=0.5, augment_copies=1, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
+    result = train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
+                              config=config)
+    n = len(data["train"])
+    assert len(result.trainer.train_dataset) == 2 * n
+    assert result.trainer.state.global_step == math.ceil(2 * n / BATCH)
+    copies = add_noisy_copies(data, 1, seed=0)["train"].select(range(n, 2 * n))
+    expected = add_teacher_logits(tokenize_dataset(DatasetDict({"train": copies}), tok), teacher, tok)["train"]
+    cached = result.trainer.train_dataset.select(range(n, 2 * n))
+    assert list(cached["input_ids"]) == list(expected["input_ids"])  # the copies of the same seed
+    np.testing.assert_allclose(np.array(cached[TEACHER_LOGITS]), np.array(expected[TEACHER_LOGITS]), atol=1e-5)
+    # the search's shared preparation must hold the same copies
+    with pytest.raises(ValueError, match="pass augment_copies=1 to prepare_datasets"):
+        train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path, config=config,
+                         prepared=prepare_datasets(data, tok, teacher=teacher), resume=False)
+    prepared = prepare_datasets(data, tok, teacher=teacher, augment_copies=1, seed=0)
+    assert list(prepared["train"]["input_ids"]) == list(result.trainer.train_dataset["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,13 +933,15 @@ def test_train_config_defaults_are_the_default_profiles_and_follow_a_run():
     from kdlib.config import RunConfig, load_config
 
     profile = RunConfig()
-    shared = ("alpha", "temperature", "hidden_weight", "learning_rate", "batch_size", "epochs", "seed",
-              "gradient_accumulation_steps", "cache_teacher_logits")
+    shared = ("alpha", "temperature", "hidden_weight", "augment_copies", "learning_rate", "batch_size", "epochs",
+              "seed", "gradient_accumulation_steps", "cache_teacher_logits")
     assert {name: getattr(TrainConfig(), name) for name in shared} == {name: getattr(profile, name) for name in shared}
-    run = load_config("minilm", alpha=0.2, temperature=7, hidden_weight=3.0, learning_rate=1e-3, batch_size=8,
+    run = load_config("minilm", alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2, learning_rate=1e-3,
+                      batch_size=8,
                       epochs=2, seed=3, gradient_accumulation_steps=2, cache_teacher_logits=False,
                       finetune_learning_rate=5e-5, finetune_batch_size=4, finetune_epochs=1, finetune_warmup_ratio=0.2)
-    assert TrainConfig.for_student(run) == TrainConfig(alpha=0.2, temperature=7, hidden_weight=3.0, learning_rate=1e-3,
+    assert TrainConfig.for_student(run) == TrainConfig(alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2,
+                                                       learning_rate=1e-3,
                                                        batch_size=8, epochs=2, seed=3, gradient_accumulation_steps=2,
                                                        cache_teacher_logits=False)
     assert TrainConfig.for_teacher(run) == TrainConfig(alpha=1.0, learning_rate=5e-5, batch_size=4, epochs=1,
