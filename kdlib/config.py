@@ -124,7 +124,7 @@ class RunConfig(BaseModel):
         description="weight of an MSE between student and teacher hidden states (TinyBERT style); 0: logits only",
     )
     augment_copies: Int = Field(
-        0, ge=0, description="noisy copies of each training query, labelled by the teacher alone; 0: none",
+        0, ge=0, description="word-dropout copies of each training query for the student; 0: none",
     )
     learning_rate: Float = Field(2e-4, gt=0, allow_inf_nan=False, description="student learning rate")
     batch_size: Int = Field(32, ge=1, description="student batch size")
