@@ -84,6 +84,12 @@ def check_hidden_weight(hidden_weight: float) -> None:
         raise ValueError(f"hidden_weight must be a finite number >= 0 (0 = logits only); got {hidden_weight!r}.")
 
 
+def check_whole_number(name: str, value, least: int) -> None:
+    """Refuse anything but a whole number >= ``least`` (bools too), naming the setting."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be a whole number >= {least}; got {value!r}.")
+
+
 def _is_real(value) -> bool:
     """A real number (numpy scalars included), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -281,8 +287,7 @@ def add_noisy_copies(
     student learns a fragment both ways (TinyBERT augments with masked-LM and GloVe word replacements and
     teacher labels only; here the teacher-only variant scored lower on validation, README's recipe tables).
     ``copies = 0`` returns ``data``."""
-    if not isinstance(copies, numbers.Integral) or isinstance(copies, bool) or copies < 0:
-        raise ValueError(f"augment_copies must be a whole number >= 0 (0: no copies); got {copies!r}.")
+    check_whole_number("augment_copies", copies, 0)
     if copies == 0:
         return data
     rng = random.Random(seed)
@@ -440,13 +445,8 @@ class TrainConfig:
         for name, value in positive.items():
             if not _is_real(value) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0 (or nothing is trained); got {value!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}.")
-        if not isinstance(self.augment_copies, numbers.Integral) or isinstance(self.augment_copies, bool) \
-                or self.augment_copies < 0:
-            raise ValueError(f"augment_copies must be a whole number >= 0 (0: no copies); got {self.augment_copies!r}.")
+        for name, least in (("batch_size", 1), ("gradient_accumulation_steps", 1), ("augment_copies", 0)):
+            check_whole_number(name, getattr(self, name), least)
         if not _is_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
 

@@ -937,12 +937,11 @@ def test_train_config_defaults_are_the_default_profiles_and_follow_a_run():
               "seed", "gradient_accumulation_steps", "cache_teacher_logits")
     assert {name: getattr(TrainConfig(), name) for name in shared} == {name: getattr(profile, name) for name in shared}
     run = load_config("minilm", alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2, learning_rate=1e-3,
-                      batch_size=8,
-                      epochs=2, seed=3, gradient_accumulation_steps=2, cache_teacher_logits=False,
+                      batch_size=8, epochs=2, seed=3, gradient_accumulation_steps=2, cache_teacher_logits=False,
                       finetune_learning_rate=5e-5, finetune_batch_size=4, finetune_epochs=1, finetune_warmup_ratio=0.2)
     assert TrainConfig.for_student(run) == TrainConfig(alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2,
-                                                       learning_rate=1e-3,
-                                                       batch_size=8, epochs=2, seed=3, gradient_accumulation_steps=2,
+                                                       learning_rate=1e-3, batch_size=8, epochs=2, seed=3,
+                                                       gradient_accumulation_steps=2,
                                                        cache_teacher_logits=False)
     assert TrainConfig.for_teacher(run) == TrainConfig(alpha=1.0, learning_rate=5e-5, batch_size=4, epochs=1,
                                                        warmup_ratio=0.2, seed=3)
