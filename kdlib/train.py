@@ -596,6 +596,19 @@ def train_classifier(
         raise ValueError(
             f"hidden_weight={config.hidden_weight} > 0 matches a teacher's hidden states: pass `teacher=`."
         )
+    if prepared is not None:  # checked before the checkpoint folder is touched
+        columns = prepared["train"].column_names if "train" in prepared else []
+        if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
+            raise ValueError(
+                "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
+                f"splits; got splits {sorted(prepared)}, train columns {columns}."
+            )
+        expected = len(data["train"]) * (1 + config.augment_copies)
+        if len(prepared["train"]) != expected:
+            raise ValueError(
+                f"`prepared` has {len(prepared['train'])} training rows, augment_copies={config.augment_copies} "
+                f"needs {expected}: pass augment_copies={config.augment_copies} to prepare_datasets."
+            )
     set_seed(config.seed)
     runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
     overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
@@ -623,18 +636,6 @@ def train_classifier(
             augmented = add_noisy_copies(data, config.augment_copies, seed=config.seed)
             tokenized = tokenize_dataset(augmented, tokenizer, max_length=config.max_length)
         else:
-            columns = prepared["train"].column_names if "train" in prepared else []
-            if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
-                raise ValueError(
-                    "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
-                    f"splits; got splits {sorted(prepared)}, train columns {columns}."
-                )
-            expected = len(data["train"]) * (1 + config.augment_copies)
-            if len(prepared["train"]) != expected:
-                raise ValueError(
-                    f"`prepared` has {len(prepared['train'])} training rows, augment_copies={config.augment_copies} "
-                    f"needs {expected}: pass augment_copies={config.augment_copies} to prepare_datasets."
-                )
             tokenized = prepared
         online_teacher = None
         if config.hidden_weight > 0:

@@ -457,10 +457,12 @@ def test_training_with_copies_trains_on_them_with_the_teachers_logits(teacher, d
     cached = result.trainer.train_dataset.select(range(n, 2 * n))
     assert list(cached["input_ids"]) == list(expected["input_ids"])  # the copies of the same seed
     np.testing.assert_allclose(np.array(cached[TEACHER_LOGITS]), np.array(expected[TEACHER_LOGITS]), atol=1e-5)
-    # the search's shared preparation must hold the same copies
+    # the search's shared preparation must hold the same copies: refused before the checkpoints are touched
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match="pass augment_copies=1 to prepare_datasets"):
         train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path, config=config,
                          prepared=prepare_datasets(data, tok, teacher=teacher), resume=False)
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
     prepared = prepare_datasets(data, tok, teacher=teacher, augment_copies=1, seed=0)
     assert list(prepared["train"]["input_ids"]) == list(result.trainer.train_dataset["input_ids"])
 
