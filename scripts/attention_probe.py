@@ -1,0 +1,103 @@
+"""Probe: MiniLM's self-attention transfer beside kdlib's distillation loss (tried, not kept).
+
+Adds ``--weight`` × (KL of the last layers' attention distributions + KL of their value relations,
+softmax(V Vᵀ/√d) per head; Wang et al. 2020, MiniLM) to the loss of ``scripts/recipe.py student``,
+whose other arguments it takes. Queries, keys and values are read by forward hooks on the last
+layer's projections, so the models keep their fast attention. The teacher runs at every step (its
+attention is not cached). README's "Depth" section gives what it measured; it is not a run parameter
+because it did not help there:
+
+    .venv/bin/python scripts/attention_probe.py --weight 1 student -p teacher_model T \
+        -p keep_layers "[2, 5]" -p threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recipe  # noqa: E402
+
+from kdlib.train import DistillationTrainer  # noqa: E402
+
+
+def last_layer_projections(model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], int]:
+    """Hook the last layer's query/key/value projections (once); return the dict each forward pass
+    fills and the number of heads. BERT-type models only (kdlib's students of teacher layers)."""
+    attention = model.base_model.encoder.layer[-1].attention.self
+    if not hasattr(model, "_probe_projections"):
+        model._probe_projections = {}
+        for name in ("query", "key", "value"):
+            getattr(attention, name).register_forward_hook(
+                lambda module, args, output, name=name: model._probe_projections.__setitem__(name, output))
+    return model._probe_projections, attention.num_attention_heads
+
+
+def relation_kl(teacher: tuple[torch.Tensor, torch.Tensor], student: tuple[torch.Tensor, torch.Tensor],
+                heads: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per example: KL(teacher || student) of softmax(a bᵀ/√d) per head, over real keys, averaged over
+    heads and real query tokens. (query, key) gives the attention distributions, (value, value) the
+    value relations."""
+
+    def log_relation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = a.shape
+        a, b = (x.view(batch, tokens, heads, width // heads).transpose(1, 2) for x in (a, b))
+        scores = (a @ b.transpose(-1, -2)).float() / (width // heads) ** 0.5
+        keys = attention_mask[:, None, None, :].bool()
+        return F.log_softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
+
+    log_teacher, log_student = log_relation(*teacher), log_relation(*student)
+    keys = attention_mask[:, None, None, :].float()
+    kl = (log_teacher.exp() * (log_teacher - log_student) * keys).sum(-1)  # (batch, heads, query tokens)
+    rows = attention_mask[:, None, :].float()
+    return (kl * rows).sum(dim=(1, 2)) / (rows.sum(dim=(1, 2)) * heads)
+
+
+def attention_transfer_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], heads: int,
+                            attention_mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM's loss per example: attention-distribution KL + value-relation KL."""
+    attention = relation_kl((teacher["query"], teacher["key"]), (student["query"], student["key"]), heads,
+                            attention_mask)
+    values = relation_kl((teacher["value"],) * 2, (student["value"],) * 2, heads, attention_mask)
+    return attention + values
+
+
+def with_attention_transfer(weight: float):
+    """``DistillationTrainer.compute_loss`` plus ``weight`` × the batch mean of the MiniLM loss."""
+    plain = DistillationTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student, heads = last_layer_projections(model)
+        teacher, _ = last_layer_projections(self.teacher)
+        result = plain(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        extra = weight * attention_transfer_loss(student, teacher, heads, inputs["attention_mask"]).mean()
+        return (result[0] + extra, result[1]) if return_outputs else result + extra
+
+    return compute_loss
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weight", type=float, required=True, help="weight of the attention-transfer term")
+    args, rest = parser.parse_known_args(argv)
+    if not rest or rest[0] != "student":
+        parser.error("give recipe.py's student mode and its parameters after --weight, e.g. `student -p ...`")
+    if not args.weight >= 0:
+        parser.error(f"--weight must be a number >= 0; got {args.weight}")
+    online_teacher = ["-p", "cache_teacher_logits", "false"]  # the teacher's attention is needed at each step
+    with mock.patch.object(DistillationTrainer, "compute_loss", with_attention_transfer(args.weight)):
+        summary = recipe.main(rest + online_teacher)
+    summary["attention_weight"] = args.weight
+    print(f"attention_weight: {args.weight}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
