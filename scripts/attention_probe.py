@@ -14,6 +14,7 @@ because it did not help there:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from unittest import mock
@@ -46,15 +47,15 @@ def relation_kl(teacher: tuple[torch.Tensor, torch.Tensor], student: tuple[torch
     heads and real query tokens. (query, key) gives the attention distributions, (value, value) the
     value relations."""
 
+    keys = attention_mask[:, None, None, :].bool()  # (batch, 1, 1, key tokens)
+
     def log_relation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = a.shape
         a, b = (x.view(batch, tokens, heads, width // heads).transpose(1, 2) for x in (a, b))
         scores = (a @ b.transpose(-1, -2)).float() / (width // heads) ** 0.5
-        keys = attention_mask[:, None, None, :].bool()
         return F.log_softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
 
     log_teacher, log_student = log_relation(*teacher), log_relation(*student)
-    keys = attention_mask[:, None, None, :].float()
     kl = (log_teacher.exp() * (log_teacher - log_student) * keys).sum(-1)  # (batch, heads, query tokens)
     rows = attention_mask[:, None, :].float()
     return (kl * rows).sum(dim=(1, 2)) / (rows.sum(dim=(1, 2)) * heads)
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     if not rest or rest[0] != "student":
         parser.error("give recipe.py's student mode and its parameters after --weight, e.g. `student -p ...`")
-    if not args.weight >= 0:
-        parser.error(f"--weight must be a number >= 0; got {args.weight}")
+    if not (math.isfinite(args.weight) and args.weight >= 0):
+        parser.error(f"--weight must be a finite number >= 0; got {args.weight}")
     online_teacher = ["-p", "cache_teacher_logits", "false"]  # the teacher's attention is needed at each step
     with mock.patch.object(DistillationTrainer, "compute_loss", with_attention_transfer(args.weight)):
         summary = recipe.main(rest + online_teacher)

@@ -84,10 +84,14 @@ def test_the_term_reaches_training_and_weight_zero_is_the_plain_recipe(probe, tm
     query = "bert.encoder.layer.1.attention.self.query.weight"
     assert not torch.allclose(weights["heavy"][query], weights["plain"][query])
 
+
 def test_the_probe_refuses_a_negative_weight_and_other_modes(probe, capsys):
     with pytest.raises(SystemExit):
         probe.main(["--weight", "-1", "student", "-p", "teacher_model", "x"])
-    assert "--weight must be a number >= 0" in capsys.readouterr().err
+    assert "--weight must be a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe.main(["--weight", "inf", "student", "-p", "teacher_model", "x"])
+    assert "--weight must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         probe.main(["--weight", "1", "teacher"])
     assert "student mode" in capsys.readouterr().err
