@@ -78,10 +78,10 @@ def check_alpha_temperature(alpha: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 and finite (it divides the logits); got {temperature!r}.")
 
 
-def check_hidden_weight(hidden_weight: float) -> None:
-    """Refuse a negative or non-finite weight for the hidden-state term."""
-    if not _is_real(hidden_weight) or not math.isfinite(hidden_weight) or hidden_weight < 0:
-        raise ValueError(f"hidden_weight must be a finite number >= 0 (0 = logits only); got {hidden_weight!r}.")
+def check_loss_weight(name: str, weight: float) -> None:
+    """Refuse a negative or non-finite weight for a term added to the logit loss, naming the setting."""
+    if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = logits only); got {weight!r}.")
 
 
 def check_whole_number(name: str, value, least: int) -> None:
@@ -111,7 +111,7 @@ def distillation_loss(
     ``hidden_weight`` > 0 adds ``hidden_weight *`` :func:`hidden_state_loss` of ``hidden_states``
     = (student hidden states, teacher hidden states, attention mask)."""
     check_alpha_temperature(alpha, temperature)
-    check_hidden_weight(hidden_weight)
+    check_loss_weight("hidden_weight", hidden_weight)
     per_example = alpha * F.cross_entropy(student_logits, labels, reduction="none")
     if alpha < 1.0:
         if teacher_logits is None:
@@ -440,7 +440,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_alpha_temperature(self.alpha, self.temperature)
-        check_hidden_weight(self.hidden_weight)
+        check_loss_weight("hidden_weight", self.hidden_weight)
         positive = {"epochs": self.epochs, "learning_rate": self.learning_rate}
         for name, value in positive.items():
             if not _is_real(value) or not math.isfinite(value) or value <= 0:

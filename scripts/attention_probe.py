@@ -14,7 +14,6 @@ because it did not help there:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from unittest import mock
@@ -26,7 +25,7 @@ from transformers import PreTrainedModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe  # noqa: E402
 
-from kdlib.train import DistillationTrainer  # noqa: E402
+from kdlib.train import DistillationTrainer, check_loss_weight  # noqa: E402
 
 
 def last_layer_projections(model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], int]:
@@ -90,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     if not rest or rest[0] != "student":
         parser.error("give recipe.py's student mode and its parameters after --weight, e.g. `student -p ...`")
-    if not (math.isfinite(args.weight) and args.weight >= 0):
-        parser.error(f"--weight must be a finite number >= 0; got {args.weight}")
+    try:
+        check_loss_weight("--weight", args.weight)  # the rule of kdlib's hidden_weight
+    except ValueError as error:
+        parser.error(str(error))
     online_teacher = ["-p", "cache_teacher_logits", "false"]  # the teacher's attention is needed at each step
     with mock.patch.object(DistillationTrainer, "compute_loss", with_attention_transfer(args.weight)):
         summary = recipe.main(rest + online_teacher)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -38,6 +40,22 @@ def clinc_plus():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DuplicateTextWarning)
         return load_intent_data()
+
+
+def _import_script(relative_path: str) -> ModuleType:
+    """A fresh module from a file of the repo's ``scripts/`` or ``benchmarks/`` (folders, not packages)."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("scripts/recipe.py")``: the script as a module, loaded anew on each call, so the
+    scripts' tests call their ``main`` and helpers in-process (monkeypatching one copy leaves the others)."""
+    return _import_script
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,12 @@ from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 from kdlib.train import DistillationTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 LABELS = ["alarm", "music", "oos"]
 
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("attention_probe", SCRIPTS / "attention_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(load_script):
+    return load_script("scripts/attention_probe.py")
 
 
 def hand_attention_kl(teacher_attention, student_attention, mask):

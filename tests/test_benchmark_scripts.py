@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +11,9 @@ import torch
 from kdlib.models import save_model
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 LABELS = ["alarm", "music", "oos"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _load_script(name: str = "profile_query"):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Share:
@@ -50,9 +40,9 @@ def run_outputs(tmp_path, intent_csv_folder):
     return argv, student, tmp_path / "outputs" / "benchmarks" / "r" / "profile_query.json"
 
 
-def test_profile_query_reports_steps_kernels_and_the_arithmetic(run_outputs, monkeypatch):
+def test_profile_query_reports_steps_kernels_and_the_arithmetic(load_script, run_outputs, monkeypatch):
     argv, student, written = run_outputs
-    script = _load_script()
+    script = load_script("benchmarks/profile_query.py")
     monkeypatch.setattr(script, "OtherProcesses", _Share)
     report = script.main(argv)
     assert set(report["p50_ms"]) == {*script.STEPS, "teacher pipeline", "teacher tokenizer + forward"}
@@ -69,9 +59,9 @@ def test_profile_query_reports_steps_kernels_and_the_arithmetic(run_outputs, mon
     assert json.loads(written.read_text())["onnx_runtime_profile"] == json.loads(json.dumps(profile))
 
 
-def test_profile_query_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch):
+def test_profile_query_on_a_busy_machine_writes_nothing(load_script, run_outputs, monkeypatch):
     argv, _, written = run_outputs
-    script = _load_script()
+    script = load_script("benchmarks/profile_query.py")
     monkeypatch.setattr(script, "OtherProcesses", type("Busy", (_Share,), {"share": 0.9}))
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
@@ -90,9 +80,10 @@ def shallow_student(tmp_path):
     return folder
 
 
-def test_latency_times_the_run_and_another_student_in_one_process(run_outputs, shallow_student, monkeypatch):
+def test_latency_times_the_run_and_another_student_in_one_process(load_script, run_outputs, shallow_student,
+                                                                  monkeypatch):
     argv, _, _ = run_outputs
-    script = _load_script("latency")
+    script = load_script("benchmarks/latency.py")
     monkeypatch.setattr(script, "OtherProcesses", _Share)
     out = run_outputs[2].parent / "latency-depth.json"
     report = script.main([*argv, "--student", f"one-layer={shallow_student}", "--out", str(out)])
@@ -117,18 +108,19 @@ def test_latency_times_the_run_and_another_student_in_one_process(run_outputs, s
     ("student-2=somewhere", "must be new"),
     ("two={missing}", "has no config.json or model.safetensors"),
 ])
-def test_latency_refuses_a_bad_student_before_any_work(run_outputs, tmp_path, monkeypatch, capsys, spec, message):
+def test_latency_refuses_a_bad_student_before_any_work(load_script, run_outputs, tmp_path, monkeypatch, capsys,
+                                                       spec, message):
     argv, _, _ = run_outputs
-    script = _load_script("latency")
+    script = load_script("benchmarks/latency.py")
     monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main([*argv, "--student", spec.format(missing=tmp_path / "nowhere")])
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_latency_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch):
+def test_latency_on_a_busy_machine_writes_nothing(load_script, run_outputs, monkeypatch):
     argv, _, profile_file = run_outputs
-    script = _load_script("latency")
+    script = load_script("benchmarks/latency.py")
     monkeypatch.setattr(script, "OtherProcesses", type("Busy", (_Share,), {"share": 0.9}))
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
@@ -137,11 +129,12 @@ def test_latency_on_a_busy_machine_writes_nothing(run_outputs, monkeypatch):
 
 @pytest.mark.parametrize("name", ["profile_query", "latency"])
 @pytest.mark.parametrize("missing", ["teacher", "student"])
-def test_a_run_without_its_models_is_refused_before_any_work(run_outputs, monkeypatch, capsys, name, missing):
+def test_a_run_without_its_models_is_refused_before_any_work(load_script, run_outputs, monkeypatch, capsys, name,
+                                                             missing):
     argv, _, _ = run_outputs
     models = run_outputs[2].parents[2] / "models" / "r"
     (models / missing / "model.safetensors").unlink()
-    script = _load_script(name)
+    script = load_script(f"benchmarks/{name}.py")
     monkeypatch.setattr(script, "load_intent_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main(argv)

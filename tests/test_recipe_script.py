@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from kdlib.config import RunConfig
 from kdlib.models import load_classifier, num_layers, save_model
 from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "recipe.py"
 LABELS = ["alarm", "music", "oos"]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def recipe():
-    return _load("recipe")
+def recipe(load_script):
+    return load_script("scripts/recipe.py")
 
 
 @pytest.fixture()
@@ -59,11 +48,11 @@ def test_recipe_rejects_malformed_layers_before_any_work(recipe, capsys):
     assert "keep_layers.0" in capsys.readouterr().err
 
 
-def test_oos_scores_script_reports_each_score_on_validation_and_test(setup, tmp_path):
+def test_oos_scores_script_reports_each_score_on_validation_and_test(load_script, setup, tmp_path):
     from kdlib import TorchPredictor, load_intent_data, load_tokenizer
     from kdlib.oos import MahalanobisScore, detection_metrics, oos_scores
 
-    script = _load("oos_scores")
+    script = load_script("scripts/oos_scores.py")
     folder, teacher_dir = setup
     rows = script.main([str(teacher_dir), "--profile", "smoke", "-p", "data_source", str(folder)])
     assert set(rows) == {"msp", "energy", "mahalanobis"}
@@ -117,8 +106,8 @@ def test_recipe_refuses_a_missing_model_folder_before_any_work(recipe, capsys, m
     assert stop.value.code == 2 and f"{absent} does not exist" in capsys.readouterr().err
 
 
-def test_oos_scores_refuses_a_missing_model_folder_before_any_work(capsys, monkeypatch, tmp_path):
-    script = _load("oos_scores")
+def test_oos_scores_refuses_a_missing_model_folder_before_any_work(load_script, capsys, monkeypatch, tmp_path):
+    script = load_script("scripts/oos_scores.py")
     monkeypatch.setattr(RunConfig, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main([str(tmp_path / "absent")])
