@@ -29,10 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, compute_size, env_fingerprint, evaluate, time_pipeline
-from kdlib.config import ConfigError, RunPaths, missing_model_files, prepare_session
+from kdlib.config import missing_model_files, prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_cli import run_parser, run_paths, write_unless_busy  # noqa: E402
 
 
 def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
@@ -53,22 +56,12 @@ def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="minilm", help="run whose teacher and student to load")
-    parser.add_argument("--outputs", default="outputs", help="the outputs folder of that run")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = run_parser(__doc__)
     parser.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
                         help="another saved student to time beside the run's (repeatable)")
-    parser.add_argument("--out", default=None, help="file to write (default: <outputs>/benchmarks/<run>/latency.json)")
     args = parser.parse_args(argv)
     extra_students = parse_students(args.student, parser)
-    try:
-        paths = RunPaths.of(args.outputs, args.run).require_models("teacher", "student")
-    except ConfigError as err:
-        parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
+    paths = run_paths(args, parser)
 
     session = prepare_session(42, args.threads)
     data = load_intent_data(args.data)
@@ -126,14 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<26} {row['p50_ms']:8.2f} {row['speedup_vs_teacher']:8.1f}x {row['accuracy']:9.4f} "
               f"{row['oos_recall']:9.4f} {row['size_mb']:8.1f}")
     print(f"ONNX int8 file / fp32 ONNX file: {onnx_ratio:.1%}")
-    if others > 0.25:
-        print(f"WARNING: other processes used {others:.0%} of the CPU while timing: these figures are not written. "
-              "Rerun on a quiet machine.", file=sys.stderr)
-        sys.exit(3)
-    out = Path(args.out) if args.out else paths.output_dir / "benchmarks" / args.run / "latency.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written: {out}")
+    write_unless_busy(report, args, paths, "latency", others)
     return report
 
 

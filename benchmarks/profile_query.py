@@ -14,14 +14,13 @@ In one process, over the first ``--queries`` test queries (after a warm-up), ``-
 It also prints the arithmetic floor: 2 FLOPs per weight of the encoder's matrix products per token.
 Figures are medians over rounds of each round's p50. Writes
 ``outputs/benchmarks/<run>/profile_query.json`` unless other processes used more than a quarter of
-the CPU while it ran (then it warns and exits 3).
+the CPU while it ran (then it warns and exits 3); ``--out`` writes elsewhere.
 
     .venv/bin/python benchmarks/profile_query.py --run minilm [--threads 2] [--queries 100] [--repeats 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, env_fingerprint, time_pipeline
-from kdlib.config import ConfigError, RunPaths, prepare_session
+from kdlib.config import prepare_session
 from kdlib.data import label_names, load_intent_data
 from kdlib.inference import (
     OnnxPredictor,
@@ -43,6 +42,9 @@ from kdlib.inference import (
     softmax,
 )
 from kdlib.models import load_classifier, load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_cli import run_parser, run_paths, write_unless_busy  # noqa: E402
 
 VARIANT = "onnx-fused-int8"
 STEPS = ("encode", "session.run", "softmax + label", "whole call")
@@ -109,18 +111,9 @@ def encoder_flops_per_token(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="minilm", help="run whose teacher and student to load")
-    parser.add_argument("--outputs", default="outputs", help="the outputs folder of that run")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = run_parser(__doc__)
     args = parser.parse_args(argv)
-    try:
-        paths = RunPaths.of(args.outputs, args.run).require_models("teacher", "student")
-    except ConfigError as err:
-        parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
+    paths = run_paths(args, parser)
 
     session = prepare_session(42, args.threads)
     data = load_intent_data(args.data)
@@ -168,14 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     for op, micros in profile["kernel_us_by_op"].items():
         print(f"  {op:<30} {micros:8.1f} µs  ({profile['nodes_by_op'][op]} nodes)")
     print(f"arithmetic: {report['student_gflop_per_query']:.3f} GFLOP per query in the encoder's matrix products")
-    if busy.share > 0.25:
-        print(f"WARNING: other processes used {busy.share:.0%} of the CPU while timing: these figures are not "
-              "written. Rerun on a quiet machine.", file=sys.stderr)
-        sys.exit(3)
-    out = paths.output_dir / "benchmarks" / args.run / "profile_query.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written: {out}")
+    write_unless_busy(report, args, paths, "profile_query", busy.share)
     return report
 
 

@@ -57,6 +57,10 @@ def test_profile_query_reports_steps_kernels_and_the_arithmetic(load_script, run
     per_token = 2 * 2 * (4 * hidden * hidden + 2 * hidden * inner)
     assert report["student_gflop_per_query"] == pytest.approx(per_token * report["mean_tokens_per_query"] / 1e9)
     assert json.loads(written.read_text())["onnx_runtime_profile"] == json.loads(json.dumps(profile))
+    elsewhere = written.parent / "profile_query-other-machine.json"
+    monkeypatch.setattr(script, "onnx_runtime_profile", lambda *a: profile)  # the profile is checked above
+    again = script.main([*argv, "--out", str(elsewhere), "--repeats", "1"])
+    assert json.loads(elsewhere.read_text())["p50_all_repeats_ms"] == again["p50_all_repeats_ms"]
 
 
 def test_profile_query_on_a_busy_machine_writes_nothing(load_script, run_outputs, monkeypatch):
@@ -118,13 +122,17 @@ def test_latency_refuses_a_bad_student_before_any_work(load_script, run_outputs,
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_latency_on_a_busy_machine_writes_nothing(load_script, run_outputs, monkeypatch):
+def test_latency_on_a_busy_machine_keeps_the_earlier_figures(load_script, run_outputs, monkeypatch):
     argv, _, profile_file = run_outputs
+    earlier = profile_file.parent / "latency.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"rows": "timed on a quiet machine"}\n')
     script = load_script("benchmarks/latency.py")
     monkeypatch.setattr(script, "OtherProcesses", type("Busy", (_Share,), {"share": 0.9}))
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
-    assert stop.value.code == 3 and not (profile_file.parent / "latency.json").exists()
+    assert stop.value.code == 3 and earlier.read_text() == '{"rows": "timed on a quiet machine"}\n'
+    assert [f.name for f in earlier.parent.iterdir()] == ["latency.json"]  # nothing half written beside it
 
 
 @pytest.mark.parametrize("name", ["profile_query", "latency"])
