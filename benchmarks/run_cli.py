@@ -43,6 +43,5 @@ def write_unless_busy(report: dict, args: argparse.Namespace, paths: RunPaths, n
               "written. Rerun on a quiet machine.", file=sys.stderr)
         sys.exit(3)
     out = Path(args.out) if args.out else paths.output_dir / "benchmarks" / args.run / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")  # creates the folder too
     print(f"written: {out}")

@@ -81,7 +81,7 @@ def check_alpha_temperature(alpha: float, temperature: float) -> None:
 def check_loss_weight(name: str, weight: float) -> None:
     """Refuse a negative or non-finite weight for a term added to the logit loss, naming the setting."""
     if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 = logits only); got {weight!r}.")
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off); got {weight!r}.")
 
 
 def check_whole_number(name: str, value, least: int) -> None:
