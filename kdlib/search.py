@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -23,6 +23,8 @@ import pandas as pd
 from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from kdlib.benchmark import time_pipeline
+from kdlib.inference import TorchPredictor
 from kdlib.train import TrainConfig, prepare_datasets, train_classifier
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +171,20 @@ def search_layers(max_layers: int):
     return space
 
 
+def latency_objective(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str]) -> Callable[[PreTrainedModel], float]:
+    """The second objective of an accuracy + latency search: a trial's trained student's median
+    single-query latency (ms, tokenisation included) through kdlib's PyTorch predictor on ``queries``
+    (validation queries: test is never looked at while choosing). Pass it as ``latency``."""
+    queries = list(queries)
+    if not queries:
+        raise ValueError("latency_objective needs at least one query to time (n_latency_queries > 0).")
+
+    def latency(model: PreTrainedModel) -> float:
+        return float(time_pipeline(TorchPredictor(model, tokenizer), queries)["time_p50_ms"])
+
+    return latency
+
+
 def hyperparameter_search(
     make_student,
     tokenizer: PreTrainedTokenizerBase,
@@ -233,7 +249,7 @@ def hyperparameter_search(
         if not evaluations or evaluations[-1].get("step") != result.trainer.state.global_step:
             evaluations.append(result.trainer.evaluate())  # a fractional last epoch was not evaluated
         accuracy = float(evaluations[-1]["eval_accuracy"])
-        return accuracy if latency is None else (accuracy, float(latency(result.model.eval())))
+        return accuracy if latency is None else (accuracy, latency(result.model.eval()))
 
     run_study(study, objective, n_trials)
     return choose_from_front(study, tolerance) if latency is not None else dict(study.best_params)

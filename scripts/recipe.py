@@ -17,6 +17,10 @@ study lives in ``search_storage``, so several processes given the same file shar
     .venv/bin/python scripts/recipe.py search -p teacher_model outputs/models/minilm/teacher \
         -p n_trials 8 -p search_storage outputs/search/minilm.journal -p threads 1   # in 2 shells
 
+With ``-p search_latency true`` it is notebook 02's accuracy + latency search instead (the student's
+depth searched too, each trial's latency measured on ``n_latency_queries`` validation queries), and
+``--save DIR`` writes its trials table and the accuracy-latency figure of notebook 03 there.
+
 Nothing is written under outputs/ unless ``--save DIR`` (or a ``search_storage`` there) is given.
 """
 
@@ -39,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", default="minilm")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--help-params", action="store_true", help="list every parameter with its default")
-    parser.add_argument("--save", default=None, help="directory to save the trained model in")
+    parser.add_argument("--save", default=None, help="directory to save the trained model in (search mode: its "
+                        "trials table, and with search_latency the accuracy-latency figure)")
     args = parser.parse_args(argv)
     if args.help_params or not args.mode:
         print(parameter_help())
@@ -54,9 +59,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.mode == "search" and (config.n_trials <= 0 or not config.search_storage):
             raise ConfigError("search mode needs -p n_trials N (> 0) and -p search_storage FILE_OR_URL "
                               "(the study that several worker processes share).")
-        if args.mode == "search" and config.search_latency:
-            raise ConfigError("search mode searches validation accuracy only: leave search_latency false "
-                              "(notebook 02 runs the accuracy + latency search).")
         if args.mode == "teacher":
             resolve_model_ref(config.teacher, param="teacher")
         else:
@@ -67,11 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
     from kdlib import (
         TorchPredictor,
         TrainConfig,
+        default_keep_layers,
         evaluate,
         init_student,
         label_names,
         load_classifier,
         load_tokenizer,
+        num_layers,
         save_model,
         train_classifier,
     )
@@ -89,14 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = load_tokenizer(config.teacher_model, param="teacher_model")
         teacher = load_classifier(config.teacher_model, labels, param="teacher_model")
 
-        def make_student():
-            """A fresh student of the teacher's layers (one per search trial)."""
-            return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=config.keep_layers,
-                                seed=config.seed)
+        def make_student(student_layers: int | None = None):
+            """A fresh student of the teacher's layers (one per search trial; the latency search picks its depth)."""
+            keep = config.keep_layers if student_layers is None else default_keep_layers(num_layers(teacher),
+                                                                                          student_layers)
+            return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=keep, seed=config.seed)
 
         train_config = TrainConfig.for_student(config)
         if args.mode == "search":
-            return search(config, tokenizer, data, teacher, make_student, train_config)
+            return search(config, tokenizer, data, teacher, make_student, train_config, args.save)
         model = make_student()
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
                                                    "hidden_weight", "augment_copies", "learning_rate", "batch_size",
@@ -134,17 +139,35 @@ def machine() -> dict:
     return {k: found[k] for k in ("threads", "torch_version", "cpu", "git_commit")}
 
 
-def search(config, tokenizer, data, teacher, make_student, train_config) -> dict:
-    """Run this process's share of the search in ``config.search_storage``; print every worker's trials."""
-    from kdlib import hyperparameter_search, search_trials
+def search(config, tokenizer, data, teacher, make_student, train_config, save: str | None) -> dict:
+    """Run this process's share of the search in ``config.search_storage``; print every worker's trials
+    (and with ``save``, write them, plus the accuracy-latency figure for a latency search)."""
+    from kdlib import (
+        hyperparameter_search,
+        latency_objective,
+        num_layers,
+        plot_search,
+        search_layers,
+        search_trials,
+        write_table,
+    )
 
+    latency_search = {}
+    if config.search_latency:
+        queries = data["validation"]["text"][: config.n_latency_queries]
+        latency_search = dict(space=search_layers(num_layers(teacher)), latency=latency_objective(tokenizer, queries))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-search-") as checkpoints:
         best = hyperparameter_search(make_student, tokenizer, data, teacher=teacher, base_config=train_config,
-                                     n_trials=config.n_trials, storage=config.search_storage, output_dir=checkpoints)
+                                     n_trials=config.n_trials, storage=config.search_storage, output_dir=checkpoints,
+                                     **latency_search)
     seconds = time.perf_counter() - start
-    trials = search_trials(config.search_storage)
+    trials = search_trials(config.search_storage, latency=config.search_latency)
     print(trials.to_string(index=False))
+    if save:
+        write_table(trials, Path(save) / "trials")
+        if config.search_latency:
+            plot_search(trials, out_stem=Path(save) / "trials")
     summary = {"best": best, "trials": trials.to_dict("records"), "seconds": round(seconds, 1), "machine": machine()}
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -89,6 +89,32 @@ def test_recipe_search_shares_one_study_and_resumes_it(recipe, setup, tmp_path):
     assert second["trials"][:2] == first["trials"]
 
 
+def test_recipe_latency_search_chooses_from_the_front_and_saves_it(recipe, setup, tmp_path):
+    """search_latency: notebook 02's accuracy + latency search, the student's depth searched too."""
+    import matplotlib.image
+    import pandas as pd
+
+    from kdlib.search import choose_from_front, open_study
+
+    folder, teacher_dir = setup
+    journal, saved = tmp_path / "latency.journal", tmp_path / "saved"
+    summary = recipe.main(["search", "--profile", "smoke", "-p", "teacher_model", str(teacher_dir), "-p", "data_source",
+                           str(folder), "-p", "batch_size", "16", "-p", "search_storage", str(journal),
+                           "-p", "n_trials", "2", "-p", "search_latency", "true", "--save", str(saved)])
+    trials = pd.DataFrame(summary["trials"])
+    assert list(trials["trial"]) == [0, 1] and set(trials["state"]) == {"COMPLETE"}
+    assert trials["student_layers"].between(1, 4).all()  # 1 to the teacher's 4 layers
+    assert (trials["latency_ms"] > 0).all() and trials["pareto"].any()
+    study = open_study(journal, study_name="distillation-latency", directions=("maximize", "minimize"))
+    assert summary["best"] == choose_from_front(study)
+    written = pd.read_csv(saved / "trials.csv")
+    assert written[["trial", "student_layers", "accuracy", "latency_ms"]].equals(
+        trials[["trial", "student_layers", "accuracy", "latency_ms"]])
+    figure = (saved / "trials.svg").read_text()  # text stays text in kdlib's SVGs
+    assert "Pareto front" in figure and "student layers" in figure and "no accuracy + latency search" not in figure
+    assert matplotlib.image.imread(saved / "trials.png").size > 0
+
+
 @pytest.mark.parametrize("missing", [["-p", "n_trials", "2"], ["-p", "search_storage", "s.journal"]])
 def test_recipe_search_needs_trials_and_storage_before_any_work(recipe, capsys, tmp_path, missing):
     with pytest.raises(SystemExit):
