@@ -432,7 +432,7 @@ def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | No
         depth = done["student_layers"] if "student_layers" in done else pd.Series(0, index=done.index)
         points = ax.scatter(done["latency_ms"], done["accuracy"] * 100, c=depth, cmap="viridis", s=60, zorder=3)
         if "student_layers" in done:
-            fig.colorbar(points, ax=ax, label="student layers")
+            fig.colorbar(points, ax=ax, label="student layers", ticks=sorted(depth.unique()))  # whole layers only
         front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
         ax.plot(front["latency_ms"], front["accuracy"] * 100, "--", color="black", label="Pareto front", zorder=2)
         ax.set_xlabel("student latency, one query (ms)")

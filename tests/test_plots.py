@@ -334,7 +334,8 @@ def test_search_plot_joins_the_pareto_front_and_says_when_there_is_none():
     line = ax.get_lines()[0]
     np.testing.assert_allclose(line.get_xdata(), [2.0, 3.0])  # the front, fastest first
     np.testing.assert_allclose(line.get_ydata(), [93.0, 95.0])
-    assert len(fig.axes) == 2  # the depth colour bar
+    assert len(fig.axes) == 2  # the depth colour bar, ticked at the depths drawn (no half layers)
+    np.testing.assert_allclose(fig.axes[1].get_yticks(), [2, 3])
     for nothing in (None, trials.drop(columns=["latency_ms"])):
         empty = plot_search(nothing)
         assert "no accuracy + latency search" in empty.axes[0].texts[0].get_text()
