@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
@@ -126,7 +128,9 @@ def run_study(study, objective, n_trials: int) -> None:
 
     A rerun after an interruption runs only the missing trials; workers started together stop
     once the shared count is reached (each may finish the one trial it had started). Every trial
-    records the worker (``host:pid``) that ran it.
+    records the worker (``host:pid``) that ran it. A worker stopped with SIGTERM (``kill``, a job
+    scheduler) marks its running trial FAIL, as Ctrl-C does, instead of leaving it RUNNING for good
+    (background workers of a non-interactive shell ignore SIGINT, so SIGTERM is how they are stopped).
     """
     import optuna
     from optuna.study import MaxTrialsCallback
@@ -141,7 +145,16 @@ def run_study(study, objective, n_trials: int) -> None:
         trial.set_user_attr("worker", worker)
         return objective(trial)
 
-    study.optimize(tagged, n_trials=remaining, callbacks=[MaxTrialsCallback(n_trials, states=finished)])
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"worker {worker} stopped by signal {signum}")  # Optuna marks the trial FAIL
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = signal.signal(signal.SIGTERM, stop) if in_main_thread else None
+    try:
+        study.optimize(tagged, n_trials=remaining, callbacks=[MaxTrialsCallback(n_trials, states=finished)])
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class PruneTrial(TrainerCallback):

@@ -45,6 +45,44 @@ worker = f"{socket.gethostname()}:{os.getpid()}"
 
 N_TRIALS = 12
 
+STOPPED_WORKER = r"""
+import sys, time
+from pathlib import Path
+from kdlib.search import open_study, run_study
+
+storage, started = sys.argv[1], Path(sys.argv[2])
+
+def objective(trial):
+    trial.suggest_float("x", -1.0, 1.0)
+    started.touch()
+    time.sleep(120)  # a long training run, stopped from outside
+    return 0.0
+
+run_study(open_study(storage, study_name="stopped", seed=42), objective, 3)
+"""
+
+
+def test_a_worker_stopped_with_sigterm_marks_its_trial_failed(tmp_path):
+    """kill (SIGTERM), not only Ctrl-C, must leave the journal without a trial RUNNING for good: a
+    resumed search would list it as running forever (seen on CLINC150 before this was handled)."""
+    import signal
+    import time
+
+    import optuna
+
+    storage, started = str(tmp_path / "study.journal"), tmp_path / "started"
+    worker = subprocess.Popen([sys.executable, "-c", STOPPED_WORKER, storage, str(started)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.05)
+    assert started.exists(), worker.communicate()[1][-2000:]
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode != 0 and "stopped by signal" in err
+    trials = open_study(storage, study_name="stopped").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+
 
 def _run_two_workers(storage: str, folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
