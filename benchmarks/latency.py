@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, compute_size, env_fingerprint, evaluate, time_pipeline
-from kdlib.config import missing_model_files, prepare_session
-from kdlib.data import label_names, load_intent_data
+from kdlib.config import missing_model_files
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cli import run_parser, run_paths, write_unless_busy  # noqa: E402
+from run_cli import load_run, run_parser, run_paths, write_unless_busy  # noqa: E402
 
 
 def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
@@ -63,11 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra_students = parse_students(args.student, parser)
     paths = run_paths(args, parser)
 
-    session = prepare_session(42, args.threads)
-    data = load_intent_data(args.data)
-    labels = label_names(data)
-    teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)
-    student, student_tok = load_classifier(paths.student_dir, labels), load_tokenizer(paths.student_dir)
+    session, data, labels, (teacher, teacher_tok), (student, student_tok) = load_run(args, paths)
 
     predictors = {"teacher (pipeline, fp32)": PipelinePredictor(teacher, teacher_tok)}
     predictors["student"] = TorchPredictor(student, student_tok)

@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from kdlib.benchmark import OtherProcesses, env_fingerprint, time_pipeline
-from kdlib.config import prepare_session
-from kdlib.data import label_names, load_intent_data
 from kdlib.inference import (
     OnnxPredictor,
     PipelinePredictor,
@@ -41,10 +39,9 @@ from kdlib.inference import (
     session_options,
     softmax,
 )
-from kdlib.models import load_classifier, load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cli import run_parser, run_paths, write_unless_busy  # noqa: E402
+from run_cli import load_run, run_parser, run_paths, write_unless_busy  # noqa: E402
 
 VARIANT = "onnx-fused-int8"
 STEPS = ("encode", "session.run", "softmax + label", "whole call")
@@ -115,11 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     paths = run_paths(args, parser)
 
-    session = prepare_session(42, args.threads)
-    data = load_intent_data(args.data)
-    labels = label_names(data)
-    teacher, teacher_tok = load_classifier(paths.teacher_dir, labels), load_tokenizer(paths.teacher_dir)
-    student, student_tok = load_classifier(paths.student_dir, labels), load_tokenizer(paths.student_dir)
+    session, data, _, (teacher, teacher_tok), (student, student_tok) = load_run(args, paths)
     fastest = build_variants(student, student_tok, paths.onnx_dir / "latency", threads=args.threads,
                              variants=[VARIANT])[f"student-{VARIANT}"]
     teacher_pipeline, teacher_forward = PipelinePredictor(teacher, teacher_tok), TorchPredictor(teacher, teacher_tok)

@@ -1,6 +1,6 @@
 """What the benchmark scripts that time a run's teacher and student share: their command line, the
-check that the run's models are there (before any work), and the rule that figures timed beside
-another busy process are printed but never stored."""
+check that the run's models are there (before any work), loading them, and the rule that figures
+timed beside another busy process are printed but never stored."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from kdlib.config import ConfigError, RunPaths, atomic_write_text
+from kdlib.config import ConfigError, RunPaths, atomic_write_text, prepare_session
+from kdlib.data import label_names, load_intent_data
+from kdlib.models import load_classifier, load_tokenizer
 
 BUSY_SHARE = 0.25  # other processes' share of the CPU above which timings are not stored
 
@@ -33,6 +35,17 @@ def run_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunP
         return RunPaths.of(args.outputs, args.run).require_models("teacher", "student")
     except ConfigError as err:
         parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
+
+
+def load_run(args: argparse.Namespace, paths: RunPaths) -> tuple:
+    """``(session, data, labels, (teacher, tokenizer), (student, tokenizer))``: seed 42, ``--threads``,
+    ``--data``, and the run's two saved models with the data's labels."""
+    session = prepare_session(42, args.threads)
+    data = load_intent_data(args.data)
+    labels = label_names(data)
+    teacher, student = ((load_classifier(folder, labels), load_tokenizer(folder))
+                        for folder in (paths.teacher_dir, paths.student_dir))
+    return session, data, labels, teacher, student
 
 
 def write_unless_busy(report: dict, args: argparse.Namespace, paths: RunPaths, name: str, busy_share: float) -> None:

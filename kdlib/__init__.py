@@ -41,7 +41,10 @@ _EXPORTS = {
         "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
     "train": ["DistillationTrainer", "TrainConfig", "train_classifier", "soft_targets"],
-    "search": ["hyperparameter_search", "search_layers", "latency_objective", "search_trials", "open_study"],
+    "search": [
+        "hyperparameter_search", "search_from_config", "student_factory", "search_layers", "latency_objective",
+        "search_trials", "open_study",
+    ],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
     ],

@@ -406,6 +406,11 @@ def parameter_help() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _run_folder(kind: str, *inside: str, doc: str) -> property:
+    """A :class:`RunPaths` property: ``<output_dir>/<kind>/<run_name>/<inside...>``."""
+    return property(lambda paths: paths.output_dir.joinpath(kind, paths.run_name, *inside), doc=doc)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Every path of one run, derived from ``output_dir`` and ``run_name``."""
@@ -433,60 +438,22 @@ class RunPaths:
         """Parent of the per-run result folders (``results/<run>/<variant>.json``)."""
         return self.output_dir / "results"
 
-    @property
-    def run_results(self) -> Path:
-        """This run's result records (``results/<run>``)."""
-        return self.results_dir / self.run_name
-
-    @property
-    def models_dir(self) -> Path:
-        """This run's saved models (``models/<run>``)."""
-        return self.output_dir / "models" / self.run_name
-
-    @property
-    def teacher_dir(self) -> Path:
-        """The fine-tuned teacher 01 saves and 02 loads."""
-        return self.models_dir / "teacher"
-
-    @property
-    def student_dir(self) -> Path:
-        """The distilled student 02 saves."""
-        return self.models_dir / "student"
-
-    @property
-    def onnx_dir(self) -> Path:
-        """The ONNX files of the student's variants."""
-        return self.models_dir / "onnx"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        """Training checkpoints, one folder per training key (resumable)."""
-        return self.output_dir / "checkpoints" / self.run_name
-
-    @property
-    def tables_dir(self) -> Path:
-        """Markdown and CSV tables (``tables/<run>``)."""
-        return self.output_dir / "tables" / self.run_name
-
-    @property
-    def figures_dir(self) -> Path:
-        """PNG figures (``figures/<run>``)."""
-        return self.output_dir / "figures" / self.run_name
-
-    @property
-    def notebooks_dir(self) -> Path:
-        """Executed copies of the notebooks (``make run``)."""
-        return self.output_dir / "notebooks" / self.run_name
+    run_results = _run_folder("results", doc="This run's result records (``results/<run>``).")
+    models_dir = _run_folder("models", doc="This run's saved models (``models/<run>``).")
+    teacher_dir = _run_folder("models", "teacher", doc="The fine-tuned teacher 01 saves and 02 loads.")
+    student_dir = _run_folder("models", "student", doc="The distilled student 02 saves.")
+    onnx_dir = _run_folder("models", "onnx", doc="The ONNX files of the student's variants.")
+    checkpoints_dir = _run_folder("checkpoints", doc="Training checkpoints, one folder per training key (resumable).")
+    search_journal = _run_folder("checkpoints", "search.journal",
+                                 doc="The search's Optuna journal when ``search_storage`` names none.")
+    tables_dir = _run_folder("tables", doc="Markdown and CSV tables (``tables/<run>``).")
+    figures_dir = _run_folder("figures", doc="PNG figures (``figures/<run>``).")
+    notebooks_dir = _run_folder("notebooks", doc="Executed copies of the notebooks (``make run``).")
 
     @property
     def lock_file(self) -> Path:
         """Held while a run writes into this run's folders: a second run is refused, not mixed in."""
         return self.output_dir / f".{self.run_name}.lock"
-
-    @property
-    def search_journal(self) -> Path:
-        """The search's Optuna journal when ``search_storage`` names none."""
-        return self.checkpoints_dir / "search.journal"
 
     def require_models(self, *names: str) -> RunPaths:
         """Raise :class:`ConfigError` unless this run saved the models ``names`` (``teacher``,

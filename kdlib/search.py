@@ -26,7 +26,9 @@ from datasets import DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from kdlib.benchmark import time_pipeline
+from kdlib.config import RunConfig
 from kdlib.inference import TorchPredictor
+from kdlib.models import default_keep_layers, init_student, num_layers
 from kdlib.train import TrainConfig, prepare_datasets, train_classifier
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +268,51 @@ def hyperparameter_search(
 
     run_study(study, objective, n_trials)
     return choose_from_front(study, tolerance) if latency is not None else dict(study.best_params)
+
+
+def student_factory(
+    config: RunConfig, teacher: PreTrainedModel, labels: Sequence[str]
+) -> Callable[..., PreTrainedModel]:
+    """``make_student(student_layers=None)``: a fresh student of the run's ``student_init`` per call.
+
+    Without ``student_layers`` it keeps the run's ``keep_layers``; a depth that the latency search
+    draws keeps that many teacher layers, spaced as :func:`kdlib.models.default_keep_layers` spaces them.
+    """
+
+    def make_student(student_layers: int | None = None) -> PreTrainedModel:
+        keep = config.keep_layers
+        if student_layers is not None:
+            keep = default_keep_layers(num_layers(teacher), student_layers)
+        return init_student(config.student_init, teacher=teacher, labels=labels, student_ref=config.student,
+                            keep_layers=keep, seed=config.seed)
+
+    return make_student
+
+
+def search_from_config(
+    config: RunConfig,
+    make_student: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    *,
+    teacher: PreTrainedModel,
+    storage: str | os.PathLike,
+    output_dir: str | Path,
+) -> dict:
+    """:func:`hyperparameter_search` as a run configuration sets it (notebook 02 and ``scripts/recipe.py``).
+
+    ``n_trials`` and the base training settings come from ``config``; with ``search_latency`` the
+    space adds the student's depth (:func:`search_layers`) and the second objective is the latency on
+    the first ``n_latency_queries`` validation queries (:func:`latency_objective`; never test queries).
+    Returns the chosen parameters (``{}`` when ``n_trials`` is 0).
+    """
+    latency_options = {}
+    if config.search_latency:
+        queries = data["validation"]["text"][: config.n_latency_queries]
+        latency_options = dict(space=search_layers(num_layers(teacher)), latency=latency_objective(tokenizer, queries))
+    return hyperparameter_search(make_student, tokenizer, data, teacher=teacher,
+                                 base_config=TrainConfig.for_student(config), n_trials=config.n_trials,
+                                 storage=storage, output_dir=output_dir, **latency_options)
 
 
 def choose_from_front(study, tolerance: float = 0.01) -> dict:

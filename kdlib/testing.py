@@ -38,37 +38,27 @@ def make_tiny_tokenizer() -> BertTokenizerFast:
     )
 
 
+# Both architectures at the same sizes; DistilBERT names them differently.
+_TINY_ARCHITECTURES = {
+    TINY_BERT: (BertConfig, BertForSequenceClassification,
+                ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
+    TINY_DISTILBERT: (DistilBertConfig, DistilBertForSequenceClassification,
+                      ("dim", "n_layers", "n_heads", "hidden_dim")),
+}
 
 
 def make_tiny_model(
     kind: str, labels: Sequence[str], *, seed: int = 42, num_layers: int = 2
 ) -> PreTrainedModel:
     """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier."""
-    vocab_size = len(make_tiny_tokenizer())
+    if kind not in _TINY_ARCHITECTURES:
+        raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
+    config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
+    sizes = dict(zip(size_names, (32, num_layers, 2, 64), strict=True))
+    config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=128, **sizes,
+                          **_label_maps(labels))
     torch.manual_seed(seed)
-    if kind == TINY_BERT:
-        config = BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            num_hidden_layers=num_layers,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            **_label_maps(labels),
-        )
-        return BertForSequenceClassification(config)
-    if kind == TINY_DISTILBERT:
-        config = DistilBertConfig(
-            vocab_size=vocab_size,
-            dim=32,
-            n_layers=num_layers,
-            n_heads=2,
-            hidden_dim=64,
-            max_position_embeddings=128,
-            **_label_maps(labels),
-        )
-        return DistilBertForSequenceClassification(config)
-    raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
+    return model_class(config)
 
 
 # Keyword intents that a tiny model learns in a few steps: for tests, demos and multi-process runs.

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
         config = load_config(args.profile, **overrides)
         if args.mode != "teacher" and not config.teacher_model:
             raise ConfigError(f"{args.mode} mode distils from a saved teacher: pass -p teacher_model DIR.")
+        if args.mode != "teacher" and config.student_init != "teacher_layers":
+            raise ConfigError(f"{args.mode} mode starts the student from the teacher's layers: student_init must be "
+                              f"'teacher_layers', not {config.student_init!r} (notebook 02 runs the other inits).")
         if args.mode == "search" and (config.n_trials <= 0 or not config.search_storage):
             raise ConfigError("search mode needs -p n_trials N (> 0) and -p search_storage FILE_OR_URL "
                               "(the study that several worker processes share).")
@@ -69,14 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     from kdlib import (
         TorchPredictor,
         TrainConfig,
-        default_keep_layers,
         evaluate,
-        init_student,
         label_names,
         load_classifier,
         load_tokenizer,
-        num_layers,
         save_model,
+        student_factory,
         train_classifier,
     )
 
@@ -92,16 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tokenizer = load_tokenizer(config.teacher_model, param="teacher_model")
         teacher = load_classifier(config.teacher_model, labels, param="teacher_model")
-
-        def make_student(student_layers: int | None = None):
-            """A fresh student of the teacher's layers (one per search trial; the latency search picks its depth)."""
-            keep = config.keep_layers if student_layers is None else default_keep_layers(num_layers(teacher),
-                                                                                          student_layers)
-            return init_student("teacher_layers", teacher=teacher, labels=labels, keep_layers=keep, seed=config.seed)
-
-        train_config = TrainConfig.for_student(config)
+        make_student = student_factory(config, teacher, labels)
         if args.mode == "search":
-            return search(config, tokenizer, data, teacher, make_student, train_config, args.save)
+            return search(config, tokenizer, data, teacher, make_student, args.save)
+        train_config = TrainConfig.for_student(config)
         model = make_student()
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
                                                    "hidden_weight", "augment_copies", "learning_rate", "batch_size",
@@ -139,28 +134,15 @@ def machine() -> dict:
     return {k: found[k] for k in ("threads", "torch_version", "cpu", "git_commit")}
 
 
-def search(config, tokenizer, data, teacher, make_student, train_config, save: str | None) -> dict:
+def search(config, tokenizer, data, teacher, make_student, save: str | None) -> dict:
     """Run this process's share of the search in ``config.search_storage``; print every worker's trials
     (and with ``save``, write them, plus the accuracy-latency figure for a latency search)."""
-    from kdlib import (
-        hyperparameter_search,
-        latency_objective,
-        num_layers,
-        plot_search,
-        search_layers,
-        search_trials,
-        write_table,
-    )
+    from kdlib import plot_search, search_from_config, search_trials, write_table
 
-    latency_search = {}
-    if config.search_latency:
-        queries = data["validation"]["text"][: config.n_latency_queries]
-        latency_search = dict(space=search_layers(num_layers(teacher)), latency=latency_objective(tokenizer, queries))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-search-") as checkpoints:
-        best = hyperparameter_search(make_student, tokenizer, data, teacher=teacher, base_config=train_config,
-                                     n_trials=config.n_trials, storage=config.search_storage, output_dir=checkpoints,
-                                     **latency_search)
+        best = search_from_config(config, make_student, tokenizer, data, teacher=teacher,
+                                  storage=config.search_storage, output_dir=checkpoints)
     seconds = time.perf_counter() - start
     trials = search_trials(config.search_storage, latency=config.search_latency)
     print(trials.to_string(index=False))

@@ -132,6 +132,15 @@ def test_recipe_refuses_a_missing_model_folder_before_any_work(recipe, capsys, m
     assert stop.value.code == 2 and f"{absent} does not exist" in capsys.readouterr().err
 
 
+def test_recipe_refuses_a_student_not_made_of_teacher_layers_before_any_work(recipe, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(RunConfig, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["student", "-p", "teacher_model", str(tmp_path / "absent"), "-p", "student_init", "pretrained",
+                     "-p", "student", "tiny-distilbert"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "student_init must be 'teacher_layers', not 'pretrained'" in err
+
+
 def test_oos_scores_refuses_a_missing_model_folder_before_any_work(load_script, capsys, monkeypatch, tmp_path):
     script = load_script("scripts/oos_scores.py")
     monkeypatch.setattr(RunConfig, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))

@@ -183,6 +183,27 @@ def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
     assert search_trials(storage).empty
 
 
+def test_student_factory_keeps_the_runs_layers_or_a_drawn_depth():
+    """Without a depth the student keeps the run's ``keep_layers``; a depth that the latency search draws
+    keeps that many teacher layers, spaced as the default spaces them (notebook 02 and recipe.py share it)."""
+    from kdlib.config import load_config
+    from kdlib.models import default_keep_layers, num_layers
+    from kdlib.search import student_factory
+
+    teacher = make_tiny_model("tiny-bert", LABELS, num_layers=4)
+    make_student = student_factory(load_config("smoke", keep_layers=[0, 3]), teacher, LABELS)
+
+    def kept(student) -> list[int]:
+        """The teacher layer each student layer is a copy of (random layers: each one's weights are its own)."""
+        query = [layer.attention.self.query.weight for layer in teacher.bert.encoder.layer]
+        return [next(j for j, weight in enumerate(query) if torch.equal(layer.attention.self.query.weight, weight))
+                for layer in student.bert.encoder.layer]
+
+    assert kept(make_student()) == [0, 3]
+    assert kept(make_student(3)) == default_keep_layers(4, 3) == [0, 2, 3]
+    assert kept(make_student(1)) == [3] and num_layers(make_student(4)) == 4
+
+
 def test_choose_from_front_prefers_the_fastest_trial_within_the_tolerance():
     from types import SimpleNamespace
 
