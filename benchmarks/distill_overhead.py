@@ -5,7 +5,7 @@ plain fine-tuning (alpha = 1), distillation running the teacher at every step (t
 way), and distillation reading cached teacher logits (kdlib's default). Prints the median epoch
 time of each over a few repeats and the ratios to plain fine-tuning. Target: cached <= 1.10x.
 
-    .venv/bin/python benchmarks/distill_overhead.py --run minilm [--rows 3000] [--repeats 5]
+    .venv/bin/python -m benchmarks.distill_overhead --run minilm [--rows 3000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 
-from kdlib.benchmark import env_fingerprint
-from kdlib.config import ConfigError, RunPaths, prepare_session
+from kdlib.config import ConfigError, RunConfig
 from kdlib.data import label_names, load_intent_data, subsample
 from kdlib.models import load_classifier, load_tokenizer, student_from_teacher
-from kdlib.train import TrainConfig, add_teacher_logits, tokenize_dataset, train_classifier
+from kdlib.paths import RunPaths
+from kdlib.session import prepare_session
+from kdlib.train import add_teacher_logits, student_arguments, tokenize_dataset, train_model
 
 
 def main() -> None:
@@ -54,12 +56,11 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.repeats):
         for name, mode in modes.items():  # interleaved, so drift in machine load hits every mode alike
-            config = TrainConfig(epochs=1, batch_size=args.batch_size, learning_rate=1e-4, **mode)
+            config = RunConfig(epochs=1, batch_size=args.batch_size, learning_rate=1e-4, **mode)
             with tempfile.TemporaryDirectory() as out:
-                result = train_classifier(
-                    student_from_teacher(teacher), tokenizer, data, teacher=teacher, config=config,
-                    output_dir=out, resume=False, save_strategy="no", eval_strategy="no",
-                )
+                train_args = replace(student_arguments(config, out), resume=False, save_strategy="no",
+                                     eval_strategy="no")
+                result = train_model(student_from_teacher(teacher), tokenizer, data, train_args, teacher=teacher)
             seconds[name].append(result.train_seconds)
 
     def median(values):

@@ -4,7 +4,7 @@ Same model, same test split, same process: both prediction lists must be identic
 batched evaluation should be at least 10x faster. Prints both wall times (median of repeats),
 their ratio, and the machine they were measured on.
 
-    .venv/bin/python benchmarks/eval_speed.py --run minilm [--repeats 3] [--threads 2]
+    .venv/bin/python -m benchmarks.eval_speed --run minilm [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import json
 
 import torch
 
-from kdlib.benchmark import classification_metrics, env_fingerprint, median_of_repeats, predict_labels
-from kdlib.config import ConfigError, RunPaths, prepare_session
+from kdlib.benchmark import median_of_repeats, predict_labels
+from kdlib.config import ConfigError
 from kdlib.data import label_names, load_intent_data, oos_label
 from kdlib.inference import PipelinePredictor, TorchPredictor
+from kdlib.metrics import classification_metrics
 from kdlib.models import load_classifier, load_tokenizer
+from kdlib.paths import RunPaths
+from kdlib.session import prepare_session
 
 
 def main() -> None:

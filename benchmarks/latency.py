@@ -9,9 +9,9 @@ Targets: best variant p50 >= 20x lower than the teacher's at accuracy >= teacher
 int8 file <= 30 % of the fp32 ONNX file. Writes ``outputs/benchmarks/<run>/latency.json``, unless the
 machine was busy: if other processes used more than a quarter of the CPU while timing (from
 /proc/stat minus this process's own CPU time), the figures are printed with a warning and not
-stored, since torch with 2 threads runs ~50x slower when another process holds the cores.
+stored, since torch's threads slow down many times over when another process holds the cores.
 
-    .venv/bin/python benchmarks/latency.py --run minilm [--repeats 5] [--threads 2]
+    .venv/bin/python -m benchmarks.latency --run minilm [--repeats 5] [--threads 2]
 
 ``--student NAME=DIR`` (repeatable) adds another saved student to the same process, in PyTorch fp32
 (its accuracy before quantisation) and as its fastest variant, fused ONNX int8: how a shallower
@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlib.benchmark import OtherProcesses, compute_size, env_fingerprint, evaluate, time_pipeline
-from kdlib.config import missing_model_files
+from benchmarks.run_cli import load_run_models, run_parser, run_paths, write_unless_busy
+from kdlib.benchmark import OtherProcesses, compute_size, measure_quality, time_pipeline
 from kdlib.inference import PipelinePredictor, TorchPredictor, build_variants
 from kdlib.models import load_classifier, load_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cli import load_run, run_parser, run_paths, write_unless_busy  # noqa: E402
+from kdlib.paths import missing_model_files
+from kdlib.session import env_fingerprint
 
 
 def parse_students(specs: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra_students = parse_students(args.student, parser)
     paths = run_paths(args, parser)
 
-    session, data, labels, (teacher, teacher_tok), (student, student_tok) = load_run(args, paths)
+    session, data, labels, (teacher, teacher_tok), (student, student_tok) = load_run_models(args, paths)
 
     predictors = {"teacher (pipeline, fp32)": PipelinePredictor(teacher, teacher_tok)}
     predictors["student"] = TorchPredictor(student, student_tok)
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name, predictor in predictors.items():
         scoring = TorchPredictor(teacher, teacher_tok) if name.startswith("teacher") else predictor
-        accuracy, _ = evaluate(scoring, data["test"])
+        accuracy, _ = measure_quality(scoring, data["test"], oos_score="energy")  # accuracy only: no score fit
         p50 = float(np.median(p50s[name]))
         rows[name] = {
             "p50_ms": p50,

@@ -4,7 +4,7 @@ In one process, over the first ``--queries`` test queries (after a warm-up), ``-
 
 - the fused ONNX int8 student (``onnx-fused-int8``, kdlib's fastest variant) step by step: the
   ``tokenizers`` encoder into numpy, ``session.run``, softmax and label, and the whole call as
-  ``benchmarks/latency.py`` times it;
+  ``benchmarks.latency`` times it;
 - the same queries through an ONNX Runtime session with its profiler on: kernel time per operator
   type, and how much of ``session.run`` is spent outside the kernels (the profiler adds its own cost
   to every node, so read its figures as shares, and the timed steps above as the milliseconds);
@@ -16,7 +16,7 @@ Figures are medians over rounds of each round's p50. Writes
 ``outputs/benchmarks/<run>/profile_query.json`` unless other processes used more than a quarter of
 the CPU while it ran (then it warns and exits 3); ``--out`` writes elsewhere.
 
-    .venv/bin/python benchmarks/profile_query.py --run minilm [--threads 2] [--queries 100] [--repeats 5]
+    .venv/bin/python -m benchmarks.profile_query --run minilm [--threads 2] [--queries 100] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -29,19 +29,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
-from kdlib.benchmark import OtherProcesses, env_fingerprint, time_pipeline
+from benchmarks.run_cli import load_run_models, run_parser, run_paths, write_unless_busy
+from kdlib.benchmark import OtherProcesses, time_pipeline
 from kdlib.inference import (
     OnnxPredictor,
     PipelinePredictor,
     TorchPredictor,
     build_variants,
     session_options,
-    softmax,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cli import load_run, run_parser, run_paths, write_unless_busy  # noqa: E402
 
 VARIANT = "onnx-fused-int8"
 STEPS = ("encode", "session.run", "softmax + label", "whole call")
@@ -57,7 +55,7 @@ def step_p50s(predictor: OnnxPredictor, queries: list[str]) -> dict[str, float]:
         encoded = clock()
         logits = predictor.session.run([predictor.output_name], feed)[0]
         ran = clock()
-        probs = softmax(np.asarray(logits, dtype=np.float32))
+        probs = softmax(np.asarray(logits, dtype=np.float32), axis=-1)
         predictor.labels[int(probs[0].argmax())]
         done = clock()
         predictor(query)
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     paths = run_paths(args, parser)
 
-    session, data, _, (teacher, teacher_tok), (student, student_tok) = load_run(args, paths)
+    session, data, _, (teacher, teacher_tok), (student, student_tok) = load_run_models(args, paths)
     fastest = build_variants(student, student_tok, paths.onnx_dir / "latency", threads=args.threads,
                              variants=[VARIANT])[f"student-{VARIANT}"]
     teacher_pipeline, teacher_forward = PipelinePredictor(teacher, teacher_tok), TorchPredictor(teacher, teacher_tok)

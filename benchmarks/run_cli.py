@@ -9,9 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from kdlib.config import ConfigError, RunPaths, atomic_write_text, prepare_session
+from kdlib.config import ConfigError
 from kdlib.data import label_names, load_intent_data
+from kdlib.io import atomic_write_text
 from kdlib.models import load_classifier, load_tokenizer
+from kdlib.paths import RunPaths
+from kdlib.session import prepare_session
 
 BUSY_SHARE = 0.25  # other processes' share of the CPU above which timings are not stored
 
@@ -37,7 +40,7 @@ def run_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunP
         parser.error(f"--run {args.run} --outputs {args.outputs}: {err}")
 
 
-def load_run(args: argparse.Namespace, paths: RunPaths) -> tuple:
+def load_run_models(args: argparse.Namespace, paths: RunPaths) -> tuple:
     """``(session, data, labels, (teacher, tokenizer), (student, tokenizer))``: seed 42, ``--threads``,
     ``--data``, and the run's two saved models with the data's labels."""
     session = prepare_session(42, args.threads)

@@ -3,21 +3,26 @@
 Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib import PerformanceBenchmark``);
 ``__all__`` is the list. One module per concept:
 
-* :mod:`kdlib.config` - the run configuration (every default), its validation and fingerprint, paths,
-  session, and the atomic writes every output goes through;
+* :mod:`kdlib.io` - the project root and the atomic writes every output goes through;
+* :mod:`kdlib.session` - seeds, threads, the device, library versions;
+* :mod:`kdlib.config` - the run configuration (every default), its validation and fingerprint;
+* :mod:`kdlib.paths` - every path of a run (``RunPaths``) and its lock;
 * :mod:`kdlib.data` - intent data from every source, checked on the way in;
-* :mod:`kdlib.models` - model references, classifiers with the data's labels, students from teacher layers;
+* :mod:`kdlib.models` - model references, classifiers with the data's labels, students from teacher layers,
+  the tiny models built in code (``tiny-bert``, ``tiny-distilbert``);
 * :mod:`kdlib.train` - fine-tuning and distillation with the ``transformers`` Trainer;
 * :mod:`kdlib.search` - the Optuna search over the distillation's hyperparameters (pruned, shareable);
 * :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
 * :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
+* :mod:`kdlib.metrics` - classification metrics (accuracy, macro-F1, the CLINC150 OOS metrics);
 * :mod:`kdlib.oos` - out-of-scope scores, AUROC / FPR95, a threshold chosen on validation;
 * :mod:`kdlib.report` - result records, comparison tables, the model card;
 * :mod:`kdlib.plots` - the figures; :mod:`kdlib.interpret` - sentences written from a run's records;
 * :mod:`kdlib.run` - the headless runner behind ``make run``;
-* :mod:`kdlib.testing` - tiny models, a tiny tokenizer and synthetic intents for tests and the smoke profile.
+* :mod:`kdlib.testing` - synthetic intents for tests and demos.
 
-Names are imported on first use, so ``python -m kdlib.run`` validates its parameters before torch loads.
+Names are imported on first use, so ``python -m kdlib.run`` and a notebook's first cell validate their
+parameters before torch loads. The modules form layers without an import cycle (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "config": [
-        "RunConfig", "RunPaths", "ConfigError", "load_config", "config_from_notebook", "prepare_session",
-        "project_root", "TEACHER_FIELDS", "STUDENT_FIELDS",
-    ],
+    "config": ["RunConfig", "ConfigError", "load_config", "config_from_notebook", "TEACHER_FIELDS", "STUDENT_FIELDS"],
+    "io": ["project_root"],
+    "paths": ["RunPaths"],
+    "session": ["prepare_session"],
     "data": [
         "DataError", "load_intent_data", "resolve_data_source", "subsample", "label_names", "describe",
         "examples_frame", "data_digest",
@@ -40,7 +45,10 @@ _EXPORTS = {
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
         "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
-    "train": ["DistillationTrainer", "TrainConfig", "train_classifier", "soft_targets"],
+    "train": [
+        "DistillationTrainer", "DistillationTrainingArguments", "teacher_arguments", "student_arguments", "train_model",
+        "soft_targets",
+    ],
     "search": [
         "hyperparameter_search", "search_from_config", "student_factory", "search_layers", "latency_objective",
         "search_trials", "open_study",
@@ -48,8 +56,11 @@ _EXPORTS = {
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
     ],
-    "benchmark": ["PerformanceBenchmark", "evaluate", "compute_size", "time_pipeline"],
-    "oos": ["oos_scores", "detection_metrics", "choose_threshold", "apply_threshold"],
+    "benchmark": [
+        "PerformanceBenchmark", "BenchmarkOptions", "BenchmarkResult", "measure_quality", "compute_size",
+        "time_pipeline",
+    ],
+    "oos": ["oos_scores", "detection_metrics", "choose_threshold", "apply_threshold", "ThresholdRule", "oos_options"],
     "report": [
         "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",
         "portable_ref", "oos_table", "write_model_card", "card_dataset", "base_model_id", "training_hyperparameters",
@@ -59,7 +70,7 @@ _EXPORTS = {
     "interpret": ["interpret_baseline", "interpret_distillation", "interpret_comparison"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = (*_EXPORTS, "run", "testing")
+_SUBMODULES = (*_EXPORTS, "metrics", "run", "testing")
 
 __all__ = ["__version__", *_MODULE_OF]
 

@@ -13,22 +13,25 @@ keeps those keys (``accuracy``, ``size_mb``, ``time_avg_ms``, ``time_std_ms``) a
 
 from __future__ import annotations
 
-import datetime as dt
+import numbers
 import os
-import platform
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from datasets import Dataset
 
+from kdlib import oos
+from kdlib.config import RunConfig
 from kdlib.data import OOS_LABEL
 from kdlib.inference import Predictor, TorchPredictor
-from kdlib.models import pick_device
-from kdlib.oos import FEATURE_SCORE
+from kdlib.metrics import classification_metrics
+from kdlib.oos import FEATURE_SCORE, OOS_SCORES, ThresholdRule
+from kdlib.session import env_fingerprint
 
 Clock = Callable[[], float]
 
@@ -47,38 +50,6 @@ def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int =
         for i, label in zip(chunk, predictor.predict([texts[i] for i in chunk]), strict=True):
             predictions[i] = label
     return predictions
-
-
-def classification_metrics(
-    gold: Sequence[str], predicted: Sequence[str], oos_label: str | None = OOS_LABEL
-) -> dict:
-    """Accuracy and macro-F1 (scikit-learn's); with an OOS label present, also the CLINC150 paper's metrics:
-
-    * ``in_scope_accuracy``: accuracy on queries whose gold label is not OOS;
-    * ``oos_recall``: share of OOS queries predicted as OOS;
-    * ``oos_precision``: share of OOS predictions that really are OOS.
-    """
-    if len(gold) != len(predicted) or len(gold) == 0:
-        raise ValueError(
-            f"Need as many predictions as gold labels (got {len(predicted)} and {len(gold)}), at least one."
-        )
-    from sklearn.metrics import f1_score
-
-    gold_a, pred_a = np.asarray(gold, dtype=object), np.asarray(predicted, dtype=object)
-    correct = gold_a == pred_a
-    # scikit-learn's macro-F1 averages over every label seen in gold or predictions.
-    metrics = {
-        "accuracy": float(correct.mean()),
-        "macro_f1": float(f1_score(list(gold), list(predicted), average="macro", zero_division=0)),
-    }
-    if oos_label is not None and oos_label in set(gold):
-        in_scope = gold_a != oos_label
-        is_oos = ~in_scope
-        predicted_oos = pred_a == oos_label
-        metrics["in_scope_accuracy"] = float(correct[in_scope].mean()) if in_scope.any() else float("nan")
-        metrics["oos_recall"] = float(predicted_oos[is_oos].mean())
-        metrics["oos_precision"] = float(is_oos[predicted_oos].mean()) if predicted_oos.any() else 0.0
-    return metrics
 
 
 def predict_logits(
@@ -138,37 +109,49 @@ def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
     return np.array([position[names[i]] for i in dataset["label"]], dtype=np.int64)
 
 
-def evaluate(
+@dataclass(frozen=True)
+class SplitOutputs:
+    """One pass of a predictor over a split: its logits, gold label ids (indices into the predictor's
+    labels) and, with OOS data, one OOS score per query."""
+
+    logits: np.ndarray
+    gold: np.ndarray
+    scores: np.ndarray | None
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class ScoredSplits:
+    """What :func:`score_splits` returns: the outputs per split, the OOS score used (None without an
+    OOS label) and the OOS label's index among the predictor's labels."""
+
+    outputs: dict[str, SplitOutputs]
+    method: str | None
+    oos_index: int | None
+
+
+def score_splits(
     predictor: Predictor,
-    dataset: Dataset,
+    splits: dict[str, Dataset],
     *,
-    batch_size: int = 64,
-    oos_label: str | None = OOS_LABEL,
-    validation: Dataset | None = None,
     train: Dataset | None = None,
-    oos_score: str = "energy",
-    threshold_rule: str = "in_scope_accuracy",
-    in_scope_target: float = 0.95,
-) -> tuple[dict, dict | None]:
-    """Metrics of ``predictor`` on a ``(text, label: ClassLabel)`` split (gold and predicted matched by name).
-
-    With an OOS label in the data, also the OOS detection keys of :data:`kdlib.oos.OOS_KEYS`: the
-    ``oos_score``'s AUROC / FPR95 on this split and, with ``validation`` given, the metrics of the
-    threshold chosen on ``validation`` by ``threshold_rule`` (see :func:`kdlib.oos.choose_threshold`).
-    ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor without features is scored
-    by ``energy`` instead, and the record's ``oos_score`` says which score was used.
-    Without an OOS label these keys are None (not applicable).
-
-    Returns the metrics and, with an OOS label, the test scores for plotting
-    (``{"scores", "is_oos", "threshold", "method"}``; else None).
-    """
-    from kdlib import oos
-
-    has_oos = _check_inputs(dataset, validation, train, oos_score, oos_label)
-    splits = {"dataset": dataset, "validation": validation, "train": train}
-    # every split's labels checked against the model's before the first pass over any of them
-    golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items() if split is not None}
-    gold = golds["dataset"]
+    oos_score: str = RunConfig.model_fields["oos_score"].default,
+    oos_label: str | None = OOS_LABEL,
+    batch_size: int = 64,
+) -> ScoredSplits:
+    """Logits and OOS scores of ``predictor`` on every split of ``splits`` (``{"test": ..., ...}``), one pass
+    each; ``oos_score="mahalanobis"`` is fit on ``train`` first. Every split's labels are checked
+    against the model's before the first pass over any of them."""
+    first = next(iter(splits.values()))
+    others = {what: split for what, split in splits.items() if split is not first}
+    has_oos = _check_inputs(first, others.get("validation"), train, oos_score, oos_label)
+    for what, split in others.items():
+        _check_split(split, what)
+    golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items()}
+    train_gold = _gold_ids(predictor, train, "train") if train is not None else None
     method = oos_score
     if method == oos.FEATURE_SCORE and not predictor.exposes_features:
         method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
@@ -178,43 +161,75 @@ def evaluate(
     if use_features:
         with torch.inference_mode():
             _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
-        scorer = oos.MahalanobisScore(train_features, golds["train"], oos_index)
-
-    def logits_and_scores(split: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
-        """One pass over ``split``: its logits and, with OOS data, its OOS scores."""
+        scorer = oos.MahalanobisScore(train_features, train_gold, oos_index)
+    outputs = {}
+    for what, split in splits.items():
         with torch.inference_mode():
             found = predict_logits(predictor, split["text"], batch_size, features=use_features)
-        if not has_oos:
-            return found, None
-        if scorer is not None:
-            return found[0], scorer(found[1])
-        return found, oos.oos_scores(found, method, oos_index)
+        logits, scores = (found[0], scorer(found[1])) if scorer is not None else (found, None)
+        if has_oos and scorer is None:
+            scores = oos.oos_scores(logits, method, oos_index)
+        outputs[what] = SplitOutputs(logits, golds[what], scores)
+    return ScoredSplits(outputs, method if has_oos else None, oos_index)
 
-    logits, scores = logits_and_scores(dataset)
+
+class Quality(NamedTuple):
+    """What :func:`measure_quality` returns: the split's quality and OOS ``metrics``, and with an OOS
+    label the split's OOS scores for :func:`kdlib.plots.plot_oos_scores` (``oos_detail``:
+    ``{"scores", "is_oos", "threshold", "method"}``; None without an OOS label)."""
+
+    metrics: dict
+    oos_detail: dict | None
+
+
+def measure_quality(
+    predictor: Predictor,
+    dataset: Dataset,
+    *,
+    batch_size: int = 64,
+    oos_label: str | None = OOS_LABEL,
+    validation: Dataset | None = None,
+    train: Dataset | None = None,
+    oos_score: str = RunConfig.model_fields["oos_score"].default,
+    threshold: ThresholdRule | None = None,
+) -> Quality:
+    """The quality and OOS metrics of ``predictor`` on one ``(text, label: ClassLabel)`` split (gold and
+    predicted matched by name): accuracy and macro-F1, and the CLINC150 in-scope accuracy and OOS recall /
+    precision when the data has an OOS label.
+
+    With an OOS label in the data, also the OOS detection keys of :data:`kdlib.oos.OOS_KEYS`: the
+    ``oos_score``'s AUROC / FPR95 on this split and, with ``validation`` given, the metrics of the
+    threshold chosen on ``validation`` by ``threshold`` (:class:`kdlib.oos.ThresholdRule`; None: the run
+    default, relative to the model), with ``threshold_missed`` saying why when the rule admits none.
+    ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor without features is scored
+    by ``energy`` instead, and the record's ``oos_score`` says which score was used.
+    Without an OOS label these keys are None (not applicable).
+
+    Returns a :class:`Quality`: the metrics and, with an OOS label, this split's OOS scores for plotting.
+    """
+    splits = {"dataset": dataset} if validation is None else {"dataset": dataset, "validation": validation}
+    scored = score_splits(predictor, splits, train=train, oos_score=oos_score, oos_label=oos_label,
+                          batch_size=batch_size)
+    test, oos_index = scored.outputs["dataset"], scored.oos_index
     labels = np.asarray(predictor.labels, dtype=object)
-    predicted = list(labels[logits.argmax(axis=1)])
-    metrics = classification_metrics(list(labels[gold]), predicted, oos_label if has_oos else None)
+    metrics = classification_metrics(list(labels[test.gold]), list(labels[test.predicted]),
+                                     oos_label if oos_index is not None else None)
     metrics.update({key: None for key in oos.OOS_KEYS})
-    metrics.update(oos_score=method if has_oos else None, threshold_rule=None)
-    detail = None
-    if has_oos:
-        metrics.update(oos.detection_metrics(scores, gold == oos_index))
-        threshold = None
-        if validation is not None:
-            val_logits, val_scores = logits_and_scores(validation)
-            threshold = oos.choose_threshold(
-                val_scores,
-                val_logits.argmax(axis=1),
-                golds["validation"],
-                oos_index,
-                rule=threshold_rule,
-                in_scope_target=in_scope_target,
-            )
-            metrics["threshold_rule"] = oos.describe_rule(threshold_rule, in_scope_target)
-            # A score's separation is measurable on any split; a decision threshold only with validation.
-            metrics.update(oos.threshold_metrics(scores, logits.argmax(axis=1), gold, oos_index, threshold))
-        detail = {"scores": scores, "is_oos": gold == oos_index, "threshold": threshold, "method": method}
-    return metrics, detail
+    metrics.update(oos_score=scored.method, threshold_rule=None, threshold_missed=None)
+    if oos_index is None:
+        return Quality(metrics, None)
+    is_oos = test.gold == oos_index
+    metrics.update(oos.detection_metrics(test.scores, is_oos))
+    choice = None
+    if validation is not None:
+        val = scored.outputs["validation"]
+        choice = oos.choose_threshold(val.scores, val.predicted, val.gold, oos_index, threshold)
+        metrics.update(threshold_rule=choice.rule, threshold_missed=choice.missed)
+        # A score's separation is measurable on any split; a decision threshold only with validation.
+        metrics.update(oos.threshold_metrics(test.scores, test.predicted, test.gold, oos_index, choice.threshold))
+    detail = {"scores": test.scores, "is_oos": is_oos, "threshold": choice and choice.threshold,
+              "method": scored.method}
+    return Quality(metrics, detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +304,7 @@ def time_throughput(
 
 class OtherProcesses:
     """The share of the CPU that other processes used between entering and leaving the block
-    (``/proc/stat`` minus this process's own CPU time): torch with 2 threads runs ~50x slower when
+    (``/proc/stat`` minus this process's own CPU time): torch's threads slow down many times over when
     another process holds the cores, so benchmark scripts refuse to store figures timed beside one."""
 
     share: float = 0.0
@@ -307,7 +322,7 @@ class OtherProcesses:
     @staticmethod
     def _cpu_seconds() -> tuple[float, float]:
         """(CPU seconds all processes spent busy, CPU seconds this process spent)."""
-        import resource
+        import resource  # Unix only: kdlib.benchmark itself still imports on other systems
 
         ticks = os.sysconf("SC_CLK_TCK")
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -315,56 +330,110 @@ class OtherProcesses:
         return (sum(fields) - fields[3] - fields[4]) / ticks, own.ru_utime + own.ru_stime  # all but idle, iowait
 
 
-def cpu_model() -> str:
-    """The CPU's model name (latency figures mean little without it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """The short commit of the checkout that produced a figure, or None outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=cwd or Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def env_fingerprint(device: str | None = None) -> dict:
-    """Versions, hardware and threads: recorded with every result so figures can be compared fairly."""
-    import kdlib
-    from kdlib.config import library_versions
-
-    versions = library_versions()
-    return {
-        "torch_version": versions["torch"],
-        "transformers_version": versions["transformers"],
-        "onnxruntime_version": versions["onnxruntime"],
-        "kdlib_version": kdlib.__version__,
-        "git_commit": git_commit(),
-        "python_version": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(pick_device(device)),
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
+
+
+def _whole_number(value: object, name: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"BenchmarkOptions.{name} must be a whole number >= {least}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """How :class:`PerformanceBenchmark` measures; every setting a run configuration also has takes its
+    default from :class:`~kdlib.config.RunConfig` (:meth:`from_config` takes a run's values).
+
+    Attributes:
+        oos_score: ``"mahalanobis"`` (:class:`kdlib.oos.MahalanobisScore`, fit on the data's ``train``
+            split; ``energy`` for a predictor without features), ``"energy"`` or ``"msp"``
+            (:func:`kdlib.oos.oos_scores`).
+        threshold: how the OOS threshold is chosen on the ``validation`` split (:class:`kdlib.oos.ThresholdRule`).
+        n_latency_queries: single-query calls timed (the first queries of the test split).
+        warmup: untimed calls before timing.
+        batch_size: batch size of the accuracy pass (length-sorted, no gradients).
+        throughput_batch_size: batch size of the throughput measurement.
+        threads: torch threads while measuring (None: the session's).
+        clock: the timer, replaceable in tests.
+
+    A bad setting is refused here, when the options are built, before any model runs.
+    """
+
+    oos_score: str = RunConfig.model_fields["oos_score"].default
+    threshold: ThresholdRule = field(default_factory=ThresholdRule)
+    n_latency_queries: int = RunConfig.model_fields["n_latency_queries"].default
+    warmup: int = 10
+    batch_size: int = 64
+    throughput_batch_size: int = 32
+    threads: int | None = RunConfig.model_fields["threads"].default
+    clock: Clock = time.perf_counter
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> BenchmarkOptions:
+        """The options a run's parameters ask for: its OOS score, threshold rule, latency queries and threads."""
+        return cls(oos_score=config.oos_score, threshold=ThresholdRule.from_config(config),
+                   n_latency_queries=config.n_latency_queries, threads=config.threads)
+
+    def __post_init__(self) -> None:
+        if self.oos_score not in OOS_SCORES:
+            raise ValueError(f"BenchmarkOptions.oos_score must be one of {OOS_SCORES}, got {self.oos_score!r}.")
+        if not isinstance(self.threshold, ThresholdRule):
+            raise TypeError(f"BenchmarkOptions.threshold must be a kdlib.ThresholdRule (e.g. ThresholdRule("
+                            f"'in_scope_drop', in_scope_drop=0.01)), got {type(self.threshold).__name__}.")
+        for name, least in (("n_latency_queries", 1), ("warmup", 0), ("batch_size", 1), ("throughput_batch_size", 1)):
+            _whole_number(getattr(self, name), name, least)
+        if self.threads is not None:
+            _whole_number(self.threads, "threads", 1)
+        if not callable(self.clock):
+            raise TypeError(f"BenchmarkOptions.clock must be a function returning seconds (e.g. time.perf_counter), "
+                            f"got {type(self.clock).__name__}.")
+
+
+@dataclass(frozen=True, eq=False)
+class BenchmarkResult(Mapping):
+    """What :meth:`PerformanceBenchmark.run_benchmark` returns: ``{name: metrics}`` as a read-only mapping,
+    as the reference returns it (:func:`kdlib.save_benchmark` and :func:`kdlib.summary_frame` take it;
+    ``dict(result)`` gives a dict to add other variants' results to), and the test split's OOS scores
+    for :func:`kdlib.plots.plot_oos_scores` (``oos_detail``: None when the data has no OOS label)."""
+
+    name: str
+    metrics: dict
+    oos_detail: dict | None = None
+
+    def __getitem__(self, key: str) -> dict:
+        if key != self.name:
+            raise KeyError(key)
+        return self.metrics
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.name,))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _benchmark_splits(data: object, oos_score: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """The test, validation and (for ``oos_score="mahalanobis"``) train splits of ``data``, checked before
+    any work; validation and train are None when the data has none or the score does not use them."""
+    if isinstance(data, Dataset) or not isinstance(data, Mapping):
+        hint = ": pass the whole DatasetDict (e.g. data), not one of its splits" if isinstance(data, Dataset) else ""
+        raise TypeError(
+            "data must be a datasets.DatasetDict with a 'test' split (and 'validation' for the OOS threshold, 'train' "
+            f"for oos_score='mahalanobis'), got {type(data).__name__}{hint}."
+        )
+    if "test" not in data:
+        raise ValueError(f"data has no 'test' split (it has {sorted(data)}): the benchmark measures the test split.")
+    test, validation = data["test"], data.get("validation")
+    _check_split(test, "data['test']")
+    train = data.get("train") if oos_score == FEATURE_SCORE else None
+    if train is None and oos_score == FEATURE_SCORE and OOS_LABEL in test.features["label"].names:
+        raise ValueError(
+            f"oos_score='mahalanobis' is fit on the training split, and data has no 'train' split (it has "
+            f"{sorted(data)}): pass data with its 'train' split, or BenchmarkOptions(oos_score='energy')."
+        )
+    _check_inputs(test, validation, train, oos_score)
+    return test, validation, train
 
 
 class PerformanceBenchmark:
@@ -373,118 +442,91 @@ class PerformanceBenchmark:
     Parameters:
         model: a :class:`~kdlib.inference.Predictor` (any variant: fp32, int8, ONNX Runtime) or a
             ``transformers`` model, which is wrapped together with ``tokenizer``.
-        dataset: the test split, a ``datasets.Dataset`` with ``text`` and a ``label`` ClassLabel.
+        data: a ``datasets.DatasetDict`` of ``text`` and a ``label`` ClassLabel: its ``test`` split is
+            measured, its ``validation`` split (if any) chooses the OOS threshold, and its ``train`` split
+            fits ``oos_score="mahalanobis"`` (needed only for that score).
         name: the variant's name, the key of :meth:`run_benchmark`'s result.
+        options: how to measure (:class:`BenchmarkOptions`; None: its defaults, which are
+            :class:`~kdlib.config.RunConfig`'s; a run's: ``BenchmarkOptions.from_config(config)``).
         tokenizer: needed only with a ``transformers`` model.
-        model_ref: where the model came from, stored in the record.
-        validation: the validation split, on which the OOS threshold is chosen (None: no threshold).
-        train: the training split, on which ``oos_score="mahalanobis"`` is fit (needed only for it).
-        oos_score: ``"energy"``, ``"msp"`` (:func:`kdlib.oos.oos_scores`) or ``"mahalanobis"``
-            (:class:`kdlib.oos.MahalanobisScore`; ``energy`` for a predictor without features).
-        threshold_rule: ``"in_scope_accuracy"`` (keep validation in-scope accuracy >= ``in_scope_target``)
-            or ``"accuracy"`` (maximise validation accuracy).
-        in_scope_target: see ``threshold_rule``.
-        n_latency_queries: single-query calls timed (the first queries of ``dataset``).
-        warmup: untimed calls before timing.
-        batch_size: batch size of the accuracy pass (length-sorted, no gradients).
-        throughput_batch_size: batch size of the throughput measurement.
-        threads: torch threads while measuring (None: the session's).
-        clock: the timer, replaceable in tests.
 
-    :meth:`run_benchmark` returns ``{name: metrics}``: accuracy and OOS metrics (:func:`evaluate`),
-    size (:func:`compute_size`), latency and throughput (:meth:`time_pipeline`), and the environment.
-    Afterwards ``oos_detail`` holds the test OOS scores (for :func:`kdlib.plots.plot_oos_scores`).
+    Every argument is checked here, before any model runs. :meth:`run_benchmark` returns one
+    :class:`BenchmarkResult` and changes nothing on the benchmark: a second call measures again.
     """
 
     def __init__(
         self,
         model,
-        dataset: Dataset,
+        data: Mapping[str, Dataset],
         name: str = "baseline",
+        options: BenchmarkOptions | None = None,
         *,
         tokenizer=None,
-        model_ref: str | None = None,
-        validation: Dataset | None = None,
-        train: Dataset | None = None,
-        oos_score: str = "energy",
-        threshold_rule: str = "in_scope_accuracy",
-        in_scope_target: float = 0.95,
-        n_latency_queries: int = 100,
-        warmup: int = 10,
-        batch_size: int = 64,
-        throughput_batch_size: int = 32,
-        threads: int | None = None,
-        clock: Clock = time.perf_counter,
     ) -> None:
-        _check_inputs(dataset, validation, train, oos_score)  # before any work, not after the model is wrapped
+        options = BenchmarkOptions() if options is None else options
+        if not isinstance(options, BenchmarkOptions):
+            raise TypeError(f"options must be a kdlib.BenchmarkOptions (e.g. BenchmarkOptions.from_config(config)), "
+                            f"got {type(options).__name__}.")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be the variant's name, a non-empty string, got {name!r}.")
+        self.test, self.validation, self.train = _benchmark_splits(data, options.oos_score)
         if isinstance(model, Predictor):
             self.predictor = model
         else:
             if tokenizer is None:
                 raise ValueError("Pass `tokenizer=` with a transformers model (or pass a Predictor).")
             self.predictor = TorchPredictor(model, tokenizer)
-        self.dataset = dataset
         self.name = name
-        self.model_ref = model_ref
-        self.oos_options = dict(
-            validation=validation, train=train, oos_score=oos_score, threshold_rule=threshold_rule,
-            in_scope_target=in_scope_target,
-        )
-        self.oos_detail: dict | None = None
-        self.n_latency_queries = n_latency_queries
-        self.warmup = warmup
-        self.batch_size = batch_size
-        self.throughput_batch_size = throughput_batch_size
-        self.threads = threads
-        self.clock = clock
+        self.options = options
 
-    def compute_accuracy(self) -> dict:
-        """Quality on the dataset (:func:`evaluate`: accuracy, macro-F1, OOS detection with a threshold);
-        the book's name for the step, kept for its readers."""
-        metrics, self.oos_detail = evaluate(
-            self.predictor, self.dataset, batch_size=self.batch_size, **self.oos_options
+    def compute_accuracy(self) -> Quality:
+        """The test split's quality, the book's name for the step although it measures more than accuracy
+        (:func:`measure_quality`): a :class:`Quality` of the metrics (accuracy, macro-F1, in-scope accuracy,
+        OOS recall / precision, the OOS score's AUROC / FPR95, the metrics of the threshold chosen on
+        validation) and the test OOS scores for the plot."""
+        return measure_quality(
+            self.predictor, self.test, batch_size=self.options.batch_size, validation=self.validation,
+            train=self.train, oos_score=self.options.oos_score, threshold=self.options.threshold,
         )
-        return metrics
 
     def compute_size(self) -> dict:
-        """Size of the saved weights in MB and the parameter count (:func:`compute_size`)."""
+        """Size of the saved weights in MB and bytes, and the parameter count (:func:`compute_size`)."""
         return compute_size(self.predictor)
 
     def time_pipeline(self) -> dict:
-        """Single-query latency over the first ``n_latency_queries`` texts, and batched throughput."""
-        queries = self.dataset["text"][: self.n_latency_queries]
-        stats = time_pipeline(self.predictor, queries, warmup=self.warmup, clock=self.clock)
-        stats.update(
-            time_throughput(
-                self.predictor,
-                self.dataset["text"][:512],
-                batch_size=self.throughput_batch_size,
-                clock=self.clock,
-            )
-        )
-        return stats
+        """Single-query latency (:func:`time_pipeline`: mean, std and percentiles in ms, tokenisation included)
+        over the first ``n_latency_queries`` test texts, after ``warmup`` untimed calls."""
+        queries = self.test["text"][: self.options.n_latency_queries]
+        return time_pipeline(self.predictor, queries, warmup=self.options.warmup, clock=self.options.clock)
 
-    def run_benchmark(self) -> dict[str, dict]:
-        """``{name: metrics}`` like the reference, metrics including the environment fingerprint."""
+    def time_throughput(self) -> dict:
+        """Batched throughput (:func:`time_throughput`: queries per second and the batch size) over the first
+        512 test texts in batches of ``throughput_batch_size``."""
+        return time_throughput(self.predictor, self.test["text"][:512],
+                               batch_size=self.options.throughput_batch_size, clock=self.options.clock)
+
+    def run_benchmark(self) -> BenchmarkResult:
+        """One :class:`BenchmarkResult`, ``{name: metrics}`` like the reference: quality and OOS
+        (:meth:`compute_accuracy`), size (:meth:`compute_size`), latency (:meth:`time_pipeline`), throughput
+        (:meth:`time_throughput`), the split sizes, the predictor and the environment fingerprint, with the
+        test OOS scores as ``oos_detail``. Torch's thread count is restored afterwards."""
         previous_threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
         try:
-            metrics = {**self.compute_accuracy(), **self.compute_size(), **self.time_pipeline()}
+            quality = self.compute_accuracy()
+            metrics = {**quality.metrics, **self.compute_size(), **self.time_pipeline(), **self.time_throughput()}
             metrics.update(
                 {
-                    "model_ref": self.model_ref,
-                    "test_rows": len(self.dataset),
-                    "validation_rows": len(self.oos_options["validation"] or []),
+                    "test_rows": len(self.test),
+                    "validation_rows": len(self.validation or []),
                     "predictor": self.predictor.describe(),
-                    "env": env_fingerprint(
-                        getattr(self.predictor, "device", None) and str(self.predictor.device)
-                    ),
+                    "env": env_fingerprint(getattr(self.predictor, "device", None) and str(self.predictor.device)),
                 }
             )
         finally:
             torch.set_num_threads(previous_threads)
-        return {self.name: metrics}
+        return BenchmarkResult(self.name, metrics, quality.oos_detail)
 
 
 def median_of_repeats(fn: Callable[[], object], repeats: int = 3, clock: Clock = time.perf_counter) -> dict:

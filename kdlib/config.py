@@ -10,11 +10,15 @@ papermill run, ``make run`` and a JupyterLab session get the same checks.
 
 :meth:`RunConfig.fingerprint` keys a training run by the settings that change its result plus a
 digest of the data it used; checkpoints live under that key and every result record carries it.
+
+The module stays light (neither torch nor datasets loads with it), so ``python -m kdlib.run`` and a
+notebook's first cell check their parameters before any heavy import; the run's folders are
+:mod:`kdlib.paths`, the session :mod:`kdlib.session`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import difflib
 import hashlib
 import importlib.util
@@ -22,14 +26,14 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
-from dataclasses import dataclass
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdlib.io import project_root
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -38,12 +42,6 @@ CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
-
-
-def missing_model_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a model saved by :func:`kdlib.save_model` that ``folder`` lacks (empty: it has them).
-    Scripts check this before any work, without importing torch."""
-    return [name for name in ("config.json", "model.safetensors") if not (Path(folder) / name).is_file()]
 
 
 class ConfigError(ValueError):
@@ -154,11 +152,17 @@ class RunConfig(BaseModel):
         description="OOS score: mahalanobis (distance of mean-pooled features to the nearest intent, fit on train; "
         "energy for a model without features) | energy (-logsumexp of in-scope logits) | msp (1 - max softmax)",
     )
-    threshold_rule: Literal["in_scope_accuracy", "accuracy"] = Field(
-        "in_scope_accuracy",
-        description="in_scope_accuracy: keep validation in-scope accuracy >= in_scope_target | accuracy: maximise it",
+    threshold_rule: Literal["in_scope_drop", "flag_rate", "in_scope_accuracy", "accuracy"] = Field(
+        "in_scope_drop",
+        description="how the OOS threshold is chosen on validation: in_scope_drop (give up at most in_scope_drop of "
+        "the model's own in-scope accuracy), flag_rate (flag at most flag_rate of in-scope queries), "
+        "in_scope_accuracy (keep in-scope accuracy >= in_scope_target) or accuracy (maximise it)",
     )
-    in_scope_target: Float = Field(0.95, ge=0, le=1, description="validation in-scope accuracy the threshold keeps")
+    in_scope_drop: Float = Field(
+        0.01, ge=0, le=1, description="share of its own validation in-scope accuracy a model gives up to the threshold"
+    )
+    flag_rate: Float = Field(0.05, ge=0, le=1, description="share of validation in-scope queries the threshold flags")
+    in_scope_target: Float = Field(0.95, ge=0, le=1, description="validation in-scope accuracy the absolute rule keeps")
     # 03: the comparison
     runs: list[Slug] | None = Field(None, description="runs to overlay in 03; None: [run_name]")
     baseline: Slug = Field("teacher", description="speed-up and size ratios are measured against this variant")
@@ -228,7 +232,7 @@ class RunConfig(BaseModel):
         """The run's data, as every notebook and script reads it: ``data_source`` (a relative path
         taken from ``base_dir``) loaded by :func:`kdlib.data.load_intent_data` with the run's columns,
         hold-out and duplicate options, then cut to the ``max_*_rows`` limits (:func:`kdlib.data.subsample`)."""
-        from kdlib.data import load_intent_data, subsample
+        from kdlib.data import load_intent_data, subsample  # datasets loads with the data, after the parameter check
 
         data = load_intent_data(
             self.data_source,
@@ -242,10 +246,6 @@ class RunConfig(BaseModel):
         limits = {"train": self.max_train_rows, "validation": self.max_validation_rows, "test": self.max_test_rows}
         return subsample(data, limits, seed=self.seed)
 
-    def oos_options(self) -> dict[str, Any]:
-        """The OOS keyword arguments of :class:`~kdlib.benchmark.PerformanceBenchmark`."""
-        return {name: getattr(self, name) for name in ("oos_score", "threshold_rule", "in_scope_target")}
-
 
 # Settings that change what each stage trains (the data is covered by its digest).
 TEACHER_FIELDS = ("teacher", "finetune_epochs", "finetune_learning_rate", "finetune_batch_size",
@@ -258,17 +258,6 @@ STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperatur
 # ---------------------------------------------------------------------------------------------
 # Profiles and validation
 # ---------------------------------------------------------------------------------------------
-
-
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The folder holding ``pyproject.toml`` and ``kdlib/``, found upwards from ``start`` (or the
-    working directory), so a notebook opened from ``notebooks/`` and a papermill run started at the
-    top both write to the same ``outputs/``. Falls back to the installed package's parent."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "kdlib").is_dir():
-            return folder
-    return Path(__file__).resolve().parent.parent
 
 
 def available_profiles() -> list[str]:
@@ -349,8 +338,6 @@ def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
 def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:
     """Names assigned by the parameters cell(s) this kernel ran (IPython's ``In`` history); without a
     history (a plain dict), every public name that is not a module or a function."""
-    import ast
-
     history = namespace.get("In")
     if not isinstance(history, list) or not history:
         skip = {"In", "Out", "profile"}
@@ -372,8 +359,6 @@ def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:
 
 
 def _is_module(value: Any) -> bool:
-    import types
-
     return isinstance(value, types.ModuleType)
 
 
@@ -400,198 +385,3 @@ def parameter_help() -> str:
         lines.append(f"  {name:<28} {field.default!r:<24} {field.description or ''}")
     return "\n".join(lines)
 
-
-# ---------------------------------------------------------------------------------------------
-# Paths
-# ---------------------------------------------------------------------------------------------
-
-
-def _run_folder(kind: str, *inside: str, doc: str) -> property:
-    """A :class:`RunPaths` property: ``<output_dir>/<kind>/<run_name>/<inside...>``."""
-    return property(lambda paths: paths.output_dir.joinpath(kind, paths.run_name, *inside), doc=doc)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Every path of one run, derived from ``output_dir`` and ``run_name``."""
-
-    output_dir: Path
-    run_name: str
-
-    @classmethod
-    def of(cls, output_dir: str | os.PathLike, run_name: str) -> RunPaths:
-        """The folders of run ``run_name`` under ``output_dir`` (relative: to the project root)."""
-        if not SLUG.match(run_name or ""):
-            raise ConfigError(f"run_name = {run_name!r}: must be letters, digits, '.', '_' or '-' (a folder name).")
-        out = Path(output_dir).expanduser()
-        if not out.is_absolute():
-            out = project_root() / out
-        return cls(out, run_name)
-
-    @classmethod
-    def for_config(cls, config: RunConfig) -> RunPaths:
-        """The folders of a run configuration's run."""
-        return cls.of(config.output_dir, config.run_name)
-
-    @property
-    def results_dir(self) -> Path:
-        """Parent of the per-run result folders (``results/<run>/<variant>.json``)."""
-        return self.output_dir / "results"
-
-    run_results = _run_folder("results", doc="This run's result records (``results/<run>``).")
-    models_dir = _run_folder("models", doc="This run's saved models (``models/<run>``).")
-    teacher_dir = _run_folder("models", "teacher", doc="The fine-tuned teacher 01 saves and 02 loads.")
-    student_dir = _run_folder("models", "student", doc="The distilled student 02 saves.")
-    onnx_dir = _run_folder("models", "onnx", doc="The ONNX files of the student's variants.")
-    checkpoints_dir = _run_folder("checkpoints", doc="Training checkpoints, one folder per training key (resumable).")
-    search_journal = _run_folder("checkpoints", "search.journal",
-                                 doc="The search's Optuna journal when ``search_storage`` names none.")
-    tables_dir = _run_folder("tables", doc="Markdown and CSV tables (``tables/<run>``).")
-    figures_dir = _run_folder("figures", doc="PNG figures (``figures/<run>``).")
-    notebooks_dir = _run_folder("notebooks", doc="Executed copies of the notebooks (``make run``).")
-
-    @property
-    def lock_file(self) -> Path:
-        """Held while a run writes into this run's folders: a second run is refused, not mixed in."""
-        return self.output_dir / f".{self.run_name}.lock"
-
-    def require_models(self, *names: str) -> RunPaths:
-        """Raise :class:`ConfigError` unless this run saved the models ``names`` (``teacher``,
-        ``student``): what a script that reads them checks before any work. Returns self."""
-        missing = [name for name in names if missing_model_files(self.models_dir / name)]
-        if missing:
-            raise ConfigError(
-                f"run {self.run_name!r} has no saved {' or '.join(missing)} under {self.models_dir}: run it first "
-                f"(`make run`, or notebooks 01 and 02 with run_name={self.run_name!r}), or name a run that did."
-            )
-        return self
-
-    def ensure(self) -> RunPaths:
-        """Create the run's result, model, table and figure folders; returns self."""
-        for folder in (self.run_results, self.models_dir, self.tables_dir, self.figures_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        return self
-
-
-# ---------------------------------------------------------------------------------------------
-# Session
-# ---------------------------------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a figure depends on: recorded with results and in model cards."""
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "datasets", "tokenizers", "onnxruntime")}
-
-
-def prepare_session(seed: int = 42, threads: int | None = None) -> dict[str, Any]:
-    """Seeds everywhere, the thread count, quiet library logs and readable floats: the first call
-    of every notebook. Returns the facts worth showing (seed, threads actually used, device);
-    library versions go into every result record instead, where they belong to a figure."""
-    import warnings
-
-    import datasets
-    import pandas as pd
-    import torch
-    import transformers
-
-    # Harmless on a CPU, but it would print at every training run.
-    warnings.filterwarnings("ignore", message=".*pin_memory.*")
-    # A warning reads "DuplicateTextWarning: ..." in a notebook, without the machine's file paths.
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
-    if threads:
-        torch.set_num_threads(int(threads))
-    transformers.set_seed(seed)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # download / shard-writing bars (not the Trainer's)
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    # Four significant digits: what a reader needs, and what stays the same across CPU families.
-    pd.set_option("display.float_format", "{:.4g}".format)
-    # One line per row in plain text (no wrapped column blocks): a row is recognisable by its name.
-    pd.set_option("display.expand_frame_repr", False)
-    from kdlib.models import pick_device
-
-    return {"seed": seed, "threads": torch.get_num_threads(), "device": str(pick_device())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing outputs: every file and folder kdlib writes goes through atomic_path
-# ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: bool = False):
-    """A temporary path beside ``path`` (a file, or a folder with ``directory=True``) that replaces
-    ``path`` only if the block succeeds.
-
-    For every writer in kdlib: records, tables, figures, ONNX files and saved models. On any error
-    the temporary path is removed and ``path`` keeps its earlier content. The temporary file or
-    folder is created with ``O_EXCL`` / ``mkdir`` and the default modes, so the process umask gives
-    it the usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed
-    over a non-empty one, so the old one steps aside first and is put back if the swap fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
-    if directory:
-        tmp.mkdir()
-    else:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        yield tmp
-        if directory:
-            _normal_modes(tmp)
-            _swap_dir(tmp, path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if directory:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-
-
-def _normal_modes(folder: Path) -> None:
-    """Give every file a writer left in ``folder`` the mode a new file gets here (some libraries
-    write through mkstemp, whose 0600 would otherwise survive), read off a fresh file, not the umask."""
-    probe = folder / f".probe.{uuid.uuid4().hex[:8]}"
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = probe.stat().st_mode & 0o777
-    probe.unlink()
-    for file in folder.rglob("*"):
-        if file.is_file():
-            file.chmod(mode)
-
-
-def _swap_dir(new: Path, target: Path) -> None:
-    backup = target.with_name(f".{target.name}.old") if target.exists() else None
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, target)  # put the previous one back (target is free again)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``."""
-    encoding = {} if "b" in mode else {"encoding": "utf-8"}
-    with atomic_path(path) as tmp, open(tmp, mode, **encoding) as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
-    return Path(path)

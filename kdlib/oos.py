@@ -28,14 +28,19 @@ model's own detector, already used by the argmax):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
+from sklearn.covariance import EmpiricalCovariance
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from kdlib.config import RunConfig
+from kdlib.metrics import classification_metrics
 
 OOS_SCORES = ("msp", "energy", "mahalanobis")
 FEATURE_SCORE = "mahalanobis"  # the score that needs features and a training split
 FALLBACK_SCORE = "energy"  # what a variant without features is scored by instead
-THRESHOLD_RULES = ("in_scope_accuracy", "accuracy")
 NOT_APPLICABLE = "n/a"  # how tables show OOS figures of data without an OOS label
 
 # The keys every benchmark record carries (None when the data has no OOS label).
@@ -77,8 +82,6 @@ class MahalanobisScore:
     """
 
     def __init__(self, features: np.ndarray, labels: Sequence[int], oos_index: int | None = None) -> None:
-        from sklearn.covariance import EmpiricalCovariance
-
         features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
         if features.ndim != 2 or len(features) != len(labels):
             raise ValueError(
@@ -104,8 +107,6 @@ class MahalanobisScore:
 
 def detection_metrics(scores: np.ndarray, is_oos: np.ndarray) -> dict[str, float]:
     """AUROC of OOS vs in-scope, and FPR95: the share of in-scope queries flagged at 95 % OOS recall."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     is_oos = np.asarray(is_oos, dtype=bool)
     if is_oos.all() or not is_oos.any():
         raise ValueError("detection_metrics needs both OOS and in-scope queries.")
@@ -124,59 +125,142 @@ def apply_threshold(predicted: np.ndarray, scores: np.ndarray, threshold: float 
     return predicted
 
 
+THRESHOLD_RULES = ("in_scope_drop", "flag_rate", "in_scope_accuracy", "accuracy")
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the threshold is chosen on validation, and the one setting each rule reads.
+
+    * ``in_scope_drop`` (relative to the model): flag as many queries as possible while giving up at
+      most ``in_scope_drop`` of the model's **own** validation in-scope accuracy (0.01: one point).
+      Every variant pays the same in-scope price, so their OOS recalls compare fairly, and a model
+      whose in-scope accuracy is low still gets a threshold.
+    * ``flag_rate`` (relative to the model): flag at most ``flag_rate`` of the validation in-scope
+      queries (a target false-positive rate).
+    * ``in_scope_accuracy`` (absolute): keep validation in-scope accuracy at or above
+      ``in_scope_target``; a model already below the target gets no threshold.
+    * ``accuracy``: maximise validation accuracy (it depends on the validation split's OOS share).
+    """
+
+    name: str = RunConfig.model_fields["threshold_rule"].default
+    in_scope_drop: float = RunConfig.model_fields["in_scope_drop"].default
+    flag_rate: float = RunConfig.model_fields["flag_rate"].default
+    in_scope_target: float = RunConfig.model_fields["in_scope_target"].default
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ThresholdRule:
+        """The rule a run's parameters ask for."""
+        return cls(config.threshold_rule, config.in_scope_drop, config.flag_rate, config.in_scope_target)
+
+    def __post_init__(self) -> None:
+        if self.name not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {self.name!r}.")
+        for setting in ("in_scope_drop", "flag_rate", "in_scope_target"):
+            value = getattr(self, setting)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{setting} must be a number in [0, 1], got {value!r}.")
+
+    @property
+    def setting(self) -> str | None:
+        """The run parameter this rule reads (None for ``accuracy``)."""
+        return {"in_scope_drop": "in_scope_drop", "flag_rate": "flag_rate",
+                "in_scope_accuracy": "in_scope_target"}.get(self.name)
+
+    def describe(self) -> str:
+        """The rule in words, for records and tables."""
+        if self.name == "in_scope_drop":
+            return f"validation in-scope accuracy at most {100 * self.in_scope_drop:g} points below the model's own"
+        if self.name == "flag_rate":
+            return f"at most {100 * self.flag_rate:g} % of validation in-scope queries flagged"
+        if self.name == "in_scope_accuracy":
+            return f"validation in-scope accuracy >= {self.in_scope_target:g}"
+        return "max validation accuracy"
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold chosen on validation (None: flag nothing), the rule in words and, when the rule
+    admits no threshold, why and which parameter to change."""
+
+    threshold: float | None
+    rule: str
+    missed: str | None = None
+
+
+def oos_options(config: RunConfig) -> dict:
+    """The OOS keyword arguments of :func:`~kdlib.benchmark.measure_quality` for a run: its score and its
+    threshold rule (:meth:`kdlib.benchmark.BenchmarkOptions.from_config` holds them for the benchmark)."""
+    return {"oos_score": config.oos_score, "threshold": ThresholdRule.from_config(config)}
+
+
 def choose_threshold(
-    scores: np.ndarray,
-    predicted: np.ndarray,
-    gold: np.ndarray,
-    oos_index: int,
-    *,
-    rule: str = "in_scope_accuracy",
-    in_scope_target: float = 0.95,
-) -> float | None:
+    scores: np.ndarray, predicted: np.ndarray, gold: np.ndarray, oos_index: int, rule: ThresholdRule | None = None
+) -> ThresholdChoice:
     """The threshold, from one split's scores, predictions and gold labels (pass **validation**).
 
-    ``rule="in_scope_accuracy"``: the lowest threshold (most queries flagged) that keeps in-scope
-    accuracy at or above ``in_scope_target``; ``"accuracy"``: the one maximising overall accuracy.
-    None means flag nothing (the target is not met even then).
+    Flagging the ``k`` highest-scoring queries turns them into ``oos``: flagged in-scope queries
+    that were right become wrong, flagged OOS queries that were wrong become right. The rule picks
+    the largest ``k`` it allows (``accuracy``: the best ``k``); cuts fall only between different
+    scores, so equal scores are flagged together.
     """
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}.")
-    if not 0.0 <= in_scope_target <= 1.0:
-        raise ValueError(f"in_scope_target must be in [0, 1], got {in_scope_target!r}.")
+    rule = rule or ThresholdRule()
     scores, predicted, gold = (np.asarray(a) for a in (scores, predicted, gold))
     order = np.argsort(-scores, kind="stable")  # flagging the first k of this order
     scores, predicted, gold = scores[order], predicted[order], gold[order]
     in_scope = gold != oos_index
     correct = predicted == gold
-    # After flagging the first k queries: in-scope ones flagged become wrong, OOS ones right.
-    zero = np.zeros(1)
-    in_scope_lost = np.concatenate([zero, np.cumsum(in_scope & correct)])
+    n_in_scope = max(int(in_scope.sum()), 1)
+    zero = np.zeros(1, dtype=np.int64)
+    in_scope_lost = np.concatenate([zero, np.cumsum(in_scope & correct)])  # after flagging the first k
     oos_gained = np.concatenate([zero, np.cumsum(~in_scope & ~correct)])
-    in_scope_accuracy = (np.sum(in_scope & correct) - in_scope_lost) / max(int(in_scope.sum()), 1)
-    accuracy = (correct.sum() - in_scope_lost + oos_gained) / len(gold)
-    # Only cut between different scores: equal scores are flagged together.
+    in_scope_flagged = np.concatenate([zero, np.cumsum(in_scope)])
+    own = int(np.sum(in_scope & correct)) / n_in_scope
     cuts = np.concatenate([[0], np.flatnonzero(np.diff(scores) != 0) + 1, [len(scores)]])
-    if rule == "accuracy":
+    if rule.name == "accuracy":
+        accuracy = (correct.sum() - in_scope_lost + oos_gained) / len(gold)
         k = int(cuts[np.argmax(accuracy[cuts])])
+        missed = None if k else "no threshold raises validation accuracy, so none is applied"
+        return ThresholdChoice(None if k == 0 else float(scores[k - 1]), rule.describe(), missed)
+    # Counts, not rounded fractions: "at most 1 point of 3,000 queries" allows exactly 30 of them.
+    slack = 1e-9 * n_in_scope
+    if rule.name == "in_scope_drop":
+        allowed = in_scope_lost[cuts] <= rule.in_scope_drop * n_in_scope + slack
+    elif rule.name == "flag_rate":
+        allowed = in_scope_flagged[cuts] <= rule.flag_rate * n_in_scope + slack
     else:
-        allowed = cuts[in_scope_accuracy[cuts] >= in_scope_target]
-        k = int(allowed.max()) if allowed.size else 0
-    return None if k == 0 else float(scores[k - 1])
+        allowed = (int(np.sum(in_scope & correct)) - in_scope_lost[cuts]) >= rule.in_scope_target * n_in_scope - slack
+    k = int(cuts[allowed].max()) if allowed.any() else 0
+    if k:
+        return ThresholdChoice(float(scores[k - 1]), rule.describe(), None)
+    return ThresholdChoice(None, rule.describe(), _why_none(rule, own, cuts, in_scope_lost, in_scope_flagged,
+                                                           n_in_scope))
 
 
-def describe_rule(rule: str, in_scope_target: float) -> str:
-    """How the threshold was chosen, in words, for records and tables."""
-    if rule == "accuracy":
-        return "max validation accuracy"
-    return f"validation in-scope accuracy >= {in_scope_target:g}"
+def _why_none(rule: ThresholdRule, own: float, cuts, in_scope_lost, in_scope_flagged, n_in_scope: int) -> str:
+    """Which rule admits no threshold, by how much, and the parameter to change."""
+    first = int(cuts[1]) if len(cuts) > 1 else 0  # the smallest cut that flags anything
+    if rule.name == "in_scope_accuracy" and own < rule.in_scope_target:
+        return (f"the model's own validation in-scope accuracy, {own:.4f}, is already below in_scope_target = "
+                f"{rule.in_scope_target:g}, so no threshold can keep it: lower in_scope_target, or use "
+                "threshold_rule = 'in_scope_drop' (relative to the model)")
+    if rule.name == "flag_rate":
+        needed = in_scope_flagged[first] / n_in_scope
+        return (f"flagging even the highest-scoring queries flags {100 * needed:.2f} % of validation in-scope "
+                f"queries, more than flag_rate = {rule.flag_rate:g}: raise flag_rate")
+    lost = in_scope_lost[first] / n_in_scope
+    if rule.name == "in_scope_drop":
+        return (f"flagging even the highest-scoring queries costs {100 * lost:.2f} points of validation in-scope "
+                f"accuracy, more than in_scope_drop = {rule.in_scope_drop:g}: raise in_scope_drop")
+    return (f"flagging even the highest-scoring queries brings validation in-scope accuracy to {own - lost:.4f}, "
+            f"below in_scope_target = {rule.in_scope_target:g}: lower in_scope_target, or use "
+            "threshold_rule = 'in_scope_drop'")
 
 
 def threshold_metrics(
     scores: np.ndarray, predicted: np.ndarray, gold: Sequence[int], oos_index: int, threshold: float
 ) -> dict[str, float]:
     """The ``threshold_*`` keys of :data:`OOS_KEYS`: the metrics once ``threshold`` is applied."""
-    from kdlib.benchmark import classification_metrics
-
     found = classification_metrics(
         np.asarray(gold), apply_threshold(predicted, scores, threshold, oos_index), oos_label=oos_index
     )

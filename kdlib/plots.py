@@ -1,4 +1,5 @@
-"""Figures of the study: accuracy vs latency, training curves and a teacher's soft targets.
+"""Figures of the study: accuracy vs latency, training curves, a teacher's soft targets, one layer's
+weights, OOS scores and the search's trials. Each draws one idea.
 
 Every function builds its own :class:`~matplotlib.figure.Figure` (no global ``pyplot`` state, no
 ``plt.show()``), so it works headless (Agg, papermill, CI) and displays in a notebook when the
@@ -26,10 +27,17 @@ from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from kdlib.config import atomic_open
+from kdlib.io import atomic_open
+from kdlib.recommend import pareto_front
 
 LATENCY_LABEL = "Average latency (ms)"
 ACCURACY_LABEL = "Accuracy (%)"
+AXIS_LABELS = {  # the columns plot_metrics can draw, as its axes name them
+    "time_avg_ms": LATENCY_LABEL,
+    "time_p50_ms": "Median latency, p50 (ms)",
+    "accuracy": ACCURACY_LABEL,
+    "threshold_accuracy": "Accuracy with the OOS threshold (%)",
+}
 PARETO_LABEL = "Pareto front"
 
 # One marker shape per run, one colour per variant: overlaid runs stay readable in print.
@@ -39,7 +47,6 @@ MAX_BUBBLE_AREA = 1500.0  # points**2 of the largest model's bubble
 LEGEND_MARKER_AREA = 60.0  # uniform legend markers: bubble sizes would make them huge
 PNG_DPI = 150
 
-_METRIC_COLUMNS = ("variant", "accuracy", "time_avg_ms", "size_mb")
 
 
 def new_figure(**kwargs) -> Figure:
@@ -91,29 +98,10 @@ def save_figure(fig: Figure, out_stem: str | os.PathLike) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows no other row beats: none is both faster and at least as accurate. Sorted by latency.
-
-    These are the only variants worth deploying: each one is the most accurate at its speed. A
-    row is also beaten by one exactly as fast and more accurate; exact duplicates both stay.
-    Compare rows of one run only; latencies from different runs (machines) are not comparable.
-    """
-    missing = [c for c in ("accuracy", "time_avg_ms") if c not in table.columns]
-    if missing:
-        raise ValueError(f"pareto_front needs columns {missing} (a comparison_table()).")
-    rows = table.dropna(subset=["accuracy", "time_avg_ms"])
-    time = rows["time_avg_ms"].astype(float).to_numpy()
-    acc = rows["accuracy"].astype(float).to_numpy()
-    # dominated[i]: some j with time_j <= time_i and acc_j >= acc_i, strictly better in one of them.
-    no_worse = (time[None, :] <= time[:, None]) & (acc[None, :] >= acc[:, None])
-    better = (time[None, :] < time[:, None]) | (acc[None, :] > acc[:, None])
-    dominated = (no_worse & better).any(axis=1)
-    front = rows[~dominated]
-    return front.sort_values(["time_avg_ms", "accuracy"], ascending=[True, False], kind="stable")
-
-
-def _check_metric_table(table: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in _METRIC_COLUMNS if c not in table.columns]
+def _check_metric_table(
+    table: pd.DataFrame, accuracy: str = "accuracy", latency: str = "time_avg_ms"
+) -> pd.DataFrame:
+    missing = [c for c in ("variant", accuracy, latency, "size_mb") if c not in table.columns]
     if missing:
         raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.report.comparison_table().")
     table = table.copy()
@@ -121,9 +109,9 @@ def _check_metric_table(table: pd.DataFrame) -> pd.DataFrame:
         table["run"] = ""
     table["run"] = table["run"].fillna("").astype(str)
     table["variant"] = table["variant"].astype(str)
-    for column in ("accuracy", "time_avg_ms", "size_mb"):
+    for column in (accuracy, latency, "size_mb"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    return table.dropna(subset=["accuracy", "time_avg_ms"]).reset_index(drop=True)
+    return table.dropna(subset=[accuracy, latency]).reset_index(drop=True)
 
 
 def _bubble_areas(sizes: pd.Series, scale: float) -> np.ndarray:
@@ -137,9 +125,15 @@ def plot_metrics(
     *,
     out_stem: str | os.PathLike | None = None,
     runs_as_markers: bool = True,
+    accuracy: str = "accuracy",
+    latency: str = "time_avg_ms",
 ) -> Figure:
-    """Accuracy (%) against mean latency, bubble area proportional to model size.
+    """Accuracy (%) against latency, bubble area proportional to model size.
 
+    ``accuracy`` and ``latency`` name the table's columns on the axes: the book's plain accuracy
+    against mean latency by default; notebook 03 draws the recommendation's own axes
+    (:func:`kdlib.recommend.recommendation`: accuracy with the OOS threshold against p50), so the
+    front and the highlighted bubble are the ones the rule reads.
     One point per (run, variant): each variant has its own colour and, when ``runs_as_markers``,
     each run its own marker shape. ``highlight`` (a variant name) is drawn filled, on top, with a
     thick black outline and its name beside it (the reference's unfilled dashed circle vanished
@@ -147,9 +141,9 @@ def plot_metrics(
     accuracy reachable within a given latency. The legend, right of the axes, ends with a key of
     bubble sizes in MB.
     """
-    table = _check_metric_table(table)
+    table = _check_metric_table(table, accuracy, latency)
     if table.empty:
-        raise ValueError("plot_metrics: no row has both an accuracy and a latency.")
+        raise ValueError(f"plot_metrics: no row has both {accuracy} and {latency}.")
     variants = list(dict.fromkeys(table["variant"]))
     runs = list(dict.fromkeys(table["run"]))
     if highlight is not None and highlight not in variants:
@@ -169,18 +163,18 @@ def plot_metrics(
         style = {"marker": marker_of[run], "s": _bubble_areas(rows["size_mb"], scale), "label": label}
         if variant == highlight:
             style.update(color=colour_of[variant], alpha=0.9, edgecolors="black", linewidths=2.0, zorder=3)
-            for x, y in zip(rows["time_avg_ms"], rows["accuracy"] * 100, strict=True):
+            for x, y in zip(rows[latency], rows[accuracy] * 100, strict=True):
                 ax.annotate(variant, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold")
         else:
             style.update(color=colour_of[variant], alpha=0.5, edgecolors="none", zorder=2)
-        ax.scatter(rows["time_avg_ms"], rows["accuracy"] * 100, **style)
+        ax.scatter(rows[latency], rows[accuracy] * 100, **style)
 
     for i, run in enumerate(runs):
-        front = pareto_front(table[table["run"] == run])
+        front = pareto_front(table[table["run"] == run], accuracy, latency)
         label = f"{PARETO_LABEL} ({run})" if several_runs else PARETO_LABEL
         ax.step(
-            front["time_avg_ms"],
-            front["accuracy"] * 100,
+            front[latency],
+            front[accuracy] * 100,
             where="post",
             color="0.35",
             linewidth=1,
@@ -189,8 +183,8 @@ def plot_metrics(
             zorder=0,
         )
 
-    ax.set_xlabel(LATENCY_LABEL)
-    ax.set_ylabel(ACCURACY_LABEL)
+    ax.set_xlabel(AXIS_LABELS.get(latency, latency))
+    ax.set_ylabel(AXIS_LABELS.get(accuracy, accuracy))
     ax.margins(0.15)
     ax.grid(True, alpha=0.3)
     _outside_legend(ax)
@@ -295,12 +289,14 @@ def plot_soft_targets(
     query: str | None = None,
     out_stem: str | os.PathLike | None = None,
 ) -> Figure:
-    """The teacher's class probabilities for one query, at T = 1 and at higher temperatures.
+    """The teacher's top classes for one query at several temperatures, probabilities on a log axis.
 
     At T = 1 nearly all mass sits on one class; dividing the logits by T > 1 spreads it over the
-    classes the teacher finds similar. That "dark knowledge" is what the student learns from.
-    Shows the ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not given), one
-    group of bars per class and one bar series per temperature.
+    classes the teacher finds similar. That "dark knowledge" is what the student learns from. On a
+    linear axis everything after the top class looks like zero; the log axis shows the order the
+    teacher gives the runners-up (the intents it finds closest to the query) and how a higher T
+    lifts them. Shows the ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not
+    given), one group of bars per class and one bar series per temperature.
     """
     if not probs_by_temperature:
         raise ValueError("plot_soft_targets needs at least one temperature.")
@@ -317,8 +313,10 @@ def plot_soft_targets(
     for j, t in enumerate(temperatures):
         ax.bar(x + (j - (len(temperatures) - 1) / 2) * width, probs[t][order], width, label=f"T = {t:g}")
     ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_ylabel("Probability")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("Probability (log scale)")
+    ax.set_yscale("log")
+    lowest = min(float(probs[t][order].min()) for t in temperatures)
+    ax.set_ylim(max(lowest / 2, 1e-12), 1.5)
     title = "Teacher's soft targets"
     if query:
         shown = query if len(query) <= 60 else query[:57] + "..."
@@ -326,7 +324,43 @@ def plot_soft_targets(
     ax.set_title(title)
     ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
     ax.legend()
-    ax.grid(True, axis="y", alpha=0.3)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantisation, by hand
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_weight_histogram(
+    weights: np.ndarray, *, name: str | None = None, scale: float | None = None, zero_point: int | None = None,
+    out_stem: str | os.PathLike | None = None,
+) -> Figure:
+    """The values of one layer's fp32 weights, with the range int8 maps onto 256 levels.
+
+    The weights of a trained layer sit in a narrow band around zero: 256 evenly spaced levels
+    between their minimum and maximum lose little, which is why 8 bits are enough. With ``scale``
+    and ``zero_point`` (:func:`kdlib.quantize.quantize_by_hand`) the two ends of the int8 range,
+    ``(-128 - zero_point) * scale`` and ``(127 - zero_point) * scale``, are marked.
+    """
+    values = np.asarray(weights, dtype=float).ravel()
+    if values.size == 0:
+        raise ValueError("plot_weight_histogram needs at least one weight.")
+    fig = new_figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    ax.hist(values, bins=250, color="C0", alpha=0.8)
+    if scale is not None and zero_point is not None:
+        for end in (-128, 127):
+            ax.axvline((end - zero_point) * scale, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"int8 {end}", ((end - zero_point) * scale, 1), xycoords=("data", "axes fraction"),
+                        xytext=(4, -14), textcoords="offset points")
+    ax.set_xlabel("weight value" + (f" ({name})" if name else ""))
+    ax.set_ylabel("weights")
+    ax.set_title(f"{values.size:,} fp32 weights of one layer")
+    ax.grid(True, alpha=0.3)
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig
@@ -345,14 +379,18 @@ def _not_applicable(ax: Axes) -> None:
 SCORE_NAMES = {
     "energy": "Energy score (-logsumexp of the in-scope logits)",
     "msp": "1 - max softmax probability",
-    "mahalanobis": "Squared Mahalanobis distance to the nearest intent (log scale)",
+    "mahalanobis": "Squared Mahalanobis distance to the nearest intent",
 }
 
 
 def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
     """Histograms of the OOS score for in-scope and out-of-scope test queries, the threshold marked.
 
-    ``detail`` is :attr:`PerformanceBenchmark.oos_detail`; None (data without an OOS label) gives
+    The bars count queries (not densities), so the two groups keep their real sizes: CLINC150's
+    test split holds 4,500 in-scope and 1,000 OOS queries. Mahalanobis distances have a long right
+    tail and are drawn as log10(score) on evenly spaced bins; the other scores on their own scale.
+    ``detail`` is the ``oos_detail`` of :meth:`PerformanceBenchmark.run_benchmark`'s result; None (data
+    without an OOS label) gives
     a figure saying that OOS detection does not apply, not an error.
     """
     fig = new_figure(figsize=(8, 4))
@@ -360,17 +398,21 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
     if detail is None:
         _not_applicable(ax)
     else:
-        scores, is_oos = np.asarray(detail["scores"]), np.asarray(detail["is_oos"], dtype=bool)
+        scores, is_oos = np.asarray(detail["scores"], dtype=float), np.asarray(detail["is_oos"], dtype=bool)
+        threshold = detail.get("threshold")
+        name = SCORE_NAMES.get(detail.get("method"), "OOS score")
+        positive = scores.min() > 0 and (threshold is None or threshold > 0)
+        if detail.get("method") == "mahalanobis" and positive:  # distances: a long right tail
+            scores = np.log10(scores)
+            threshold = None if threshold is None else float(np.log10(threshold))
+            name = f"log10 of the {name[0].lower()}{name[1:]}"
         bins = np.histogram_bin_edges(scores, bins=50)
-        if detail.get("method") == "mahalanobis" and scores.min() > 0:  # distances: a long right tail
-            bins = np.geomspace(scores.min(), scores.max(), 51)
-            ax.set_xscale("log")
-        ax.hist(scores[~is_oos], bins=bins, alpha=0.6, density=True, label=f"in scope ({(~is_oos).sum():,})")
-        ax.hist(scores[is_oos], bins=bins, alpha=0.6, density=True, label=f"out of scope ({is_oos.sum():,})")
-        if detail.get("threshold") is not None:
-            ax.axvline(detail["threshold"], color="black", linestyle="--", label="threshold (from validation)")
-        ax.set_xlabel(SCORE_NAMES.get(detail.get("method"), "OOS score") + "; higher = more out of scope")
-        ax.set_ylabel("Density")
+        ax.hist(scores[~is_oos], bins=bins, alpha=0.6, label=f"in scope ({(~is_oos).sum():,})")
+        ax.hist(scores[is_oos], bins=bins, alpha=0.6, label=f"out of scope ({is_oos.sum():,})")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", label="threshold (from validation)")
+        ax.set_xlabel(name + "; higher = more out of scope")
+        ax.set_ylabel("Test queries")
         ax.legend()
         ax.grid(True, alpha=0.3)
     if out_stem is not None:
@@ -417,28 +459,34 @@ def plot_oos_vs_latency(
     return fig
 
 
-def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
+def finished_latency_trials(trials: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The finished trials of an accuracy + latency search (:func:`kdlib.search.search_trials`), or None
+    when the run has none to show (no search, or a search of accuracy alone)."""
+    if trials is None or "latency_ms" not in trials or "state" not in trials:
+        return None
+    done = trials[trials["state"] == "COMPLETE"]
+    return None if done.empty else done
+
+
+def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | None = None) -> Figure | None:
     """Each finished search trial's validation accuracy against its measured latency, coloured by the
     student's depth, with the Pareto front joined (:func:`kdlib.search.search_trials`). Without an
-    accuracy + latency search the panel says so instead of drawing an empty plot."""
+    accuracy + latency search there is nothing to draw: None, so a notebook shows no empty panel."""
+    done = finished_latency_trials(trials)
+    if done is None:
+        return None
     fig = new_figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    done = None if trials is None or "latency_ms" not in trials else trials[trials["state"] == "COMPLETE"]
-    if done is None or done.empty:
-        ax.text(0.5, 0.5, "no accuracy + latency search in this run\n(n_trials > 0 with search_latency = True)",
-                ha="center", va="center", transform=ax.transAxes, color="grey")
-        ax.set_axis_off()
-    else:
-        depth = done["student_layers"] if "student_layers" in done else pd.Series(0, index=done.index)
-        points = ax.scatter(done["latency_ms"], done["accuracy"] * 100, c=depth, cmap="viridis", s=60, zorder=3)
-        if "student_layers" in done:
-            fig.colorbar(points, ax=ax, label="student layers", ticks=sorted(depth.unique()))  # whole layers only
-        front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
-        ax.plot(front["latency_ms"], front["accuracy"] * 100, "--", color="black", label="Pareto front", zorder=2)
-        ax.set_xlabel("student latency, one query (ms)")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
+    depth = done["student_layers"] if "student_layers" in done else pd.Series(0, index=done.index)
+    points = ax.scatter(done["latency_ms"], done["accuracy"] * 100, c=depth, cmap="viridis", s=60, zorder=3)
+    if "student_layers" in done:
+        fig.colorbar(points, ax=ax, label="student layers", ticks=sorted(depth.unique()))  # whole layers only
+    front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
+    ax.plot(front["latency_ms"], front["accuracy"] * 100, "--", color="black", label="Pareto front", zorder=2)
+    ax.set_xlabel("student latency, one query (ms)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig

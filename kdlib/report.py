@@ -1,7 +1,7 @@
 """Reports of a run: result records on disk, the comparison table built from them, the model card.
 
 One JSON record per (run, variant) lives at ``<results_dir>/<run>/<variant>.json``, written
-atomically (:func:`kdlib.config.atomic_path`), so a crash mid-write keeps the previous record whole;
+atomically (:func:`kdlib.io.atomic_path`), so a crash mid-write keeps the previous record whole;
 a new run gets its own folder and never touches another run's.
 
 The Hugging Face model card (``README.md``) of a trained student or fine-tuned teacher is built
@@ -17,15 +17,17 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from kdlib.config import atomic_write_text, library_versions
+from kdlib.data import EMBEDDED_SOURCE
+from kdlib.io import atomic_write_text, project_root
 from kdlib.oos import NOT_APPLICABLE, OOS_KEYS
+from kdlib.session import library_versions
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -84,8 +86,6 @@ def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
 
 def portable_ref(ref: str | None) -> str | None:
     """A model path inside the project, relative to it (records are committed and shared)."""
-    from kdlib.config import project_root
-
     if not ref or not os.path.isabs(ref):
         return ref
     try:
@@ -99,8 +99,9 @@ def save_record(
 ) -> Path:
     """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``.
 
-    ``identity`` (``fingerprint``, ``weights_digest``, ``teacher_weights_digest``) says which model
-    the figures belong to, so that :func:`check_lineage` can refuse records of different runs.
+    ``identity`` (``model_ref``: where the model came from, stored relative to the project when inside it;
+    ``fingerprint``, ``weights_digest``, ``teacher_weights_digest``) says which model the figures belong to,
+    so that :func:`check_lineage` can refuse records of different runs.
     """
     record = {**_json_safe(metrics), **identity, "run": run, "variant": variant}
     if "model_ref" in record:
@@ -110,9 +111,10 @@ def save_record(
 
 
 def save_benchmark(
-    results_dir: str | os.PathLike, run: str, result: dict[str, dict], **identity: str | None
+    results_dir: str | os.PathLike, run: str, result: Mapping[str, dict], **identity: str | None
 ) -> list[Path]:
-    """Save every ``{variant: metrics}`` entry of a ``PerformanceBenchmark.run_benchmark()`` result."""
+    """Save every ``{variant: metrics}`` entry of a ``PerformanceBenchmark.run_benchmark()`` result (or of a
+    dict of several), each with the ``identity`` fields of :func:`save_record` (``model_ref=``, ...)."""
     return [save_record(results_dir, run, variant, metrics, **identity) for variant, metrics in result.items()]
 
 
@@ -265,7 +267,7 @@ SPEED_COLUMNS = [
 ]
 
 
-def summary_frame(result: dict[str, dict], kind: str = "quality") -> pd.DataFrame:
+def summary_frame(result: Mapping[str, dict], kind: str = "quality") -> pd.DataFrame:
     """A one-row-per-variant view of ``run_benchmark()`` results (or records) for display:
     ``kind="quality"`` (:data:`QUALITY_COLUMNS`, deterministic for a fixed model and data) or
     ``"speed"`` (:data:`SPEED_COLUMNS`, which vary from run to run and machine to machine)."""
@@ -345,8 +347,6 @@ def card_dataset(source: str, *, base_dir: str | os.PathLike | None = None) -> C
     """Name the data actually loaded (a resolved ``data_source``): a Hub id, a CLINC150 release file
     (the embedded one included) or the user's own folder; never a dataset that was not used.
     Relative paths are taken from ``base_dir`` (default: the working directory), as when loading."""
-    from kdlib.data import EMBEDDED_SOURCE
-
     if source == EMBEDDED_SOURCE:
         return CardDataset("CLINC150 plus (release file data_oos_plus.json, embedded in kdlib)", "clinc150", "plus")
     path = Path(base_dir or Path.cwd()) / Path(source).expanduser()
@@ -362,6 +362,7 @@ def card_dataset(source: str, *, base_dir: str | os.PathLike | None = None) -> C
 
 def base_model_id(ref: str | os.PathLike | None) -> str | None:
     """The Hub id a model reference stands for, or None for local folders and in-code tiny models."""
+    # models loads torch, and notebook 03 imports report before its parameter check
     from kdlib.models import MINILM_ALIASES, TINY_REFS
 
     ref = None if ref is None else str(ref)
@@ -374,20 +375,17 @@ def base_model_id(ref: str | os.PathLike | None) -> str | None:
 
 def training_hyperparameters(result) -> dict:
     """The hyperparameters of a training run (a :class:`kdlib.train.TrainResult`) as the Trainer used
-    them: its ``TrainingArguments``, and the distillation loss's alpha and temperature."""
-    args = result.trainer.args
+    them (``transformers.modelcard.extract_hyperparameters_from_trainer``: the lines of a Hugging Face
+    model card), and the distillation loss's alpha and temperature."""
+    # transformers.modelcard imports torch, which the records and tables of this module do not need
+    from transformers.modelcard import extract_hyperparameters_from_trainer
+
     return {
-        "learning_rate": args.learning_rate,
-        "train_batch_size": args.per_device_train_batch_size,
-        "eval_batch_size": args.per_device_eval_batch_size,
-        "seed": args.seed,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "optimizer": optimizer_description(args),
-        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-        "lr_scheduler_warmup": args.warmup_steps,
-        "num_epochs": args.num_train_epochs,
-        "alpha": result.config.alpha,
-        "temperature": result.config.temperature,
+        **extract_hyperparameters_from_trainer(result.trainer),
+        # the library's optimizer line leaves out weight_decay, which kdlib's training arguments set
+        "optimizer": optimizer_description(result.trainer.args),
+        "alpha": result.trainer.args.alpha,
+        "temperature": result.trainer.args.temperature,
     }
 
 
@@ -399,13 +397,21 @@ def optimizer_description(args) -> str:
             f"and weight_decay={args.weight_decay}")
 
 
+@dataclass(frozen=True)
+class CardTraining:
+    """How a model was trained, as its card shows it: the hyperparameter lines
+    (:func:`training_hyperparameters`) and the per-epoch table (a ``TrainResult.epoch_table``)."""
+
+    hyperparameters: dict
+    epoch_table: pd.DataFrame
+
+
 def build_model_card(
     *,
     model_name: str,
     dataset: CardDataset,
     description: str,
-    hyperparameters: dict,
-    epoch_table: pd.DataFrame,
+    training: CardTraining,
     test_metrics: dict[str, float],
     base_model: str | None = None,
     teacher: str | None = None,
@@ -441,12 +447,17 @@ def build_model_card(
         dataset_text=dataset.name + (f" (config {dataset.config})" if dataset.config and dataset.hub_id else ""),
         results="\n".join(f"- {METRIC_NAMES.get(k, k)}: {v:.4f}" for k, v in test_metrics.items()),
         description=description.strip(),
-        hyperparameters="\n".join(f"- {key}: {value}" for key, value in hyperparameters.items()),
-        epoch_table=to_markdown(epoch_table),
+        hyperparameters="\n".join(f"- {key}: {value}" for key, value in training.hyperparameters.items()),
+        epoch_table=to_markdown(training.epoch_table),
         versions="\n".join(f"- {name} {version}" for name, version in library_versions().items()),
     )
 
 
-def write_model_card(out_dir: str | os.PathLike, **card) -> Path:
-    """Write ``README.md`` (the model card) into a saved model directory, atomically."""
-    return atomic_write_text(Path(out_dir) / "README.md", str(build_model_card(**card)))
+def write_model_card(out_dir: str | os.PathLike, *, hyperparameters: dict, epoch_table: pd.DataFrame, **card) -> Path:
+    """Write ``README.md`` (the model card) into a saved model directory, atomically; returns its path.
+
+    The notebooks' entry point: ``hyperparameters`` and ``epoch_table`` are the card's
+    :class:`CardTraining`, ``card`` the other keywords of :func:`build_model_card`.
+    """
+    built = build_model_card(training=CardTraining(hyperparameters, epoch_table), **card)
+    return atomic_write_text(Path(out_dir) / "README.md", str(built))

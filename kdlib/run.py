@@ -5,7 +5,10 @@
     python -m kdlib.run -p epochs 2 -p alpha 0.7    # override parameters
     python -m kdlib.run --help-params               # every parameter, its default and meaning
 
-The parameters are validated before anything runs (kdlib.config). Relative paths given with
+The parameters are validated (kdlib.config), then :func:`check_run` checks what can be known before
+any work (``output_dir`` can be written, the data has at least two labels, ``keep_layers`` fits the
+teacher's depth); a refusal names the parameter or file and the fix. Notebooks run with papermill's
+engine ``kdlib`` (:mod:`kdlib.engine`). Relative paths given with
 ``-p`` or ``$KDLIB_DATA`` are taken from the directory the command runs in. Executed notebooks go to
 ``<output_dir>/notebooks/<run_name>/``; a failing cell stops the run with the notebook, cell and
 error named, and the partly executed notebook stays there to inspect. A rerun resumes training
@@ -18,10 +21,13 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +35,13 @@ from kdlib.config import (
     DEFAULT_PROFILE,
     ConfigError,
     RunConfig,
-    RunPaths,
     load_config,
     parameter_help,
     parse_cli_value,
     profile_path,
-    project_root,
 )
+from kdlib.io import project_root
+from kdlib.paths import RunPaths
 
 NOTEBOOKS = ("01_baseline_benchmark", "02_distill", "03_compare")
 PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student", "search_storage")
@@ -49,54 +55,81 @@ def notebook_parameters(notebook: Path, params: dict) -> dict:
     return {key: value for key, value in params.items() if key in declared}
 
 
-_RUNNING: dict[str, Any] = {}  # the notebook client at work, so that Ctrl-C can interrupt its kernel
+class _CtrlC:
+    """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (it stops with
+    KeyboardInterrupt and papermill saves the partly executed notebook), or, between cells, stops the
+    run before the next one; a second stops this process at once.
 
+    The kernel runs in a session of its own, so the terminal's Ctrl-C reaches only this process;
+    jupyter_client's recorded process group can be ours, so the signal goes to the kernel's pid alone.
+    An interrupt that reaches the kernel after its cell ended but before it replied is lost with the
+    reply, so when no reply comes within ``grace`` seconds the second Ctrl-C is sent for the user.
+    The handler is installed only in the main thread of a process that handles SIGINT (one started in
+    the background inherits it ignored); anywhere else Ctrl-C keeps its usual effect.
+    """
 
-def _progress_engine(log: Callable[[str], None] | None, label: str):
-    """A papermill engine that says which cell is running (and its first line) as it starts, and
-    remembers its notebook client (whose kernel a Ctrl-C interrupts)."""
-    from unittest import mock
+    grace = 60.0
 
-    from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine
+    def __init__(self) -> None:
+        self.client: Any = None  # the notebook client, set by the engine's on_client
+        self.requested = False
+        self._previous: Any = None
+        self._second: threading.Timer | None = None
 
-    class Client(PapermillNotebookClient):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _RUNNING["client"] = self
+    def __enter__(self) -> _CtrlC:
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._interrupt)
+        return self
 
-    class ProgressEngine(NBClientEngine):
-        @classmethod
-        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-            code_cells = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
-            original = nb_man.cell_start
+    def __exit__(self, *exc: object) -> None:
+        self.replied()
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
-            def cell_start(cell, cell_index=None, **kw):
-                if log is not None and cell.cell_type == "code" and cell_index in code_cells:
-                    first = next((line for line in cell.source.splitlines() if line.strip()), "")
-                    position = code_cells.index(cell_index) + 1
-                    log(f"{label} · cell {position}/{len(code_cells)}: {first[:70]}")
-                return original(cell, cell_index, **kw)
-
-            nb_man.cell_start = cell_start
-            with mock.patch("papermill.engines.PapermillNotebookClient", Client):
-                return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
-
-    return ProgressEngine
-
-
-def _interrupt_kernel() -> None:
-    """Send SIGINT to the running kernel: its cell stops with KeyboardInterrupt and papermill saves
-    the partly executed notebook. (The kernel runs in a session of its own, so the terminal's Ctrl-C
-    reaches only this process; jupyter_client's recorded process group can be ours, so the signal
-    goes to the kernel's pid alone.)"""
-    import signal
-
-    client = _RUNNING.get("client")
-    process = getattr(getattr(getattr(client, "km", None), "provisioner", None), "process", None)
-    if process is not None:
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        process = getattr(getattr(getattr(self.client, "km", None), "provisioner", None), "process", None)
+        if process is None:
+            raise KeyboardInterrupt  # no kernel yet
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(process.pid, signal.SIGINT)
+        self._second = threading.Timer(self.grace, os.kill, (os.getpid(), signal.SIGINT))
+        self._second.daemon = True
+        self._second.start()
+
+    def replied(self, **_: object) -> None:
+        """nbclient's ``on_cell_executed`` hook: the kernel answered, so the interrupt was not lost."""
+        if self._second is not None:
+            self._second.cancel()
+            self._second = None
+
+    def stop_if_requested(self) -> None:
+        """Raise KeyboardInterrupt when a Ctrl-C came while no cell was running (an idle kernel ignores it)."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _watch_cells(
+    client: Any, label: str, log: Callable[[str], None] | None, ctrl_c: _CtrlC, before: Callable[[], None]
+) -> None:
+    """The engine's ``on_client``: nbclient's ``on_cell_start`` hook says which cell is running (its
+    position among the code cells and its first line) after calling ``before``, and stops the run there
+    after a Ctrl-C."""
+    ctrl_c.client = client
+    code_cells = [i for i, c in enumerate(client.nb.cells) if c.cell_type == "code"]
+
+    def on_cell_start(cell: Any, cell_index: int) -> None:
+        ctrl_c.stop_if_requested()
+        before()
+        if log is not None and cell.cell_type == "code" and cell_index in code_cells:
+            first = next((line for line in cell.source.splitlines() if line.strip()), "")
+            position = code_cells.index(cell_index) + 1
+            log(f"{label} · cell {position}/{len(code_cells)}: {first[:70]}")
+
+    client.on_cell_start = on_cell_start
+    client.on_cell_executed = ctrl_c.replied
 
 
 def _print_new_lines(path: Path, offset: int, log: Callable[[str], None] | None) -> int:
@@ -112,33 +145,62 @@ def _print_new_lines(path: Path, offset: int, log: Callable[[str], None] | None)
     return max(offset, end)
 
 
+@contextlib.contextmanager
+def _training_progress(path: Path, log: Callable[[str], None] | None):
+    """Training in the kernel writes its progress lines to ``path`` (``$KDLIB_PROGRESS_FILE``) and a
+    thread prints them here twice a second, so they reach the terminal and never the stored notebook
+    (a kernel's own stderr is captured into the notebook). Yields ``flush``, which prints the lines
+    written so far (before the next cell's line, so they stay under the cell that wrote them). The file
+    is removed afterwards."""
+    os.environ.setdefault("KDLIB_PROGRESS", "console")
+    path.write_text("")
+    os.environ["KDLIB_PROGRESS_FILE"] = str(path)
+    stop, lock = threading.Event(), threading.Lock()
+    offset = 0
+
+    def flush() -> None:
+        nonlocal offset
+        with lock:
+            offset = _print_new_lines(path, offset, log)
+
+    def tail() -> None:
+        while not stop.wait(0.5):
+            flush()
+
+    tailer = threading.Thread(target=tail, name=f"progress-{path.stem}", daemon=True)
+    if log is not None:
+        tailer.start()
+    try:
+        yield flush
+    finally:
+        stop.set()
+        if tailer.is_alive():
+            tailer.join()
+        flush()
+        path.unlink(missing_ok=True)
+        os.environ.pop("KDLIB_PROGRESS_FILE", None)
+
+
 def run_notebook(
     notebook: Path, output: Path, params: dict, *, kernel: str | None = None, log: Callable[[str], None] | None = None
 ) -> float:
-    """Execute one notebook with papermill; returns wall seconds. Raises on a failing cell, and
-    KeyboardInterrupt (after the kernel stopped and the notebook was saved) on Ctrl-C."""
+    """Execute one notebook with papermill and the ``kdlib`` engine; returns wall seconds. Raises on a
+    failing cell, and KeyboardInterrupt (after the kernel stopped and the notebook was saved) on Ctrl-C."""
+    # papermill's import takes seconds: a refused command and --help-params answer without it.
     import papermill
-    from papermill.engines import papermill_engines
     from traitlets.config import Config
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    engine = f"kdlib-{notebook.stem}"
-    papermill_engines.register(engine, _progress_engine(log, notebook.stem))
-    # Headless: training writes progress lines to a file that this process prints, so they reach the
-    # terminal and never the stored notebook (a kernel's own stderr is captured into the notebook).
-    os.environ.setdefault("KDLIB_PROGRESS", "console")
-    progress = output.parent / f".{output.stem}.progress"
-    progress.write_text("")
-    os.environ["KDLIB_PROGRESS_FILE"] = str(progress)
-    outcome: dict[str, BaseException] = {}
+    from kdlib.engine import ENGINE_NAME
 
-    def execute() -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with _CtrlC() as ctrl_c, _training_progress(output.parent / f".{output.stem}.progress", log) as flush:
         try:
             papermill.execute_notebook(
                 str(notebook),
                 str(output),
                 parameters=notebook_parameters(notebook, params),
-                engine_name=engine,
+                engine_name=ENGINE_NAME,
                 kernel_name=kernel or "python3",
                 cwd=str(project_root()),
                 progress_bar=False,
@@ -146,32 +208,13 @@ def run_notebook(
                 request_save_on_cell_execute=True,
                 # IPC sockets: the kernel talks over local files, not TCP (no "without encryption" warning).
                 config=Config({"KernelManager": {"transport": "ipc"}}),
+                on_client=lambda client: _watch_cells(client, notebook.stem, log, ctrl_c, flush),
             )
-        except BaseException as err:  # handed to the main thread
-            outcome["error"] = err
-        finally:
-            done.set()
-
-    # papermill runs in a worker thread so that Ctrl-C reaches this (main) thread promptly. The wait
-    # is an Event, not Thread.join: a join interrupted by Ctrl-C reports the thread as finished (3.11).
-    start = time.perf_counter()
-    done = threading.Event()
-    threading.Thread(target=execute, name=f"papermill-{notebook.stem}", daemon=True).start()
-    printed = 0
-    try:
-        while not done.wait(0.5):
-            printed = _print_new_lines(progress, printed, log)
-    except KeyboardInterrupt:
-        _interrupt_kernel()
-        done.wait(60)  # papermill records the interrupted cell, saves the notebook, stops the kernel
-        raise
-    finally:
-        _RUNNING.clear()
-        _print_new_lines(progress, printed, log)
-        progress.unlink(missing_ok=True)
-        os.environ.pop("KDLIB_PROGRESS_FILE", None)
-    if "error" in outcome:
-        raise outcome["error"]
+        except papermill.PapermillExecutionError:
+            if ctrl_c.requested:
+                raise KeyboardInterrupt from None  # the interrupted cell, recorded in the saved notebook
+            raise
+        ctrl_c.stop_if_requested()
     return time.perf_counter() - start
 
 
@@ -292,6 +335,53 @@ def main(argv: list[str] | None = None) -> int:
     return execute(config, profile, overrides, args)
 
 
+def _check_writable(folder: Path, *, param: str, given: object) -> None:
+    """Raise :class:`ConfigError` unless ``folder`` can be written: a probe folder is created in it, or in
+    its nearest existing parent when it does not exist yet, and removed at once."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=existing))
+    except OSError as err:
+        raise ConfigError(
+            f"{param} = {given!r}: cannot write into {existing} ({err.strerror or err}). Choose a folder you can "
+            f"write to with -p {param} PATH."
+        ) from None
+
+
+def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
+    """What can be known before any work, checked before any work, for the ``notebooks`` about to run:
+    ``output_dir`` can be written, the teacher has the layers ``keep_layers`` names (read from its
+    config, no weights loaded), and the data loads with at least two labels. Raises
+    :class:`ConfigError`, :class:`kdlib.data.DataError` or :class:`kdlib.models.ModelReferenceError`,
+    each naming the parameter or file and the fix; nothing is written."""
+    paths = RunPaths.for_config(config)
+    _check_writable(paths.output_dir, param="output_dir", given=config.output_dir)
+    distils = any(name.startswith("02") for name in notebooks)
+    if distils and config.student_init == "teacher_layers" and config.keep_layers is not None:
+        # kdlib.models imports torch and transformers (seconds): only a run that names its layers waits for them.
+        from kdlib.models import default_keep_layers, reference_num_layers
+
+        # 02 distils from teacher_model, else from the copy of `teacher` that 01 fine-tunes (the same depth).
+        param = "teacher_model" if config.teacher_model else "teacher"
+        teacher = getattr(config, param)
+        depth = reference_num_layers(teacher, param=param)
+        missing = [i for i in config.keep_layers if i >= depth]
+        if missing:
+            raise ConfigError(
+                f"keep_layers = {config.keep_layers}: the teacher ({param} = {teacher!r}) has {depth} layers, "
+                f"numbered 0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} "
+                f"(e.g. -p keep_layers \"{default_keep_layers(depth)}\"), or leave keep_layers unset."
+            )
+    if any(name.startswith(("01", "02")) for name in notebooks):
+        with warnings.catch_warnings():  # a warning about the data (duplicates) is the notebook's to show
+            warnings.simplefilter("ignore")
+            config.load_data(base_dir=project_root())  # as the notebooks load it: DataError names the file and fix
+
+
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:
     """Run the selected notebooks on a validated configuration, holding the run's lock."""
     from filelock import FileLock, Timeout
@@ -304,6 +394,14 @@ def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: ar
         for nb in NOTEBOOKS
         if not args.only or any(nb.startswith(p) for p in args.only)
     ]
+    # kdlib.data imports datasets (a second or more): a command refused for its parameters answers without it.
+    from kdlib.data import DataError
+
+    try:
+        check_run(config, [path.stem for path in selected])
+    except (ConfigError, DataError, OSError) as err:  # OSError: ModelReferenceError, an unreadable file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     paths.output_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(paths.lock_file, blocking=False)  # an OS lock: a crashed run leaves none behind
     try:

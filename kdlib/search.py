@@ -1,6 +1,6 @@
 """The book's Optuna search over the distillation's hyperparameters, made cheap and shareable.
 
-Every trial trains a student with :func:`kdlib.train.train_classifier` on data tokenised once and
+Every trial trains a student with :func:`kdlib.train.train_model` on data tokenised once and
 teacher logits cached once; Optuna's median pruner stops a trial whose validation accuracy after
 an epoch is below the median of earlier trials at that epoch. The study lives in a journal file
 (several processes on one disk) or a database URL (many machines), so workers can share it.
@@ -18,18 +18,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import pandas as pd
 from datasets import DatasetDict
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from kdlib.benchmark import time_pipeline
 from kdlib.config import RunConfig
 from kdlib.inference import TorchPredictor
 from kdlib.models import default_keep_layers, init_student, num_layers
-from kdlib.train import TrainConfig, prepare_datasets, train_classifier
+from kdlib.train import STUDENT_SETTINGS, DistillationTrainer, prepare_datasets, student_arguments, train_model
+
+STUDY_NAME = "distillation"  # the study of a search in its storage (``-latency`` added for a latency search)
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameter search (the book's Optuna search over epochs, alpha and T)
@@ -38,7 +44,8 @@ from kdlib.train import TrainConfig, prepare_datasets, train_classifier
 
 def suggest_hyperparameters(trial) -> dict:
     """The reference's search space (epochs 5-10, alpha 0-1, temperature 2-20) plus the weight of
-    the hidden-state term, 0-10 (its MSE starts near 0.25 for a MiniLM student copied from its teacher)."""
+    the hidden-state term, 0-10 (the MSE of a student copied from its teacher starts small, so weights
+    above 1 are where it counts)."""
     return {
         "epochs": trial.suggest_int("epochs", 5, 10),
         "alpha": trial.suggest_float("alpha", 0.0, 1.0),
@@ -54,8 +61,6 @@ def _trial_seeded_tpe(seed: int):
     them draw the same start-up trials (seen: two workers trained identical students). Seeding by
     the trial number keeps draws distinct and reproducible, whichever worker runs a trial.
     """
-    import optuna
-
     class TrialSeededTPE(optuna.samplers.BaseSampler):
         def __init__(self) -> None:
             self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
@@ -85,7 +90,7 @@ def _trial_seeded_tpe(seed: int):
 def open_study(
     storage: str | os.PathLike,
     *,
-    study_name: str = "distillation",
+    study_name: str = STUDY_NAME,
     seed: int = 42,
     directions: Sequence[str] = ("maximize",),
 ):
@@ -96,10 +101,6 @@ def open_study(
     under a file lock, so several processes on one machine or on a shared disk can search together
     (Optuna documents SQLite as unsafe for parallel workers).
     """
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     text = os.fspath(storage)
     if "://" not in text:
         Path(text).parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +135,6 @@ def run_study(study, objective, n_trials: int) -> None:
     scheduler) marks its running trial FAIL, as Ctrl-C does, instead of leaving it RUNNING for good
     (background workers of a non-interactive shell ignore SIGINT, so SIGTERM is how they are stopped).
     """
-    import optuna
-    from optuna.study import MaxTrialsCallback
-
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining <= 0:
@@ -167,8 +165,6 @@ class PruneTrial(TrainerCallback):
         self.trial = trial
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        import optuna
-
         if metrics and "eval_accuracy" in metrics:
             self.trial.report(float(metrics["eval_accuracy"]), step=round(state.epoch or 0))
             if self.trial.should_prune():
@@ -206,68 +202,58 @@ def hyperparameter_search(
     data: DatasetDict,
     *,
     teacher: PreTrainedModel,
-    base_config: TrainConfig,
+    config: RunConfig,
     n_trials: int,
     storage: str | os.PathLike,
     output_dir: str | Path,
-    study_name: str = "distillation",
     space=suggest_hyperparameters,
     latency=None,
-    tolerance: float = 0.01,
 ) -> dict:
-    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters.
+    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters. The public
+    entry point of a search under the book's name (:func:`search_from_config` calls it for a run).
 
     The study lives in ``storage`` (:func:`open_study`: a journal file or a database URL), so an
     interrupted search resumes, and several workers given the same storage share one search
-    (:func:`run_study`). ``make_student(**extra)`` returns a fresh student for each trial, given the
-    parameters of ``space`` that are not :class:`TrainConfig` fields (``student_layers`` of
-    :func:`search_layers`). A trial whose validation accuracy after an epoch is below the median of
-    earlier trials' stops there (Optuna's ``MedianPruner``).
+    (:func:`run_study`). Each trial trains with :func:`kdlib.train.student_arguments` of ``config`` and
+    the parameters of ``space`` that are its settings (:data:`kdlib.train.STUDENT_SETTINGS`: epochs,
+    alpha, ...); ``make_student(**extra)`` returns a fresh student for each trial, given the others
+    (``student_layers`` of :func:`search_layers`). A trial whose validation accuracy after an epoch is
+    below the median of earlier trials' stops there (Optuna's ``MedianPruner``).
 
     ``latency(model) -> ms``: also minimise the trained student's measured latency (Optuna
-    multi-objective, study ``<study_name>-latency``, no pruning); the choice is then the fastest
-    trial of the Pareto front within ``tolerance`` of the front's best accuracy
+    multi-objective, study ``distillation-latency``, no pruning); the choice is then the fastest
+    trial of the Pareto front within one point of the front's best accuracy
     (:func:`choose_from_front`). ``n_trials = 0`` skips the search and returns ``{}``.
     """
     if n_trials <= 0:
         return {}
-    study = _search_study(storage, study_name, latency is not None, base_config.seed)
-    train_fields = {f.name for f in fields(TrainConfig)}
+    study = _search_study(storage, STUDY_NAME, latency is not None, config.seed)
     prepared = None
 
     def objective(trial):
         nonlocal prepared
-        if prepared is None:  # tokenise and compute the teacher's logits once for all trials
-            cache = teacher if base_config.cache_teacher_logits else None
-            prepared = prepare_datasets(data, tokenizer, teacher=cache, max_length=base_config.max_length,
-                                        augment_copies=base_config.augment_copies, seed=base_config.seed)
         params = space(trial)
-        config = replace(base_config, **{k: v for k, v in params.items() if k in train_fields})
-        student = make_student(**{k: v for k, v in params.items() if k not in train_fields})
         folder = Path(output_dir) / f"trial-{trial.number}"
+        settings = {k: v for k, v in params.items() if k in STUDENT_SETTINGS}
+        args = replace(student_arguments(config, folder, **settings), save_strategy="no", resume=False)
+        if prepared is None:  # tokenise and compute the teacher's logits once for all trials
+            prepared = prepare_datasets(data, tokenizer, teacher=teacher if args.cache_teacher_logits else None,
+                                        max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
+        student = make_student(**{k: v for k, v in params.items() if k not in STUDENT_SETTINGS})
         try:
-            result = train_classifier(
-                student,
-                tokenizer,
-                data,
-                teacher=teacher,
-                config=config,
-                output_dir=folder,
-                resume=False,
-                prepared=prepared,
-                callbacks=[PruneTrial(trial)] if latency is None else [],
-                save_strategy="no",
-            )
+            pruned = [PruneTrial(trial)] if latency is None else []
+            result = train_model(student, tokenizer, data, args, teacher=teacher, prepared=prepared,
+                                 trainer_class=functools.partial(DistillationTrainer, callbacks=pruned))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         evaluations = [entry for entry in result.log_history if "eval_accuracy" in entry]
         if not evaluations or evaluations[-1].get("step") != result.trainer.state.global_step:
-            evaluations.append(result.trainer.evaluate())  # a fractional last epoch was not evaluated
+            evaluations.append(result.trainer.evaluate())  # a fractional last epoch has no evaluation of its own
         accuracy = float(evaluations[-1]["eval_accuracy"])
         return accuracy if latency is None else (accuracy, latency(result.model.eval()))
 
     run_study(study, objective, n_trials)
-    return choose_from_front(study, tolerance) if latency is not None else dict(study.best_params)
+    return choose_from_front(study) if latency is not None else dict(study.best_params)
 
 
 def student_factory(
@@ -310,9 +296,8 @@ def search_from_config(
     if config.search_latency:
         queries = data["validation"]["text"][: config.n_latency_queries]
         latency_options = dict(space=search_layers(num_layers(teacher)), latency=latency_objective(tokenizer, queries))
-    return hyperparameter_search(make_student, tokenizer, data, teacher=teacher,
-                                 base_config=TrainConfig.for_student(config), n_trials=config.n_trials,
-                                 storage=storage, output_dir=output_dir, **latency_options)
+    return hyperparameter_search(make_student, tokenizer, data, teacher=teacher, config=config,
+                                 n_trials=config.n_trials, storage=storage, output_dir=output_dir, **latency_options)
 
 
 def choose_from_front(study, tolerance: float = 0.01) -> dict:
@@ -331,7 +316,7 @@ def _search_study(storage: str | os.PathLike, study_name: str, latency: bool, se
 
 
 def search_trials(
-    storage: str | os.PathLike, *, latency: bool = False, study_name: str = "distillation"
+    storage: str | os.PathLike, *, latency: bool = False, study_name: str = STUDY_NAME
 ) -> pd.DataFrame:
     """The trials of the search in ``storage`` (``latency``: the accuracy + latency one), one row each:
     number, state, parameters, objective values, whether it is on the Pareto front, the epochs it

@@ -1,67 +1,14 @@
-"""Tiny models, a tiny tokenizer and synthetic intents: for the tests and the smoke profile.
+"""Synthetic intents for the tests, demos and multi-process runs: keyword data a tiny model
+(:func:`kdlib.models.make_tiny_model`) learns in a few steps.
 
-``tiny-bert`` / ``tiny-distilbert`` are model references like any other (the smoke profile's teacher),
-built in code from a fixed character vocabulary, so tests and CI need neither the Hub nor a download;
-the synthetic intents are keyword data a tiny model learns in a few steps.
+Nothing on the production path imports this module; the tiny models themselves are model
+references (the smoke profile's teacher) and live in :mod:`kdlib.models`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
-import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizerFast,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    PreTrainedModel,
-)
-
-from kdlib.models import TINY_BERT, TINY_DISTILBERT, TINY_REFS, _label_maps
-
-TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;/$%&()")
-
-
-def make_tiny_tokenizer() -> BertTokenizerFast:
-    """A lower-casing WordPiece tokenizer over single characters: any English text tokenises.
-
-    It is built from a fixed vocabulary, so two calls give the same token ids and a tiny
-    teacher and student made separately still share their vocabulary.
-    """
-    vocab = TINY_SPECIAL_TOKENS + TINY_CHARS + [f"##{c}" for c in TINY_CHARS]
-    return BertTokenizerFast(
-        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=128
-    )
-
-
-# Both architectures at the same sizes; DistilBERT names them differently.
-_TINY_ARCHITECTURES = {
-    TINY_BERT: (BertConfig, BertForSequenceClassification,
-                ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
-    TINY_DISTILBERT: (DistilBertConfig, DistilBertForSequenceClassification,
-                      ("dim", "n_layers", "n_heads", "hidden_dim")),
-}
-
-
-def make_tiny_model(
-    kind: str, labels: Sequence[str], *, seed: int = 42, num_layers: int = 2
-) -> PreTrainedModel:
-    """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier."""
-    if kind not in _TINY_ARCHITECTURES:
-        raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
-    config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
-    sizes = dict(zip(size_names, (32, num_layers, 2, 64), strict=True))
-    config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=128, **sizes,
-                          **_label_maps(labels))
-    torch.manual_seed(seed)
-    return model_class(config)
-
-
-# Keyword intents that a tiny model learns in a few steps: for tests, demos and multi-process runs.
 SYNTHETIC_KEYWORDS = {
     "alarm": ["alarm", "wake me", "set timer"],
     "balance": ["balance", "money left", "account total"],

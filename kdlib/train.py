@@ -11,12 +11,17 @@ factor keeps its gradients on the same scale as the CE term's when the temperatu
 et al., 2015). ``alpha = 1`` is plain fine-tuning, which is how notebook 01 fine-tunes the teacher
 with the same code.
 
+As in the book, the loss's settings are fields of the Trainer's arguments,
+:class:`DistillationTrainingArguments`, which :func:`teacher_arguments` and :func:`student_arguments`
+build from a run configuration, and :class:`DistillationTrainer` reads them; :func:`train_model` is
+the one call that trains (checkpoints keyed by the settings, resumed, locked).
+
 Two departures from the reference, both tested:
 
 * **Cached teacher logits.** The teacher is frozen, so its logits for a training example never
   change. :func:`add_teacher_logits` computes them once, batched, in eval mode, and stores them as a
   ``teacher_logits`` column; the loss then reads them from the batch instead of running the
-  teacher at every step of every epoch. Pass ``teacher_model=`` to keep the online teacher.
+  teacher at every step of every epoch. ``cache_teacher_logits=False`` keeps the online teacher.
 * **Exact under gradient accumulation and several processes.** With transformers 5 the Trainer
   passes ``num_items_in_batch`` (the number of labelled examples in the whole accumulated batch);
   the loss is then a sum over examples divided by it, so one batch of 8 and two accumulated
@@ -29,6 +34,7 @@ TinyBERT's data augmentation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -39,8 +45,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +54,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict, concatenate_datasets
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from transformers import (
     DataCollatorWithPadding,
@@ -59,8 +66,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.modelcard import parse_log_history
+from transformers.trainer_utils import get_last_checkpoint
 
-from kdlib.config import RunConfig
+from kdlib.config import RunConfig, validate
 from kdlib.models import MODEL_INPUT_NAMES, forward_inputs, weights_digest
 
 TEACHER_LOGITS = "teacher_logits"
@@ -68,31 +77,38 @@ NO_LOG = "No log"
 EPOCH_TABLE_COLUMNS = ["Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy"]
 
 
-def check_alpha_temperature(alpha: float, temperature: float) -> None:
-    """Refuse values for which the loss is meaningless, with the valid range in the message."""
-    if not _is_real(alpha) or math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(
-            f"alpha must be in [0, 1] (the weight of the hard-label cross-entropy); got {alpha!r}."
-        )
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be > 0 and finite (it divides the logits); got {temperature!r}.")
+# A rule per setting: the kind of value, its valid range and the message's words for it. Checked once,
+# when the arguments are built (DistillationTrainingArguments.__post_init__), never at a training step.
+_LOSS_WEIGHT = (numbers.Real, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 turns the term off)")
+_TRAINS = (numbers.Real, lambda v: 0 < v < math.inf, "must be a finite number > 0 (or nothing is trained)")
+_AT_LEAST_ONE = (numbers.Integral, lambda v: v >= 1, "must be a whole number >= 1")
+_FLAG = (bool, lambda v: True, "must be True or False")
+SETTING_RULES = {
+    "alpha": (numbers.Real, lambda v: 0 <= v <= 1, "must be in [0, 1] (the weight of the hard-label cross-entropy)"),
+    "temperature": (numbers.Real, lambda v: 0 < v < math.inf, "must be > 0 and finite (it divides the logits)"),
+    "hidden_weight": _LOSS_WEIGHT,
+    "augment_copies": (numbers.Integral, lambda v: v >= 0, "must be a whole number >= 0"),
+    "max_length": _AT_LEAST_ONE,
+    "cache_teacher_logits": _FLAG,
+    "resume": _FLAG,
+    "learning_rate": _TRAINS,
+    "num_train_epochs": _TRAINS,
+    "per_device_train_batch_size": _AT_LEAST_ONE,
+    "gradient_accumulation_steps": _AT_LEAST_ONE,
+}
+
+
+def check_setting(name: str, value, rule: tuple | None = None) -> None:
+    """Refuse ``value`` for the setting ``name`` unless it follows ``rule`` (default: the setting's own in
+    :data:`SETTING_RULES`); a bool is not a number, NaN is in no range. The message names the setting."""
+    kind, valid, text = rule or SETTING_RULES[name]
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not valid(value):
+        raise ValueError(f"{name} {text}; got {value!r}.")
 
 
 def check_loss_weight(name: str, weight: float) -> None:
-    """Refuse a negative or non-finite weight for a term added to the logit loss, naming the setting."""
-    if not _is_real(weight) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 turns the term off); got {weight!r}.")
-
-
-def check_whole_number(name: str, value, least: int) -> None:
-    """Refuse anything but a whole number >= ``least`` (bools too), naming the setting."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-        raise ValueError(f"{name} must be a whole number >= {least}; got {value!r}.")
-
-
-def _is_real(value) -> bool:
-    """A real number (numpy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """Refuse a negative or non-finite weight for a term added to the logit loss (``hidden_weight``'s rule)."""
+    check_setting(name, weight, _LOSS_WEIGHT)
 
 
 def distillation_loss(
@@ -109,9 +125,9 @@ def distillation_loss(
     """The reference loss. Without ``num_items_in_batch`` it is a batch mean (CE mean, KL batchmean);
     with it, per-example losses are summed and divided by it (exact under gradient accumulation).
     ``hidden_weight`` > 0 adds ``hidden_weight *`` :func:`hidden_state_loss` of ``hidden_states``
-    = (student hidden states, teacher hidden states, attention mask)."""
-    check_alpha_temperature(alpha, temperature)
-    check_loss_weight("hidden_weight", hidden_weight)
+    = (student hidden states, teacher hidden states, attention mask).
+
+    The settings are checked once, by :class:`DistillationTrainingArguments`, not here at every step."""
     per_example = alpha * F.cross_entropy(student_logits, labels, reduction="none")
     if alpha < 1.0:
         if teacher_logits is None:
@@ -176,24 +192,84 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite: training stops before anything of it is saved."""
 
 
+def _run_field(name: str):
+    """A dataclass field with run parameter ``name``'s default and description (:class:`RunConfig`: one source)."""
+    run_field = RunConfig.model_fields[name]
+    return field(default=run_field.default, metadata={"help": run_field.description})
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the distillation's settings, as in the book: ``alpha`` (the weight of
+    the hard-label cross-entropy; 1 is plain fine-tuning) and ``temperature``; kdlib adds
+    ``hidden_weight`` (the hidden-state MSE), ``augment_copies`` (noisy copies of each training query),
+    ``cache_teacher_logits``, ``max_length`` (of the tokenised queries) and ``resume`` (continue from the
+    last good checkpoint of the same settings; False starts over).
+
+    :func:`teacher_arguments` and :func:`student_arguments` build them from a run configuration. Every
+    setting is checked here, when the arguments are built (``dataclasses.replace`` too), never at a step.
+    """
+
+    alpha: float = _run_field("alpha")
+    temperature: float = _run_field("temperature")
+    hidden_weight: float = _run_field("hidden_weight")
+    augment_copies: int = _run_field("augment_copies")
+    cache_teacher_logits: bool = _run_field("cache_teacher_logits")
+    max_length: int = field(default=128, metadata={"help": "tokens kept of each query"})
+    resume: bool = field(default=True, metadata={"help": "resume from the last good checkpoint of the same key"})
+
+    def __post_init__(self):
+        for name in SETTING_RULES:
+            check_setting(name, getattr(self, name))
+        super().__post_init__()
+
+    def settings(self) -> dict:
+        """The settings that tell one training from another, under the run parameters' names where they
+        have one (``batch_size``, ``epochs``): what notebook 02 shows."""
+        warmup = "warmup_ratio" if self.warmup_steps < 1 else "warmup_steps"
+        return {
+            "alpha": self.alpha, "temperature": self.temperature, "hidden_weight": self.hidden_weight,
+            "augment_copies": self.augment_copies, "learning_rate": self.learning_rate,
+            "batch_size": self.per_device_train_batch_size, "epochs": self.num_train_epochs, "seed": self.seed,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps, "weight_decay": self.weight_decay,
+            warmup: self.warmup_steps, "max_length": self.max_length, "cache_teacher_logits": self.cache_teacher_logits,
+            "group_by_length": self.train_sampling_strategy == "group_by_length", "max_steps": self.max_steps,
+        }
+
+
+def _check_arguments(args) -> None:
+    """Refuse arguments of another kind: the loss reads alpha, temperature and hidden_weight from them."""
+    if not isinstance(args, DistillationTrainingArguments):
+        raise TypeError(
+            f"args must be a kdlib DistillationTrainingArguments (alpha, temperature, hidden_weight), not "
+            f"{type(args).__name__}: build them with student_arguments(config, output_dir) or teacher_arguments."
+        )
+
+
+def _check_teacher(args: DistillationTrainingArguments, teacher, *, name: str, cached: bool) -> None:
+    """Refuse settings that need a teacher when ``teacher`` is None (``cached``: its logits may be in the data)."""
+    if args.hidden_weight > 0 and teacher is None:
+        raise ValueError(
+            f"hidden_weight={args.hidden_weight} > 0 matches the teacher's hidden states, which cached logits do "
+            f"not hold: pass `{name}=`."
+        )
+    if args.alpha < 1.0 and teacher is None and not cached:
+        raise ValueError(f"alpha={args.alpha} < 1 distils from a teacher: pass `{name}=`.")
+
+
 class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss is :func:`distillation_loss`, with ``config``'s alpha, temperature and
-    hidden_weight (:func:`train_classifier` builds the ``TrainingArguments`` from the same config).
+    """A ``Trainer`` whose loss is :func:`distillation_loss` with the alpha, temperature and
+    hidden_weight of its ``args``, a :class:`DistillationTrainingArguments` (the book's design).
 
     The teacher's logits come from a cached ``teacher_logits`` column, or from ``teacher_model``
     run on each batch (the reference's way) when that is given.
     """
 
-    def __init__(self, *args, config: TrainConfig, teacher_model: PreTrainedModel | None = None, **kwargs):
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a kdlib TrainConfig (alpha, temperature), not {type(config).__name__}.")
-        if config.hidden_weight > 0 and teacher_model is None:
-            raise ValueError(
-                f"hidden_weight={config.hidden_weight} > 0 matches the teacher's hidden states, which cached "
-                "logits do not hold: pass `teacher_model=`."
-            )
+    def __init__(self, *args, teacher_model: PreTrainedModel | None = None, **kwargs):
+        arguments = kwargs.get("args", args[1] if len(args) > 1 else None)
+        _check_arguments(arguments)
+        _check_teacher(arguments, teacher_model, name="teacher_model", cached=True)
         super().__init__(*args, **kwargs)
-        self.config = config
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.to(self.args.device).eval()
@@ -211,10 +287,10 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         cached = inputs.pop(TEACHER_LOGITS, None)
-        with_hidden = self.config.hidden_weight > 0
+        with_hidden = self.args.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=with_hidden)
         teacher_logits, hidden_states = cached, None
-        if self.teacher is not None and (self.config.alpha < 1.0 or with_hidden):
+        if self.teacher is not None and (self.args.alpha < 1.0 or with_hidden):
             with torch.no_grad():
                 teacher_outputs = self.teacher(**forward_inputs(self.teacher, inputs), output_hidden_states=with_hidden)
             teacher_logits = teacher_outputs.logits
@@ -230,10 +306,10 @@ class DistillationTrainer(Trainer):
             outputs.logits,
             teacher_logits,
             labels,
-            alpha=self.config.alpha,
-            temperature=self.config.temperature,
+            alpha=self.args.alpha,
+            temperature=self.args.temperature,
             num_items_in_batch=num_items_in_batch,
-            hidden_weight=self.config.hidden_weight,
+            hidden_weight=self.args.hidden_weight,
             hidden_states=hidden_states,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -241,10 +317,10 @@ class DistillationTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         if model.training and not torch.isfinite(loss.detach()).all():
             # Before the backward pass and the optimiser step: no diverged weights reach a checkpoint.
-            config = self.config
+            args = self.args
             raise TrainingDivergedError(
-                f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={config.alpha}, "
-                f"temperature={config.temperature}, learning_rate={self.args.learning_rate:g}). Nothing was saved "
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={args.alpha}, "
+                f"temperature={args.temperature}, learning_rate={args.learning_rate:g}). Nothing was saved "
                 "from this step on; lower the learning rate or the temperature."
             )
         return (loss, outputs) if return_outputs else loss
@@ -285,9 +361,9 @@ def add_noisy_copies(
     one adjacent pair swapped with probability ``swap`` (``random.Random(seed)``: the same copies every
     run). A copy keeps its query's label, and the teacher's cached logits are computed on it, so the
     student learns a fragment both ways (TinyBERT augments with masked-LM and GloVe word replacements and
-    teacher labels only; here the teacher-only variant scored lower on validation, README's recipe tables).
+    teacher labels only; here a copy keeps its gold label too, so both terms of the loss see it).
     ``copies = 0`` returns ``data``."""
-    check_whole_number("augment_copies", copies, 0)
+    check_setting("augment_copies", copies)
     if copies == 0:
         return data
     rng = random.Random(seed)
@@ -365,26 +441,26 @@ def prepare_datasets(
 
 
 def epoch_table(log_history: list[dict]) -> pd.DataFrame:
-    """Training Loss | Epoch | Step | Validation Loss | Accuracy, one row per evaluation.
+    """Training Loss | Epoch | Step | Validation Loss | Accuracy, one row per evaluation, read by
+    ``transformers.modelcard.parse_log_history`` (the Hugging Face model cards' table), rounded.
 
-    The training loss is the one logged since the previous evaluation ("No log" when none was,
-    as in the Hugging Face model cards).
+    The training loss is the last one logged before the evaluation ("No log" before the first);
+    kdlib logs and evaluates once per epoch, so it is that epoch's.
     """
-    rows, last_eval_step = [], -1
-    train_logs = [e for e in log_history if "loss" in e and "eval_loss" not in e]
-    for entry in (e for e in log_history if "eval_loss" in e):
-        step = entry["step"]
-        since = [e for e in train_logs if last_eval_step < e["step"] <= step]
-        rows.append(
-            {
-                "Training Loss": round(since[-1]["loss"], 4) if since else NO_LOG,
-                "Epoch": round(float(entry["epoch"]), 2),
-                "Step": int(step),
-                "Validation Loss": round(float(entry["eval_loss"]), 4),
-                "Accuracy": round(float(entry.get("eval_accuracy", float("nan"))), 4),
-            }
-        )
-        last_eval_step = step
+    if not any("train_runtime" in entry for entry in log_history):
+        # parse_log_history reads the logs before the end-of-training entry, which an unfinished run lacks
+        log_history = [*log_history, {"train_runtime": 0.0}]
+    _, lines, _ = parse_log_history(log_history)
+    rows = [
+        {
+            "Training Loss": NO_LOG if line["Training Loss"] == NO_LOG else round(line["Training Loss"], 4),
+            "Epoch": round(float(line["Epoch"]), 2),
+            "Step": int(line["Step"]),
+            "Validation Loss": round(float(line["Validation Loss"]), 4),
+            "Accuracy": round(float(line.get("Accuracy", math.nan)), 4),
+        }
+        for line in lines
+    ]
     return pd.DataFrame(rows, columns=EPOCH_TABLE_COLUMNS)
 
 
@@ -396,124 +472,96 @@ def compute_accuracy_metric(eval_pred) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# One call that trains: notebook 01 (alpha = 1) and notebook 02 use it
+# The arguments of one training, from a run configuration: notebook 01 (alpha = 1) and 02
 # ---------------------------------------------------------------------------------------------
 
-
-def _profile_default(name: str):
-    """The default profile's value of a run parameter (:class:`kdlib.config.RunConfig`): one source."""
-    return RunConfig.model_fields[name].default
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run. The run parameters among them default to the default
-    profile's values (:class:`kdlib.config.RunConfig`; the book's lr 2e-5 / batch 48 are the ``book``
-    profile's); :meth:`for_teacher` and :meth:`for_student` build them from a run configuration."""
-
-    alpha: float = _profile_default("alpha")
-    temperature: float = _profile_default("temperature")
-    hidden_weight: float = _profile_default("hidden_weight")
-    augment_copies: int = _profile_default("augment_copies")
-    learning_rate: float = _profile_default("learning_rate")
-    batch_size: int = _profile_default("batch_size")
-    epochs: float = _profile_default("epochs")
-    seed: int = _profile_default("seed")
-    gradient_accumulation_steps: int = _profile_default("gradient_accumulation_steps")
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    max_length: int = 128
-    cache_teacher_logits: bool = _profile_default("cache_teacher_logits")
-    group_by_length: bool = True
-    max_steps: int = -1
-
-    @classmethod
-    def for_teacher(cls, config: RunConfig) -> TrainConfig:
-        """Notebook 01's fine-tuning of the teacher: cross-entropy only (alpha = 1), ``finetune_*``."""
-        return cls(alpha=1.0, learning_rate=config.finetune_learning_rate, batch_size=config.finetune_batch_size,
-                   epochs=config.finetune_epochs, warmup_ratio=config.finetune_warmup_ratio, seed=config.seed)
-
-    @classmethod
-    def for_student(cls, config: RunConfig) -> TrainConfig:
-        """Notebook 02's distillation of the student: every field that is also a run parameter."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if f.name in RunConfig.model_fields})
-
-    def __post_init__(self):
-        check_alpha_temperature(self.alpha, self.temperature)
-        check_loss_weight("hidden_weight", self.hidden_weight)
-        positive = {"epochs": self.epochs, "learning_rate": self.learning_rate}
-        for name, value in positive.items():
-            if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0 (or nothing is trained); got {value!r}.")
-        for name, least in (("batch_size", 1), ("gradient_accumulation_steps", 1), ("augment_copies", 0)):
-            check_whole_number(name, getattr(self, name), least)
-        if not _is_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+# The run parameters each role's training reads; the others belong to other stages.
+TEACHER_SETTINGS = ("finetune_learning_rate", "finetune_batch_size", "finetune_epochs", "finetune_warmup_ratio", "seed")
+STUDENT_SETTINGS = ("alpha", "temperature", "hidden_weight", "augment_copies", "learning_rate", "batch_size", "epochs",
+                    "gradient_accumulation_steps", "cache_teacher_logits", "seed")
 
 
-@dataclass
-class TrainResult:
-    """What a training returns: the trained model, its trainer, the per-epoch table, the settings
-    used, the checkpoint it resumed from (if any), training seconds, the log and its checkpoint folder."""
-
-    model: PreTrainedModel
-    trainer: DistillationTrainer
-    epoch_table: pd.DataFrame
-    config: TrainConfig
-    resumed_from: str | None = None
-    train_seconds: float = 0.0
-    log_history: list = field(default_factory=list)
-    checkpoint_dir: Path | None = None
+def teacher_arguments(config: RunConfig, output_dir: str | Path, **changes) -> DistillationTrainingArguments:
+    """Notebook 01's fine-tuning of the teacher: cross-entropy only (alpha = 1) with the run's ``finetune_*``
+    parameters and seed; ``changes`` to those parameters are validated as the run's own are."""
+    config = _changed(config, changes, TEACHER_SETTINGS)
+    return _arguments(output_dir, config.seed, config.finetune_batch_size, alpha=1.0,
+                      learning_rate=config.finetune_learning_rate, num_train_epochs=config.finetune_epochs,
+                      warmup_steps=config.finetune_warmup_ratio)
 
 
-def training_arguments(config: TrainConfig, output_dir: str | Path, **overrides) -> TrainingArguments:
-    """The ``TrainingArguments`` of ``config`` (AdamW 0.9/0.999/1e-8, linear schedule, eval every
-    epoch); ``overrides`` are any other ``TrainingArguments`` fields."""
-    steps_per_warmup = overrides.pop("warmup_steps", None)
+def student_arguments(config: RunConfig, output_dir: str | Path, **changes) -> DistillationTrainingArguments:
+    """Notebook 02's distillation of the student with the run's :data:`STUDENT_SETTINGS`; ``changes`` to
+    them (the search's choice: ``student_arguments(config, folder, **best)``) are validated as the run's are."""
+    config = _changed(config, changes, STUDENT_SETTINGS)
+    return _arguments(output_dir, config.seed, config.batch_size, alpha=config.alpha, temperature=config.temperature,
+                      hidden_weight=config.hidden_weight, augment_copies=config.augment_copies,
+                      cache_teacher_logits=config.cache_teacher_logits, learning_rate=config.learning_rate,
+                      num_train_epochs=config.epochs, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                      warmup_steps=0.0)
+
+
+def _changed(config: RunConfig, changes: dict, settings: tuple[str, ...]) -> RunConfig:
+    """``config`` with ``changes`` to the run parameters ``settings``, through the run's own validation."""
+    unknown = sorted(set(changes) - set(settings))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a setting of this training; it reads {', '.join(settings)}.")
+    if not changes:
+        return config
+    return validate({**config.model_dump(exclude_defaults=True), **changes}, source="training settings")
+
+
+def _arguments(output_dir: str | Path, seed: int, batch_size: int, **settings) -> DistillationTrainingArguments:
+    """What both roles share: AdamW (0.9, 0.999, 1e-8, weight decay 0.01) on a linear schedule (transformers
+    reads a ``warmup_steps`` below 1 as a ratio of the steps), batches of similar lengths, the seed for the
+    data order too, and one evaluation, log line and kept checkpoint per epoch."""
     kwargs = dict(
-        output_dir=str(output_dir),
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=max(config.batch_size, 64),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        weight_decay=config.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        lr_scheduler_type="linear",
-        # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps
-        warmup_steps=steps_per_warmup if steps_per_warmup is not None else config.warmup_ratio,
-        eval_strategy="epoch",
-        logging_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=1,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to="none",
-        disable_tqdm=True,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        dataloader_num_workers=0,
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=max(batch_size, 64), weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, lr_scheduler_type="linear", eval_strategy="epoch", logging_strategy="epoch",
+        save_strategy="epoch", save_total_limit=1, seed=seed, data_seed=seed, report_to="none", disable_tqdm=True,
+        train_sampling_strategy="group_by_length", dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Several CPU processes (torchrun / accelerate launch): without use_cpu accelerate does not
         # wrap the model in DDP and each process would train on its own.
         kwargs.update(use_cpu=True, ddp_backend="gloo")
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return DistillationTrainingArguments(**kwargs, **settings)
 
 
-def checkpoint_key(config: TrainConfig, student: PreTrainedModel, fingerprint: str | None, overrides: dict) -> str:
+@dataclass
+class TrainResult:
+    """What a training returns: the trained model, its trainer, the per-epoch table, the checkpoint it
+    resumed from (if any), training seconds, the log and its checkpoint folder."""
+
+    model: PreTrainedModel
+    trainer: DistillationTrainer
+    epoch_table: pd.DataFrame
+    resumed_from: str | None = None
+    train_seconds: float = 0.0
+    log_history: list = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+
+    @property
+    def args(self) -> DistillationTrainingArguments:
+        """The arguments the trainer used (``output_dir``: the checkpoint folder)."""
+        return self.trainer.args
+
+
+# Arguments that say where and how a training runs, not what it trains: not part of its checkpoint key.
+NOT_IN_KEY = {"output_dir", "resume", "disable_tqdm", "report_to", "use_cpu", "ddp_backend", "dataloader_num_workers",
+              "dataloader_pin_memory", "local_rank"}
+
+
+def checkpoint_key(args: DistillationTrainingArguments, student: PreTrainedModel, fingerprint: str | None) -> str:
     """The folder name of a training run's checkpoints: a hash of the run's fingerprint (settings and
-    data, from :meth:`kdlib.config.RunConfig.fingerprint`), this call's training settings and the
-    student's starting weights. The one resume mechanism: only a run of the same key resumes."""
-    text = json.dumps(
-        {"run": fingerprint, "config": asdict(config), "initial_weights": weights_digest(student),
-         "overrides": overrides},
-        sort_keys=True, default=str,
-    )
+    data, from :meth:`kdlib.config.RunConfig.fingerprint`), every argument that shapes the training
+    (all but :data:`NOT_IN_KEY`) and the student's starting weights. The one resume mechanism: only a
+    run of the same key resumes."""
+    settings = {name: value for name, value in args.to_dict().items() if name not in NOT_IN_KEY}
+    text = json.dumps({"run": fingerprint, "args": settings, "initial_weights": weights_digest(student)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -541,14 +589,12 @@ def _checkpoint_problem(folder: Path) -> str | None:
 
 
 def last_good_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint that can be resumed from. A torn one (killed or disk full during a save)
-    is renamed ``torn-<name>`` with a warning naming it, and the next older one is tried."""
+    """The newest checkpoint (``get_last_checkpoint``) that can be resumed from. A torn one (killed or
+    disk full during a save) is renamed ``torn-<name>`` with a warning naming it, and the next older one
+    is checked."""
     output_dir = Path(output_dir)
-    candidates = sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
-    )
-    for folder in candidates:
+    while output_dir.is_dir() and (newest := get_last_checkpoint(str(output_dir))) is not None:
+        folder = Path(newest)
         problem = _checkpoint_problem(folder)
         if problem is None:
             return str(folder)
@@ -562,59 +608,72 @@ def last_good_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
-def train_classifier(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data: DatasetDict,
-    *,
-    output_dir: str | Path,
-    config: TrainConfig,
-    teacher: PreTrainedModel | None = None,
-    resume: bool = True,
-    fingerprint: str | None = None,
-    prepared: DatasetDict | None = None,
-    callbacks: Sequence[TrainerCallback] = (),
-    **training_overrides,
+# ---------------------------------------------------------------------------------------------
+# One call that trains: notebook 01 (alpha = 1) and notebook 02 use it
+# ---------------------------------------------------------------------------------------------
+
+
+def train_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, args: DistillationTrainingArguments,
+    *, teacher: PreTrainedModel | None = None, fingerprint: str | None = None, prepared: DatasetDict | None = None,
+    trainer_class: Callable[..., DistillationTrainer] = DistillationTrainer,
 ) -> TrainResult:
-    """Train the classifier ``model`` on ``data`` (text + ClassLabel label): fine-tuning with
-    ``alpha=1`` and no ``teacher`` (notebook 01's teacher), distillation from ``teacher`` otherwise
-    (the loss of :class:`DistillationTrainer`). Returns the trained model, the per-epoch table and
-    the Trainer (:class:`TrainResult`).
+    """Train the classifier ``model`` on ``data`` (text + ClassLabel label) with ``args``: fine-tuning
+    with ``alpha=1`` and no ``teacher`` (notebook 01's teacher), distillation from ``teacher`` otherwise
+    (the loss of :class:`DistillationTrainer`). Returns the trained model, the per-epoch table and the
+    Trainer (:class:`TrainResult`).
 
-    Checkpoints are written every epoch under ``output_dir/<key>`` (:func:`checkpoint_key`: the
-    run's ``fingerprint``, the settings and the starting weights); calling again with the same
-    arguments resumes from the last good one, anything else starts in a fresh folder. A second
-    process training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on
-    the same ``data``) skips tokenising and the teacher-logit cache when several runs share them;
-    ``callbacks`` are added to the Trainer's (the search's pruning, for one).
+    Checkpoints are written every epoch under ``args.output_dir/<key>`` (:func:`checkpoint_key`: the
+    run's ``fingerprint``, the arguments and the starting weights); with ``args.resume`` a call with the
+    same key resumes from the last good one, anything else starts in a fresh folder. A second process
+    training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on the same
+    ``data``) skips tokenising and the teacher-logit cache when several runs share them. ``trainer_class``
+    builds the Trainer: :class:`DistillationTrainer`, a subclass of it (another loss term, say), or a
+    ``functools.partial`` of one with more keyword arguments (the search's pruning callback).
     """
-    from filelock import FileLock, Timeout
-
-    if config.alpha < 1.0 and teacher is None:
-        raise ValueError(f"alpha={config.alpha} < 1 distils from a teacher: pass `teacher=`.")
-    if config.hidden_weight > 0 and teacher is None:
-        raise ValueError(
-            f"hidden_weight={config.hidden_weight} > 0 matches a teacher's hidden states: pass `teacher=`."
-        )
-    if prepared is not None:  # checked before the checkpoint folder is touched
-        columns = prepared["train"].column_names if "train" in prepared else []
-        if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
-            raise ValueError(
-                "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
-                f"splits; got splits {sorted(prepared)}, train columns {columns}."
-            )
-        expected = len(data["train"]) * (1 + config.augment_copies)
-        if len(prepared["train"]) != expected:
-            raise ValueError(
-                f"`prepared` has {len(prepared['train'])} training rows, augment_copies={config.augment_copies} "
-                f"needs {expected}: pass augment_copies={config.augment_copies} to prepare_datasets."
-            )
-    set_seed(config.seed)
-    runtime_only = {"use_cpu", "ddp_backend", "dataloader_num_workers", "report_to", "disable_tqdm"}
-    overrides = {k: v for k, v in training_overrides.items() if k not in runtime_only}
-    output_dir = Path(output_dir) / checkpoint_key(config, model, fingerprint, overrides)
+    _check_training(args, data, teacher, prepared)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir) / checkpoint_key(args, model, fingerprint)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # One lock per training: the ranks of one multi-process (DDP) run share it through rank 0.
+    with _training_lock(output_dir):
+        last_checkpoint = _resume_point(output_dir, args.resume)
+        datasets, online_teacher = _training_data(args, data, tokenizer, teacher, prepared)
+        trainer = _trainer(trainer_class, model, tokenizer, replace(args, output_dir=str(output_dir)), datasets,
+                           online_teacher)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=last_checkpoint)
+        elapsed = time.perf_counter() - start
+    history = list(trainer.state.log_history)
+    return TrainResult(model=trainer.model, trainer=trainer, epoch_table=epoch_table(history),
+                       resumed_from=last_checkpoint, train_seconds=elapsed, log_history=history,
+                       checkpoint_dir=output_dir)
+
+
+def _check_training(args, data: DatasetDict, teacher: PreTrainedModel | None, prepared: DatasetDict | None) -> None:
+    """What :func:`train_model` refuses before any folder is touched: arguments of another kind, a
+    distillation without a teacher, and a ``prepared`` that is not this data's with these arguments."""
+    _check_arguments(args)
+    _check_teacher(args, teacher, name="teacher", cached=False)
+    if prepared is None:
+        return
+    columns = prepared["train"].column_names if "train" in prepared else []
+    if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
+        raise ValueError(
+            "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
+            f"splits; got splits {sorted(prepared)}, train columns {columns}."
+        )
+    expected = len(data["train"]) * (1 + args.augment_copies)
+    if len(prepared["train"]) != expected:
+        raise ValueError(
+            f"`prepared` has {len(prepared['train'])} training rows, augment_copies={args.augment_copies} "
+            f"needs {expected}: pass augment_copies={args.augment_copies} to prepare_datasets."
+        )
+
+
+@contextlib.contextmanager
+def _training_lock(output_dir: Path):
+    """Hold the checkpoint folder's lock while training: a second process is refused. The ranks of one
+    multi-process (DDP) run share one training, so only rank 0 takes it."""
     lock = FileLock(output_dir / ".training.lock", blocking=False)
     try:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -625,59 +684,52 @@ def train_classifier(
             "resumed), or use another run_name."
         ) from None
     try:
-        if resume:
-            last_checkpoint = last_good_checkpoint(output_dir)
-        else:
-            last_checkpoint = None
-            for checkpoint in output_dir.glob("checkpoint-*"):
-                shutil.rmtree(checkpoint)
-
-        if prepared is None:
-            augmented = add_noisy_copies(data, config.augment_copies, seed=config.seed)
-            tokenized = tokenize_dataset(augmented, tokenizer, max_length=config.max_length)
-        else:
-            tokenized = prepared
-        online_teacher = None
-        if config.hidden_weight > 0:
-            online_teacher = teacher  # hidden states are too large to cache; the teacher runs at each step
-        elif config.alpha < 1.0:
-            if not config.cache_teacher_logits:
-                online_teacher = teacher
-            elif TEACHER_LOGITS not in tokenized["train"].column_names:
-                tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
-        mode = progress_mode()
-        args = training_arguments(config, output_dir, **{"disable_tqdm": mode != "notebook", **training_overrides})
-        trainer = DistillationTrainer(
-            model=model,
-            args=args,
-            config=config,
-            teacher_model=online_teacher,
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized["validation"],
-            data_collator=DataCollatorWithPadding(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=compute_accuracy_metric,
-            callbacks=list(callbacks),
-        )
-        trainer.remove_callback(PrinterCallback)  # the epoch table below says it once, readably
-        if mode == "console":
-            trainer.add_callback(ProgressLines())
-        start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=last_checkpoint)
-        elapsed = time.perf_counter() - start
+        yield
     finally:
         lock.release()
-    history = list(trainer.state.log_history)
-    return TrainResult(
-        model=trainer.model,
-        trainer=trainer,
-        epoch_table=epoch_table(history),
-        config=config,
-        resumed_from=last_checkpoint,
-        train_seconds=elapsed,
-        log_history=history,
-        checkpoint_dir=output_dir,
+
+
+def _resume_point(output_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to resume from (:func:`last_good_checkpoint`); without ``resume``, none, and the
+    folder's earlier checkpoints are deleted."""
+    if resume:
+        return last_good_checkpoint(output_dir)
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    return None
+
+
+def _training_data(
+    args: DistillationTrainingArguments, data: DatasetDict, tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None, prepared: DatasetDict | None,
+) -> tuple[DatasetDict, PreTrainedModel | None]:
+    """The tokenised splits to train on (with the teacher's cached logits when the loss uses them) and the
+    teacher to run at every step (None when there is none to run)."""
+    tokenized = prepared if prepared is not None else prepare_datasets(
+        data, tokenizer, max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
+    if args.hidden_weight > 0 or (args.alpha < 1.0 and not args.cache_teacher_logits):
+        return tokenized, teacher  # hidden states are too large to cache; the teacher runs at each step
+    if args.alpha < 1.0 and TEACHER_LOGITS not in tokenized["train"].column_names:
+        tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
+    return tokenized, None
+
+
+def _trainer(
+    trainer_class: Callable[..., DistillationTrainer], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    args: DistillationTrainingArguments, datasets: DatasetDict, teacher: PreTrainedModel | None,
+) -> DistillationTrainer:
+    """The Trainer of one training, built by ``trainer_class``, reporting progress as :func:`progress_mode`
+    says: a bar in a notebook, :class:`ProgressLines` in a console, nothing when off."""
+    mode = progress_mode()
+    trainer = trainer_class(
+        model=model, args=replace(args, disable_tqdm=mode != "notebook"), teacher_model=teacher,
+        train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_accuracy_metric,
     )
+    trainer.remove_callback(PrinterCallback)  # the epoch table says it once, readably
+    if mode == "console":
+        trainer.add_callback(ProgressLines())
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,31 +1,28 @@
-"""Probe: MiniLM's self-attention transfer beside kdlib's distillation loss (tried, not kept).
+"""Probe: MiniLM's self-attention transfer beside kdlib's distillation loss.
 
 Adds ``--weight`` × (KL of the last layers' attention distributions + KL of their value relations,
 softmax(V Vᵀ/√d) per head; Wang et al. 2020, MiniLM) to the loss of ``scripts/recipe.py student``,
 whose other arguments it takes. Queries, keys and values are read by forward hooks on the last
 layer's projections, so the models keep their fast attention. The teacher runs at every step (its
-attention is not cached). README's "Depth" section gives what it measured; it is not a run parameter
-because it did not help there:
+attention is not cached). It is a script, not a run parameter: an experiment to compare against the
+default recipe on validation, run from the project root:
 
-    .venv/bin/python scripts/attention_probe.py --weight 1 student -p teacher_model T \
+    .venv/bin/python -m scripts.attention_probe --weight 1 student -p teacher_model T \
         -p keep_layers "[2, 5]" -p threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recipe  # noqa: E402
-
-from kdlib.train import DistillationTrainer, check_loss_weight  # noqa: E402
+from kdlib.train import DistillationTrainer, check_loss_weight
+from scripts import recipe
 
 
 def last_layer_projections(model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], int]:
@@ -69,18 +66,22 @@ def attention_transfer_loss(student: dict[str, torch.Tensor], teacher: dict[str,
     return attention + values
 
 
-def with_attention_transfer(weight: float):
-    """``DistillationTrainer.compute_loss`` plus ``weight`` × the batch mean of the MiniLM loss."""
-    plain = DistillationTrainer.compute_loss
+class AttentionTransferTrainer(DistillationTrainer):
+    """kdlib's :class:`DistillationTrainer` whose loss adds ``attention_weight`` × the batch mean of the
+    MiniLM loss; it needs the online teacher (``teacher_model``), whose attention is not cached."""
+
+    def __init__(self, *args, attention_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attention_weight = attention_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student, heads = last_layer_projections(model)
         teacher, _ = last_layer_projections(self.teacher)
-        result = plain(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        extra = weight * attention_transfer_loss(student, teacher, heads, inputs["attention_mask"]).mean()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        term = attention_transfer_loss(student, teacher, heads, inputs["attention_mask"])
+        extra = self.attention_weight * term.mean()
         return (result[0] + extra, result[1]) if return_outputs else result + extra
-
-    return compute_loss
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         parser.error(str(error))
     online_teacher = ["-p", "cache_teacher_logits", "false"]  # the teacher's attention is needed at each step
-    with mock.patch.object(DistillationTrainer, "compute_loss", with_attention_transfer(args.weight)):
-        summary = recipe.main(rest + online_teacher)
+    summary = recipe.main(rest + online_teacher,
+                          trainer_class=functools.partial(AttentionTransferTrainer, attention_weight=args.weight))
     summary["attention_weight"] = args.weight
     print(f"attention_weight: {args.weight}")
     return summary

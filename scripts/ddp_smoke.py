@@ -1,4 +1,4 @@
-"""Multi-process smoke test of kdlib.train.train_classifier (DDP on CPU with the gloo backend).
+"""Multi-process smoke test of kdlib.train.train_model (DDP on CPU with the gloo backend).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/ddp_smoke.py --output-dir /tmp/ddp
 
@@ -17,14 +17,16 @@ import copy
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
+from kdlib.config import RunConfig
 from kdlib.data import build_dataset_dict
-from kdlib.models import student_from_teacher
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer, synthetic_intents
-from kdlib.train import TrainConfig, train_classifier
+from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teacher
+from kdlib.testing import synthetic_intents
+from kdlib.train import student_arguments, train_model
 
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
                   "attention_dropout", "seq_classif_dropout", "qa_dropout")
@@ -87,14 +89,13 @@ def main() -> None:
     if args.no_dropout:
         teacher = without_dropout(teacher)
     student = student_from_teacher(teacher)
-    config = TrainConfig(
-        alpha=0.5, temperature=2.0, learning_rate=3e-3, batch_size=args.batch_size, epochs=args.epochs,
-        seed=args.seed, cache_teacher_logits=not args.online, gradient_accumulation_steps=args.grad_accum,
+    config = RunConfig(
+        alpha=0.5, temperature=2.0, learning_rate=3e-3, batch_size=args.batch_size, seed=args.seed,
+        cache_teacher_logits=not args.online, gradient_accumulation_steps=args.grad_accum,
     )
-    result = train_classifier(
-        student, tokenizer, data, output_dir=args.output_dir, config=config, teacher=teacher,
-        resume=False, **training_overrides,
-    )
+    train_args = replace(student_arguments(config, args.output_dir), num_train_epochs=args.epochs, resume=False,
+                         **training_overrides)
+    result = train_model(student, tokenizer, data, train_args, teacher=teacher)
 
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world_size > 1 else 0

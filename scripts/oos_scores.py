@@ -2,8 +2,8 @@
 
 For every score in kdlib.oos.OOS_SCORES: how well it separates OOS from in-scope queries on the
 validation split, and the test figures of the threshold chosen on validation (the rule and target
-are the run parameters ``threshold_rule`` / ``in_scope_target``). The README's choice of the
-``mahalanobis`` default comes from (run for the teacher and for the student)
+are the run parameters ``threshold_rule`` / ``in_scope_target``). The ``oos_score`` default is chosen
+with it, run for the teacher and for the student:
 
     .venv/bin/python scripts/oos_scores.py outputs/models/minilm/teacher
 
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdlib import TorchPredictor, evaluate, label_names, load_classifier, load_tokenizer
-from kdlib.config import ConfigError, load_config, parse_cli_value, prepare_session
+from kdlib import TorchPredictor, label_names, load_classifier, load_tokenizer, measure_quality
+from kdlib.config import ConfigError, load_config, parse_cli_value
 from kdlib.models import ModelReferenceError, resolve_model_ref
-from kdlib.oos import OOS_SCORES
+from kdlib.oos import OOS_SCORES, oos_options
+from kdlib.session import prepare_session
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,9 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = TorchPredictor(load_classifier(args.model, label_names(data)), load_tokenizer(args.model))
     rows = {}
     for score in OOS_SCORES:
-        options = {**config.oos_options(), "oos_score": score}
-        on_validation, _ = evaluate(predictor, data["validation"], train=data["train"], **options)
-        on_test, _ = evaluate(predictor, data["test"], validation=data["validation"], train=data["train"], **options)
+        options = {**oos_options(config), "oos_score": score}
+        on_validation, _ = measure_quality(predictor, data["validation"], train=data["train"], **options)
+        on_test, _ = measure_quality(predictor, data["test"], validation=data["validation"], train=data["train"], **options)
         rows[score] = {
             "validation_auroc": on_validation["oos_auroc"],
             "validation_fpr95": on_validation["oos_fpr95"],

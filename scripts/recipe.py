@@ -3,8 +3,8 @@
 Prints the per-epoch table (validation accuracy is what a recipe is chosen by), then the test
 metrics, the wall time and the machine. Parameters are the run parameters of kdlib.config (the
 same names, defaults and checks as ``make run``: ``--help-params`` lists them); ``teacher`` mode
-uses the ``finetune_*`` ones, ``student`` mode distils from ``teacher_model``. The README's "How the
-default recipe was chosen" figures come from this script, e.g.
+uses the ``finetune_*`` ones, ``student`` mode distils from ``teacher_model``. The training defaults
+are chosen with this script, on validation, e.g.
 
     .venv/bin/python scripts/recipe.py teacher -p threads 1
     .venv/bin/python scripts/recipe.py student -p teacher_model outputs/models/minilm/teacher \
@@ -31,13 +31,23 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kdlib.config import ConfigError, load_config, parameter_help, parse_cli_value, prepare_session
+from kdlib.config import ConfigError, load_config, parameter_help, parse_cli_value
 from kdlib.run import absolute_paths
+from kdlib.session import prepare_session
+
+if TYPE_CHECKING:
+    from kdlib.train import DistillationTrainer
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, trainer_class: Callable[..., DistillationTrainer] | None = None) -> dict:
+    """Run the mode ``argv`` names and return its summary. ``trainer_class`` builds the Trainer of the teacher
+    and student modes (``kdlib.train.train_model``'s; None: ``DistillationTrainer``), e.g. a subclass with
+    another loss term (``scripts/attention_probe.py``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["teacher", "student", "search"], nargs="?")
     parser.add_argument("--profile", default="minilm")
@@ -70,15 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"error: {err}\n")
 
     from kdlib import (
+        DistillationTrainer,
         TorchPredictor,
-        TrainConfig,
-        evaluate,
         label_names,
         load_classifier,
         load_tokenizer,
+        measure_quality,
+        oos_options,
         save_model,
+        student_arguments,
         student_factory,
-        train_classifier,
+        teacher_arguments,
+        train_model,
     )
 
     prepare_session(config.seed, config.threads)
@@ -87,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.mode == "teacher":
         tokenizer = load_tokenizer(config.teacher, param="teacher")
         teacher, model = None, load_classifier(config.teacher, labels, seed=config.seed, param="teacher")
-        train_config = TrainConfig.for_teacher(config)
+        arguments = teacher_arguments
         recipe = {k: getattr(config, k) for k in ("teacher", "finetune_epochs", "finetune_learning_rate",
                                                    "finetune_batch_size", "finetune_warmup_ratio", "seed")}
     else:
@@ -96,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_student = student_factory(config, teacher, labels)
         if args.mode == "search":
             return search(config, tokenizer, data, teacher, make_student, args.save)
-        train_config = TrainConfig.for_student(config)
+        arguments = student_arguments
         model = make_student()
         recipe = {k: getattr(config, k) for k in ("teacher_model", "keep_layers", "alpha", "temperature",
                                                    "hidden_weight", "augment_copies", "learning_rate", "batch_size",
@@ -104,11 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdlib-recipe-") as checkpoints:
-        result = train_classifier(model, tokenizer, data, teacher=teacher, config=train_config, output_dir=checkpoints,
-                                  resume=False)
-    metrics, _ = evaluate(
+        train_args = replace(arguments(config, checkpoints), resume=False)
+        result = train_model(model, tokenizer, data, train_args, teacher=teacher,
+                             trainer_class=trainer_class or DistillationTrainer)
+    metrics, _ = measure_quality(
         TorchPredictor(result.model, tokenizer), data["test"], validation=data["validation"], train=data["train"],
-        **config.oos_options()
+        **oos_options(config)
     )
     seconds = time.perf_counter() - start
     if args.save:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def machine() -> dict:
     """Where the figures were measured: threads, torch, CPU and commit."""
-    from kdlib.benchmark import env_fingerprint
+    from kdlib.session import env_fingerprint
 
     found = env_fingerprint()
     return {k: found[k] for k in ("threads", "torch_version", "cpu", "git_commit")}

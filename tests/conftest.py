@@ -43,7 +43,7 @@ def clinc_plus():
 
 
 def _import_script(relative_path: str) -> ModuleType:
-    """A fresh module from a file of the repo's ``scripts/`` or ``benchmarks/`` (folders, not packages)."""
+    """A fresh module from a file of the repo's ``scripts/`` or ``benchmarks/`` (loaded by path, anew)."""
     path = REPO / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdlib.models import save_model
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.models import make_tiny_model, make_tiny_tokenizer, save_model
 from kdlib.train import DistillationTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +74,7 @@ def test_the_term_reaches_training_and_weight_zero_is_the_plain_recipe(probe, tm
         else:
             assert probe.main(["--weight", extra] + run)["attention_weight"] == float(extra)
         weights[name] = load_file(tmp_path / name / "model.safetensors")
-    assert DistillationTrainer.compute_loss is original  # the patch ends with the probe
+    assert DistillationTrainer.compute_loss is original  # the probe's loss lives in its own subclass
     assert all(torch.equal(weights["zero"][k], weights["plain"][k]) for k in weights["plain"])
     query = "bert.encoder.layer.1.attention.self.query.weight"
     assert not torch.allclose(weights["heavy"][query], weights["plain"][query])
@@ -89,3 +90,18 @@ def test_the_probe_refuses_a_negative_weight_and_other_modes(probe, capsys):
     with pytest.raises(SystemExit):
         probe.main(["--weight", "1", "teacher"])
     assert "student mode" in capsys.readouterr().err
+
+
+def test_no_script_imports_mock():
+    """The probe reaches the trainer through ``train_model``'s ``trainer_class``, not by patching kdlib."""
+    found = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "scripts").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module or ''}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {name}" for name in names if "mock" in name.split(".")]
+    assert found == []

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdlib.benchmark import classification_metrics, compute_size, latency_stats, predict_labels, time_pipeline
+from kdlib.benchmark import compute_size, latency_stats, predict_labels, time_pipeline
 from kdlib.inference import Predictor, TorchPredictor, state_dict_size_bytes
+from kdlib.metrics import classification_metrics
 
 # ---------------------------------------------------------------------------------------------
 # classification_metrics

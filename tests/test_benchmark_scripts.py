@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdlib.models import save_model
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.models import make_tiny_model, make_tiny_tokenizer, save_model
 
 LABELS = ["alarm", "music", "oos"]
 
@@ -148,3 +150,21 @@ def test_a_run_without_its_models_is_refused_before_any_work(load_script, run_ou
         script.main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"run 'r' has no saved {missing} under {models}" in err and "make run" in err
+
+
+@pytest.mark.parametrize("name", ["profile_query", "latency"])
+def test_the_run_benchmarks_run_as_modules_from_the_project_root(tmp_path, name):
+    """``python -m benchmarks.<name>``: the shared helper is imported as ``benchmarks.run_cli``, no path edits."""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--run", "r", "--outputs", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "run 'r' has no saved teacher" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_no_script_edits_the_import_path():
+    """Scripts import their shared helpers as packages (``benchmarks.run_cli``, ``scripts.recipe``)."""
+    repo = Path(__file__).resolve().parent.parent
+    offenders = [str(f.relative_to(repo)) for folder in ("benchmarks", "scripts") for f in (repo / folder).glob("*.py")
+                 if "sys.path.insert" in f.read_text() or "sys.path.append" in f.read_text()]
+    assert offenders == []

@@ -13,14 +13,14 @@ from kdlib.config import (
     TEACHER_FIELDS,
     ConfigError,
     RunConfig,
-    RunPaths,
     config_from_notebook,
     load_config,
     load_profile,
     parse_cli_value,
-    prepare_session,
-    project_root,
 )
+from kdlib.io import project_root
+from kdlib.paths import RunPaths
+from kdlib.session import prepare_session
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"

@@ -647,6 +647,18 @@ def test_unseen_label_named(tmp_path, split):
     assert "['alarm']" in message and "never in train" in message
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_single_label_is_refused_naming_the_file(tmp_path, fmt):
+    """One label gives a one-class classifier: refused when the data loads, not when 02 distils it."""
+    greet = [(text, "greet") for text, label in TRAIN if label == "greet"]
+    folder = make_folder(tmp_path / "d", fmt, train=greet, validation=None, test=[("hi", "greet")])
+    with pytest.raises(DataError) as err:
+        load_intent_data(folder)
+    message = str(err.value)
+    assert f"train.{fmt}" in message and "'greet'" in message
+    assert "at least two labels" in message and "label_column" in message
+
+
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_header_only_csv_has_no_rows(tmp_path, split):
     folder = make_folder(tmp_path / "d", "csv", **{split: []})

@@ -1,4 +1,4 @@
-"""train_classifier in several processes (DDP on CPU, gloo): scripts/ddp_smoke.py under torchrun.
+"""train_model in several processes (DDP on CPU, gloo): scripts/ddp_smoke.py under torchrun.
 
 Two processes of batch 8 (and 2 x 4 x 2 accumulation steps) must take exactly the optimizer steps
 of one process with batch 16: the loss is a sum over the examples divided by the number of

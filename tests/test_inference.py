@@ -33,8 +33,7 @@ from kdlib.inference import (
     state_dict_size_bytes,
     torch_int8_predictor,
 )
-from kdlib.models import forward_inputs
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer
 
 LABELS = ["balance", "travel", "weather", "music", "alarm"]
 TOPICS = {

@@ -32,14 +32,15 @@ from kdlib.models import (
     init_student,
     load_classifier,
     load_tokenizer,
+    make_tiny_model,
+    make_tiny_tokenizer,
     model_labels,
     needs_fine_tuning,
-    pick_device,
     resolve_model_ref,
     save_model,
     student_from_teacher,
 )
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.session import pick_device
 
 MINILM = "all-MiniLM-L6-v2"
 TEXTS = ["book me a flight to paris", "play some jazz please", "will it rain tomorrow?"]
@@ -123,7 +124,10 @@ def test_resolve_saved_dir_and_hub_id(monkeypatch, tmp_path, saved_ckpt):
 def test_an_unknown_model_offline_fails_at_once_naming_the_parameter(monkeypatch):
     import time
 
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     start = time.perf_counter()
     with pytest.raises(ModelReferenceError) as err:
         load_classifier("bert-bsae-uncased", ["a", "b"], param="teacher")

@@ -15,9 +15,8 @@ import nbformat
 import pytest
 
 from kdlib.data import label_names, load_intent_data, subsample
-from kdlib.models import save_model
+from kdlib.models import make_tiny_model, make_tiny_tokenizer, save_model
 from kdlib.run import run_notebooks
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

@@ -9,12 +9,22 @@ from datasets import ClassLabel, Dataset, Features, Value
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 
-from kdlib.benchmark import PerformanceBenchmark, classification_metrics, evaluate
+from kdlib.benchmark import PerformanceBenchmark, evaluate
 from kdlib.inference import Predictor
-from kdlib.oos import OOS_KEYS, MahalanobisScore, apply_threshold, choose_threshold, detection_metrics, oos_scores
+from kdlib.metrics import classification_metrics
+from kdlib.oos import (
+    OOS_KEYS,
+    MahalanobisScore,
+    ThresholdRule,
+    apply_threshold,
+    choose_threshold,
+    detection_metrics,
+    oos_scores,
+)
 from kdlib.report import comparison_table, oos_table, summary_frame
 
 RNG = np.random.default_rng(0)
+ABSOLUTE_60 = ThresholdRule("in_scope_accuracy", in_scope_target=0.6)
 LOGITS = RNG.normal(size=(40, 4)) * 3
 OOS = 3
 
@@ -74,34 +84,86 @@ def test_auroc_and_fpr95_against_scikit_learn_on_fixed_arrays():
     assert big == pytest.approx({"oos_auroc": roc_auc_score(big_oos, big_scores), "oos_fpr95": min(fprs)})
 
 
-def _brute_force_threshold(scores, predicted, gold, rule, target):
+def _brute_force_threshold(scores, predicted, gold, rule: ThresholdRule):
+    """The rule applied by trying every threshold, from the metrics of each."""
+    untouched = classification_metrics(gold, predicted, oos_label=OOS)
+    in_scope = gold != OOS
     best, best_value = None, None
     for t in [None, *sorted(set(scores), reverse=True)]:
         m = classification_metrics(gold, apply_threshold(predicted, scores, t, OOS), oos_label=OOS)
-        if rule == "accuracy":
+        flagged = 0.0 if t is None else float(np.mean(scores[in_scope] >= t))
+        if rule.name == "accuracy":
             if best_value is None or m["accuracy"] > best_value:
                 best, best_value = t, m["accuracy"]
-        elif m["in_scope_accuracy"] >= target:
+        elif rule.name == "in_scope_accuracy" and m["in_scope_accuracy"] >= rule.in_scope_target:
+            best = t
+        elif rule.name == "in_scope_drop" and (
+            untouched["in_scope_accuracy"] - m["in_scope_accuracy"] <= rule.in_scope_drop + 1e-12
+        ):
+            best = t
+        elif rule.name == "flag_rate" and flagged <= rule.flag_rate + 1e-12:
             best = t
     return best
 
 
-@pytest.mark.parametrize(("rule", "target"), [("in_scope_accuracy", 0.6), ("in_scope_accuracy", 0.5), ("accuracy", 0)])
+RULES = [
+    ThresholdRule("in_scope_accuracy", in_scope_target=0.6),
+    ThresholdRule("in_scope_accuracy", in_scope_target=0.5),
+    ThresholdRule("accuracy"),
+    ThresholdRule("in_scope_drop", in_scope_drop=0.05),
+    ThresholdRule("in_scope_drop", in_scope_drop=0.2),
+    ThresholdRule("flag_rate", flag_rate=0.1),
+    ThresholdRule("flag_rate", flag_rate=0.3),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.name}-{r.setting and getattr(r, r.setting)}")
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_choose_threshold_matches_brute_force(rule, target, seed):
+def test_choose_threshold_matches_brute_force(rule, seed):
     rng = np.random.default_rng(seed)
     gold = rng.integers(0, 4, size=60)
     predicted = np.where(rng.random(60) < 0.7, gold, rng.integers(0, 4, size=60))
     scores = np.round(rng.random(60) + (gold == OOS) * 0.5, 1)  # rounding makes ties
-    chosen = choose_threshold(scores, predicted, gold, OOS, rule=rule, in_scope_target=target)
-    assert chosen == _brute_force_threshold(scores, predicted, gold, rule, target)
+    chosen = choose_threshold(scores, predicted, gold, OOS, rule)
+    assert chosen.threshold == _brute_force_threshold(scores, predicted, gold, rule)
+    assert chosen.rule == rule.describe() and (chosen.missed is None) == (chosen.threshold is not None)
 
 
-def test_unreachable_target_means_no_threshold():
+def test_the_default_rule_is_relative_and_gives_a_weak_model_a_threshold():
+    """A model whose own validation in-scope accuracy is below any sensible absolute target (here 0.5)
+    gets no threshold from the absolute rule, with a message saying so, but one from the default rule."""
+    rng = np.random.default_rng(5)
+    gold = rng.integers(0, 4, size=400)
+    predicted = np.where(rng.random(400) < 0.5, gold, (gold + 1) % 4)
+    scores = rng.random(400) + (gold == OOS) * 1.0
+    assert ThresholdRule().name == "in_scope_drop"
+    absolute = choose_threshold(scores, predicted, gold, OOS, ThresholdRule("in_scope_accuracy", in_scope_target=0.8))
+    assert absolute.threshold is None
+    assert "already below in_scope_target = 0.8" in absolute.missed and "in_scope_drop" in absolute.missed
+    relative = choose_threshold(scores, predicted, gold, OOS)
+    assert relative.threshold is not None and relative.missed is None
+    before = classification_metrics(gold, predicted, oos_label=OOS)
+    after = classification_metrics(gold, apply_threshold(predicted, scores, relative.threshold, OOS), oos_label=OOS)
+    assert after["accuracy"] > before["accuracy"] and after["oos_recall"] > before["oos_recall"]
+    assert before["in_scope_accuracy"] - after["in_scope_accuracy"] <= ThresholdRule().in_scope_drop + 1e-12
+
+
+def test_unreachable_rules_say_which_rule_by_how_much_and_what_to_change():
     gold, predicted = np.array([0, 1, OOS]), np.array([1, 1, 0])  # in-scope accuracy 0.5 before flagging
-    assert choose_threshold(np.array([0.1, 0.2, 0.9]), predicted, gold, OOS, in_scope_target=0.9) is None
-    with pytest.raises(ValueError, match="threshold_rule"):
-        choose_threshold(np.zeros(3), predicted, gold, OOS, rule="f1")
+    scores = np.array([0.1, 0.9, 0.2])  # the correct in-scope query scores highest
+    cases = {
+        ThresholdRule("in_scope_accuracy", in_scope_target=0.9): "already below in_scope_target = 0.9",
+        ThresholdRule("in_scope_drop", in_scope_drop=0.1): "costs 50.00 points of validation in-scope accuracy, "
+        "more than in_scope_drop = 0.1: raise in_scope_drop",
+        ThresholdRule("flag_rate", flag_rate=0.2): "flags 50.00 % of validation in-scope queries, more than "
+        "flag_rate = 0.2: raise flag_rate",
+    }
+    for rule, message in cases.items():
+        chosen = choose_threshold(scores, predicted, gold, OOS, rule)
+        assert chosen.threshold is None and message in chosen.missed
+    for bad in ({"name": "f1"}, {"in_scope_drop": 1.5}, {"flag_rate": True}):
+        with pytest.raises(ValueError, match="threshold_rule|in_scope_drop|flag_rate"):
+            ThresholdRule(**bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,18 +209,18 @@ def splits():
 
 def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits):
     predictor, validation, test = splits
-    metrics, detail = evaluate(predictor, test, validation=validation, in_scope_target=0.6)
+    metrics, detail = evaluate(predictor, test, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert set(OOS_KEYS) <= set(metrics) and metrics["threshold"] is not None
     # The same test texts with shuffled labels: every test figure may change, the threshold may not.
     shuffled = test.cast_column("label", ClassLabel(names=NAMES)).map(
         lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True
     )
-    again, _ = evaluate(predictor, shuffled, validation=validation, in_scope_target=0.6)
+    again, _ = evaluate(predictor, shuffled, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert again["threshold"] == metrics["threshold"]
     assert again["threshold_accuracy"] != metrics["threshold_accuracy"]
     # ... while validation labels do decide it (the check above could fail).
     other_validation = validation.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
-    moved, _ = evaluate(predictor, test, validation=other_validation, in_scope_target=0.6)
+    moved, _ = evaluate(predictor, test, validation=other_validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert moved["threshold"] != metrics["threshold"]
     # The test figures are those of the validation threshold applied to test.
     logits = predictor.logits(test["text"])
@@ -202,7 +264,7 @@ def feature_splits(splits):
 def test_mahalanobis_is_fit_on_train_and_its_threshold_chosen_on_validation(feature_splits):
     predictor, train, validation, test = feature_splits
     metrics, detail = evaluate(predictor, test, validation=validation, train=train, oos_score="mahalanobis",
-                               in_scope_target=0.6)
+                               threshold=ABSOLUTE_60)
     assert metrics["oos_score"] == detail["method"] == "mahalanobis" and metrics["threshold"] is not None
     fit = MahalanobisScore(np.stack([predictor.features[t] for t in train["text"]]), np.array(train["label"]), 3)
     test_features = np.stack([predictor.features[t] for t in test["text"]])
@@ -211,11 +273,11 @@ def test_mahalanobis_is_fit_on_train_and_its_threshold_chosen_on_validation(feat
     # Test labels never choose; train labels do (they decide the intent means).
     shuffled = test.map(lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True)
     again, _ = evaluate(predictor, shuffled, validation=validation, train=train, oos_score="mahalanobis",
-                        in_scope_target=0.6)
+                        threshold=ABSOLUTE_60)
     assert again["threshold"] == metrics["threshold"]
     relabelled = train.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
     moved, _ = evaluate(predictor, test, validation=validation, train=relabelled, oos_score="mahalanobis",
-                        in_scope_target=0.6)
+                        threshold=ABSOLUTE_60)
     assert moved["oos_auroc"] != metrics["oos_auroc"]
 
 
@@ -245,7 +307,7 @@ def test_mahalanobis_needs_a_train_split_before_any_work_and_falls_back_without_
 
 def test_without_validation_the_score_is_measured_but_no_threshold_applied(splits):
     predictor, _, test = splits
-    metrics, _ = evaluate(predictor, test)
+    metrics, _ = evaluate(predictor, test, oos_score="energy")
     assert metrics["oos_auroc"] is not None and metrics["threshold"] is None
     assert metrics["threshold_accuracy"] is None
 

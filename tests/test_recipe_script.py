@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdlib.config import RunConfig
-from kdlib.models import load_classifier, num_layers, save_model
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
+from kdlib.models import load_classifier, make_tiny_model, make_tiny_tokenizer, num_layers, save_model
 
 LABELS = ["alarm", "music", "oos"]
 

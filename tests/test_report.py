@@ -8,7 +8,8 @@ import os
 import pandas as pd
 import pytest
 
-from kdlib import config, report
+from kdlib import io as kdlib_io
+from kdlib import report
 from kdlib.report import (
     TABLE_COLUMNS,
     comparison_table,
@@ -124,7 +125,7 @@ def test_failed_write_midway_keeps_the_earlier_record(tmp_path, monkeypatch):
             raise OSError("No space left on device")
 
     # atomic_open writes through the builtin open(); a module global shadows it for this test.
-    monkeypatch.setattr(config, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(kdlib_io, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError, match="No space left"):
         save_record(tmp_path, "r", "student", metrics(0.86, 6.5, 66.0, note="x" * 10_000))
     assert path.read_bytes() == before
@@ -276,7 +277,7 @@ def test_write_table_csv_reads_back_the_same(tmp_path, two_run_table):
 
 
 def test_model_paths_inside_the_project_are_saved_relative(tmp_path):
-    from kdlib.config import project_root
+    from kdlib.io import project_root
     from kdlib.report import portable_ref
 
     inside = project_root() / "outputs" / "models" / "x" / "student"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from kdlib.config import RunPaths
+from kdlib.paths import RunPaths
 from kdlib.run import NotebookFailed, absolute_paths, main, notebook_parameters, run_notebooks
 
 
@@ -21,6 +26,19 @@ def _notebook(path, *cells):
 def test_only_declared_parameters_are_passed(tmp_path):
     nb = _notebook(tmp_path / "a.ipynb", "alpha = 0.5\nepochs = 1", "print(alpha)")
     assert notebook_parameters(nb, {"alpha": 0.9, "teacher": "x"}) == {"alpha": 0.9}
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("notebook", sorted([*REPO.glob("notebooks/*.ipynb"), *REPO.glob("tests/nbval/*.ipynb")]),
+                         ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_every_name_of_a_parameters_cell_reaches_the_notebook(notebook):
+    """papermill skips a parameters-cell line holding a second '=' (a '>=' in its comment too): the runner
+    would then drop that -p value silently."""
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert set(notebook_parameters(notebook, dict.fromkeys(assigned))) == assigned
 
 
 def test_parameters_are_injected_and_timed(tmp_path):
@@ -153,6 +171,26 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_partial_notebook(tmp_path):
     ]
 
 
+def test_a_ctrl_c_as_a_cell_ends_still_stops_the_run_before_the_next_cell(tmp_path):
+    """The cell sends the runner its Ctrl-C and ends at once: the kernel's interrupt lands in the cell, after
+    it (lost with the reply: the runner stops after its grace period) or while idle (the next cell is not
+    started). Every way, the run stops with one line and the last cell never runs."""
+    nb = _notebook(tmp_path / "01_quick.ipynb", "x = 1", "import os, signal\nos.kill(os.getppid(), signal.SIGINT)",
+                   "print('never')")
+    script = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "import sys; from pathlib import Path; import kdlib.run as run; run._CtrlC.grace = 3\n"
+        f"try: run.run_notebooks([Path({str(nb)!r})], Path({str(tmp_path / 'out')!r}), {{}}, log=lambda _: None)\n"
+        "except run.Interrupted as stop: print(f'STOPPED: {stop}', file=sys.stderr); sys.exit(130)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            start_new_session=True)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("STOPPED: Interrupted in 01_quick")
+    saved = nbformat.read(tmp_path / "out" / "01_quick.ipynb", as_version=4)
+    assert saved.cells[-1].outputs == [] and saved.cells[-1].execution_count is None
+
+
 def test_a_diverging_distillation_stops_before_saving_anything(tmp_path, capsys):
     """-p temperature 1e20 passes validation (finite, > 0) but trains to NaN: 02 stops at the first step,
     before a student, ONNX file, record or model card is written; 01's teacher stays as it was."""
@@ -167,3 +205,52 @@ def test_a_diverging_distillation_stops_before_saving_anything(tmp_path, capsys)
     assert _tree_digest(out / "results") == before, "no student record"
     assert not (out / "models" / "smoke" / "student").exists() and not (out / "models" / "smoke" / "onnx").exists()
     assert not list((out / "checkpoints" / "smoke" / "student").glob("*/checkpoint-*"))
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "kdlib.run", "--profile", "smoke", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def earlier_output(tmp_path):
+    """An output folder holding an earlier file: a refused command leaves its listing as it was."""
+    out = tmp_path / "outputs"
+    (out / "results" / "smoke").mkdir(parents=True)
+    (out / "results" / "smoke" / "teacher.json").write_text("{}")
+    return out
+
+
+def test_data_with_a_single_label_is_refused_before_training(tmp_path, earlier_output):
+    data = tmp_path / "one-intent"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.csv").write_text("text,label\n" + "".join(f"wake me at {i},alarm\n" for i in range(30)))
+    before = _listing(earlier_output)
+    result = _cli("-p", "data_source", str(data), "-p", "output_dir", str(earlier_output))
+    assert result.returncode != 0
+    assert str(data / "train.csv") in result.stderr and "at least two labels" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _listing(earlier_output) == before
+
+
+def test_keep_layers_deeper_than_the_teacher_is_refused_before_training(earlier_output):
+    before = _listing(earlier_output)
+    result = _cli("-p", "keep_layers", "[0, 9]", "-p", "output_dir", str(earlier_output))
+    assert result.returncode != 0
+    assert "keep_layers = [0, 9]" in result.stderr and "has 2 layers" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _listing(earlier_output) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work():
+    result = _cli("-p", "output_dir", "/proc/kdlib-out")
+    assert result.returncode != 0
+    assert "output_dir = '/proc/kdlib-out'" in result.stderr and "-p output_dir PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not Path("/proc/kdlib-out").exists()

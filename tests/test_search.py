@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 
 import optuna
 import pytest
 import torch
 
+from kdlib.config import RunConfig
 from kdlib.data import build_dataset_dict
-from kdlib.models import student_from_teacher
+from kdlib.models import make_tiny_model, make_tiny_tokenizer, student_from_teacher
 from kdlib.search import hyperparameter_search, open_study, search_trials, suggest_hyperparameters
-from kdlib.testing import make_tiny_model, make_tiny_tokenizer
-from kdlib.train import TrainConfig, train_classifier
+from kdlib.train import student_arguments, train_model
 
 LABELS = ["alarm", "music", "weather"]
 
@@ -26,11 +27,10 @@ def setup(tmp_path_factory):
     split = ([t for t, _ in rows], [lab for _, lab in rows])
     data = build_dataset_dict({"train": split, "validation": split, "test": split}, origin="synthetic")
     tokenizer = make_tiny_tokenizer()
-    teacher = train_classifier(
-        make_tiny_model("tiny-bert", LABELS), tokenizer, data, output_dir=tmp_path_factory.mktemp("teacher"),
-        config=TrainConfig(alpha=1.0, epochs=2, learning_rate=5e-3, batch_size=16), resume=False,
-        save_strategy="no",
-    ).model
+    args = student_arguments(RunConfig(alpha=1.0, epochs=2, learning_rate=5e-3, batch_size=16),
+                             tmp_path_factory.mktemp("teacher"))
+    teacher = train_model(make_tiny_model("tiny-bert", LABELS), tokenizer, data,
+                          replace(args, resume=False, save_strategy="no")).model
     return data, tokenizer, teacher
 
 
@@ -53,7 +53,7 @@ def test_search_resumes_from_its_study(setup, tmp_path, kind):
     journal = tmp_path / "search.journal"
     storage = journal if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
     kwargs = dict(
-        teacher=teacher, base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
+        teacher=teacher, config=RunConfig(epochs=1, batch_size=16, learning_rate=5e-3),
         storage=storage, output_dir=tmp_path / "trials", space=tiny_space,
     )
     best = hyperparameter_search(lambda: student_from_teacher(teacher), tokenizer, data, n_trials=2, **kwargs)
@@ -73,7 +73,7 @@ def test_search_resumes_from_its_study(setup, tmp_path, kind):
 def test_zero_trials_skips_the_search(setup, tmp_path):
     data, tokenizer, teacher = setup
     best = hyperparameter_search(
-        lambda: student_from_teacher(teacher), tokenizer, data, teacher=teacher, base_config=TrainConfig(),
+        lambda: student_from_teacher(teacher), tokenizer, data, teacher=teacher, config=RunConfig(),
         n_trials=0, storage=tmp_path / "search.journal", output_dir=tmp_path,
     )
     assert best == {} and not (tmp_path / "search.journal").exists()
@@ -98,7 +98,7 @@ def test_search_prepares_the_data_and_the_teacher_logits_once(setup, tmp_path, m
     monkeypatch.setattr(training, "teacher_logits_for", counting_logits)
     hyperparameter_search(
         lambda: student_from_teacher(teacher), tokenizer, data, n_trials=3, teacher=teacher,
-        base_config=TrainConfig(epochs=1, batch_size=16, learning_rate=5e-3),
+        config=RunConfig(epochs=1, batch_size=16, learning_rate=5e-3),
         storage=tmp_path / "search.journal", output_dir=tmp_path / "trials",
         space=lambda trial: {"alpha": trial.suggest_float("alpha", 0.0, 0.9)},
     )
@@ -110,17 +110,19 @@ def test_prepared_data_trains_like_raw_data(setup, tmp_path):
     from kdlib.train import prepare_datasets
 
     data, tokenizer, teacher = setup
-    config = TrainConfig(alpha=0.5, temperature=3, epochs=1, batch_size=16, learning_rate=5e-3)
-    kwargs = dict(teacher=teacher, config=config, resume=False, save_strategy="no")
-    raw = train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "raw", **kwargs)
+    config = RunConfig(alpha=0.5, temperature=3, epochs=1, batch_size=16, learning_rate=5e-3)
+
+    def args(folder):
+        return replace(student_arguments(config, tmp_path / folder), resume=False, save_strategy="no")
+
+    raw = train_model(student_from_teacher(teacher), tokenizer, data, args("raw"), teacher=teacher)
     prepared = prepare_datasets(data, tokenizer, teacher=teacher)
-    again = train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "prepared",
-                             prepared=prepared, **kwargs)
+    again = train_model(student_from_teacher(teacher), tokenizer, data, args("prepared"), teacher=teacher,
+                        prepared=prepared)
     for (name, a), (_, b) in zip(raw.model.state_dict().items(), again.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="prepare_datasets"):
-        train_classifier(student_from_teacher(teacher), tokenizer, data, output_dir=tmp_path / "bad",
-                         prepared=data, **kwargs)
+        train_model(student_from_teacher(teacher), tokenizer, data, args("bad"), teacher=teacher, prepared=data)
 
 
 def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
@@ -134,7 +136,7 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
         study.enqueue_trial({"learning_rate": rate})
     hyperparameter_search(
         lambda: make_tiny_model("tiny-bert", LABELS, seed=5), tokenizer, data, n_trials=4, teacher=teacher,
-        base_config=TrainConfig(alpha=1.0, epochs=4, batch_size=16), storage=storage, output_dir=tmp_path / "trials",
+        config=RunConfig(alpha=1.0, epochs=4, batch_size=16), storage=storage, output_dir=tmp_path / "trials",
         space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-9, 1e-1, log=True)},
     )
     trials = open_study(storage).get_trials()
@@ -159,7 +161,7 @@ def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
     storage = tmp_path / "search.journal"
     best = hyperparameter_search(
         lambda student_layers: student_from_teacher(teacher, default_keep_layers(depth, student_layers)),
-        tokenizer, data, n_trials=5, teacher=teacher, base_config=TrainConfig(epochs=1, batch_size=16),
+        tokenizer, data, n_trials=5, teacher=teacher, config=RunConfig(epochs=1, batch_size=16),
         storage=storage, output_dir=tmp_path / "trials", space=search_layers(depth),
         latency=lambda model: float(num_layers(model)),
     )

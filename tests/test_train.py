@@ -1,9 +1,10 @@
 """Tests of kdlib.train: the loss by hand, validation, cache = online, gradient accumulation,
-the epoch table, and train_classifier end to end (reproducibility, resume) on tiny models."""
+the epoch table, and train_model end to end (reproducibility, resume) on tiny models."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import Counter
 from dataclasses import replace
@@ -14,18 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
-from transformers import DataCollatorWithPadding, TrainerCallback
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 from kdlib import train as training
+from kdlib.config import RunConfig
 from kdlib.data import build_dataset_dict
-from kdlib.models import forward_inputs, num_layers, student_from_teacher
-from kdlib.testing import SYNTHETIC_KEYWORDS, make_tiny_model, make_tiny_tokenizer, synthetic_intents
+from kdlib.models import forward_inputs, make_tiny_model, make_tiny_tokenizer, num_layers, student_from_teacher
+from kdlib.testing import SYNTHETIC_KEYWORDS, synthetic_intents
 from kdlib.train import (
     EPOCH_TABLE_COLUMNS,
     NO_LOG,
+    STUDENT_SETTINGS,
     TEACHER_LOGITS,
     DistillationTrainer,
-    TrainConfig,
+    DistillationTrainingArguments,
     add_noisy_copies,
     add_teacher_logits,
     distillation_loss,
@@ -33,8 +36,10 @@ from kdlib.train import (
     hidden_state_loss,
     layer_map,
     prepare_datasets,
+    student_arguments,
+    teacher_arguments,
     tokenize_dataset,
-    train_classifier,
+    train_model,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +80,9 @@ def tokenized(data, tok):
 def teacher_run(data, tok, tmp_path_factory):
     """alpha = 1: plain fine-tuning of a tiny BERT, as notebook 01 does with the same code."""
     teacher = make_tiny_model("tiny-bert", LABELS, seed=0)
-    config = TrainConfig(alpha=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=6, seed=0)
-    return train_classifier(teacher, tok, data, output_dir=tmp_path_factory.mktemp("teacher"), config=config)
+    args = training_args(tmp_path_factory.mktemp("teacher"), alpha=1.0, learning_rate=5e-3, batch_size=BATCH,
+                         epochs=6, seed=0)
+    return train_model(teacher, tok, data, args)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +102,16 @@ def without_dropout(model):
     return clone
 
 
-def make_args(tmp_path, **kwargs):
-    from transformers import TrainingArguments
+def make_args(tmp_path, **kwargs) -> DistillationTrainingArguments:
+    """Arguments for a DistillationTrainer built by hand (the run parameters' defaults for alpha, T ...)."""
+    return DistillationTrainingArguments(**{"output_dir": str(tmp_path), "report_to": "none", "disable_tqdm": True,
+                                            **kwargs})
 
-    return TrainingArguments(**{"output_dir": str(tmp_path), "report_to": "none", "disable_tqdm": True, **kwargs})
+
+def training_args(output_dir, **settings) -> DistillationTrainingArguments:
+    """The student's arguments of a run with these run parameters, and any other arguments given."""
+    run = {k: settings.pop(k) for k in list(settings) if k in STUDENT_SETTINGS}
+    return replace(student_arguments(RunConfig(), output_dir, **run), **settings)
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -225,7 +237,7 @@ def test_alpha_below_one_without_teacher_logits_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Invalid alpha / temperature: the same clear error from every entry point
+# Invalid alpha / temperature: the same clear error from every entry point, checked once (not per step)
 # ---------------------------------------------------------------------------------------------
 
 BAD = [
@@ -240,34 +252,69 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, value, message", BAD)
-def test_invalid_alpha_temperature_in_train_config(name, value, message):
+def test_invalid_alpha_temperature_in_the_arguments(name, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**{name: value})
+        DistillationTrainingArguments(output_dir=str(tmp_path), **{name: value})
 
 
 @pytest.mark.parametrize("name, value, message", BAD)
-def test_invalid_alpha_temperature_in_loss(name, value, message):
-    kwargs = {"alpha": 0.5, "temperature": 2.0, name: value}
+def test_invalid_alpha_temperature_in_a_copy_of_the_arguments(name, value, message, tmp_path):
+    """``dataclasses.replace`` (how a search trial or a caller changes one setting) checks again."""
     with pytest.raises(ValueError, match=message):
-        distillation_loss(*_tensors(), **kwargs)
+        replace(make_args(tmp_path), **{name: value})
+
+
+@pytest.mark.parametrize("name, value, message", BAD)
+def test_invalid_alpha_temperature_in_the_run_parameters(name, value, message, tmp_path):
+    """The run parameters of a training are validated as the run's own, naming the parameter."""
+    with pytest.raises(ValueError, match=f"{name} = "):
+        student_arguments(RunConfig(), tmp_path, **{name: value})
 
 
 @pytest.mark.parametrize("alpha, temperature", [(0, 1), (1, 0.5), (0.5, 20.0)])
 def test_valid_edges_are_accepted(alpha, temperature, tmp_path):
-    assert TrainConfig(alpha=alpha, temperature=temperature).temperature == temperature
+    assert make_args(tmp_path, alpha=alpha, temperature=temperature).temperature == temperature
     assert torch.isfinite(distillation_loss(*_tensors(), alpha=alpha, temperature=temperature))
 
 
-def test_train_classifier_refuses_distillation_without_teacher(data, tok, tmp_path):
+def test_train_model_refuses_distillation_without_teacher(data, tok, tmp_path):
     with pytest.raises(ValueError, match="teacher"):
-        train_classifier(make_tiny_model("tiny-bert", LABELS), tok, data, output_dir=tmp_path,
-                         config=TrainConfig(alpha=0.5))
+        train_model(make_tiny_model("tiny-bert", LABELS), tok, data, make_args(tmp_path, alpha=0.5))
 
 
-def test_trainer_takes_its_loss_settings_from_a_train_config(tmp_path):
-    with pytest.raises(TypeError, match="TrainConfig"):
-        DistillationTrainer(model=make_tiny_model("tiny-bert", LABELS), args=make_args(tmp_path),
-                            config={"alpha": 0.5, "temperature": 2.0})
+def test_trainer_takes_its_loss_settings_from_its_arguments(tmp_path):
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(TypeError, match="DistillationTrainingArguments"):
+        DistillationTrainer(model=make_tiny_model("tiny-bert", LABELS), args=plain)
+    with pytest.raises(TypeError, match="DistillationTrainingArguments"):  # positional, as Trainer allows
+        DistillationTrainer(make_tiny_model("tiny-bert", LABELS), plain)
+
+
+def test_train_model_refuses_other_arguments_before_any_work(data, tok, tmp_path):
+    with pytest.raises(TypeError, match="args must be a kdlib DistillationTrainingArguments"):
+        train_model(make_tiny_model("tiny-bert", LABELS), tok, data, TrainingArguments(output_dir=str(tmp_path)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_model_takes_its_trainer_as_a_parameter_within_eight():
+    parameters = inspect.signature(train_model).parameters
+    assert parameters["trainer_class"].default is DistillationTrainer  # a subclass or a partial replaces it
+    assert len(parameters) <= 8
+
+
+def test_run_parameters_that_are_not_a_trainings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_layers: not a setting of this training"):
+        student_arguments(RunConfig(), tmp_path, keep_layers=[0])
+    with pytest.raises(ValueError, match="alpha: not a setting of this training"):
+        teacher_arguments(RunConfig(), tmp_path, alpha=0.5)  # the teacher's loss is cross-entropy only
+    with pytest.raises(ValueError, match="epoch: not a setting of this training; it reads alpha, .*epochs"):
+        student_arguments(RunConfig(), tmp_path, epoch=2)
+
+
+@pytest.mark.parametrize(("name", "value"), [("cache_teacher_logits", "no"), ("resume", 1), ("max_length", 0)])
+def test_the_other_settings_are_checked_when_built(name, value, tmp_path):
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        make_args(tmp_path, **{name: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +350,11 @@ def test_compute_loss_cached_equals_online(student_kind, teacher, tokenized, tok
     else:
         student = make_tiny_model("tiny-distilbert", LABELS, seed=1)
     student.eval()
-    args, config = make_args(tmp_path, per_device_eval_batch_size=12), TrainConfig(alpha=0.3, temperature=3.0)
+    args = make_args(tmp_path, per_device_eval_batch_size=12, alpha=0.3, temperature=3.0)
     collator = DataCollatorWithPadding(tok)
-    with_cache = DistillationTrainer(model=student, args=args, config=config, eval_dataset=cached["validation"],
+    with_cache = DistillationTrainer(model=student, args=args, eval_dataset=cached["validation"],
                                      data_collator=collator)
-    online = DistillationTrainer(model=student, args=args, config=config, teacher_model=teacher,
-                                 data_collator=collator)
+    online = DistillationTrainer(model=student, args=args, teacher_model=teacher, data_collator=collator)
     # The batch exactly as the Trainer builds it (unused columns such as DistilBERT's token_type_ids removed).
     batch = with_cache._prepare_inputs(next(iter(with_cache.get_eval_dataloader())))
     assert TEACHER_LOGITS in batch and batch["input_ids"].shape[0] == 12
@@ -376,9 +422,9 @@ def test_hidden_weight_adds_its_term_to_the_loss():
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
-def test_invalid_hidden_weight_is_refused(value):
+def test_invalid_hidden_weight_is_refused(value, tmp_path):
     with pytest.raises(ValueError, match="hidden_weight"):
-        TrainConfig(hidden_weight=value)
+        make_args(tmp_path, hidden_weight=value)
 
 
 def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teacher, tokenized, tok, tmp_path):
@@ -391,9 +437,9 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
     copied = student_from_teacher(teacher).eval()
     terms = {}
     for name, student in {"copied": copied, "random": make_tiny_model("tiny-bert", LABELS, seed=9).eval()}.items():
-        plain = DistillationTrainer(model=student, args=make_args(tmp_path), config=TrainConfig(),
-                                    teacher_model=teacher, data_collator=collator)
-        weighted = DistillationTrainer(model=student, args=make_args(tmp_path), config=TrainConfig(hidden_weight=2.0),
+        plain = DistillationTrainer(model=student, args=make_args(tmp_path), teacher_model=teacher,
+                                    data_collator=collator)
+        weighted = DistillationTrainer(model=student, args=make_args(tmp_path, hidden_weight=2.0),
                                        teacher_model=teacher, data_collator=collator)
         with torch.no_grad():
             s_out = student(**forward_inputs(student, batch), output_hidden_states=True)
@@ -405,18 +451,17 @@ def test_compute_loss_with_hidden_weight_pulls_the_student_to_the_teacher(teache
     assert terms["copied"] < terms["random"]
     # without a teacher model there are no hidden states: refused when the trainer is built, before any step
     with pytest.raises(ValueError, match="teacher_model"):
-        DistillationTrainer(model=copied, args=make_args(tmp_path), config=TrainConfig(hidden_weight=2.0),
-                            data_collator=collator)
+        DistillationTrainer(model=copied, args=make_args(tmp_path, hidden_weight=2.0), data_collator=collator)
 
 
-def test_train_classifier_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
-    config = TrainConfig(alpha=0.5, hidden_weight=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
-    alone = replace(config, alpha=1.0)  # no KL term: the hidden-state term alone needs the teacher
+def test_train_model_with_hidden_weight_needs_a_teacher_and_trains(teacher, data, tok, tmp_path):
+    args = training_args(tmp_path, alpha=0.5, hidden_weight=1.0, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
+    alone = replace(args, alpha=1.0)  # no KL term: the hidden-state term alone needs the teacher
     with pytest.raises(ValueError, match="hidden_weight=1.0 > 0"):
-        train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, config=alone)
+        train_model(student_from_teacher(teacher), tok, data, alone)
     student = student_from_teacher(teacher)
-    result = train_classifier(student, tok, data, teacher=teacher, output_dir=tmp_path, config=config)
-    assert result.trainer.config.hidden_weight == 1.0 and result.trainer.teacher is teacher
+    result = train_model(student, tok, data, args, teacher=teacher)
+    assert result.trainer.args.hidden_weight == 1.0 and result.trainer.teacher is teacher
     assert np.isfinite(result.epoch_table["Training Loss"].iloc[-1])
 
 
@@ -425,7 +470,7 @@ def test_train_classifier_with_hidden_weight_needs_a_teacher_and_trains(teacher,
 # ---------------------------------------------------------------------------------------------
 
 
-def test_noisy_copies_are_fragments_of_their_query_the_same_every_run(data):
+def test_noisy_copies_are_fragments_of_their_query_the_same_every_run(data, tmp_path):
     copied = add_noisy_copies(data, 2, seed=0)
     train, n = copied["train"], len(data["train"])
     assert len(train) == 3 * n and copied["validation"] is data["validation"] and copied["test"] is data["test"]
@@ -442,13 +487,12 @@ def test_noisy_copies_are_fragments_of_their_query_the_same_every_run(data):
         with pytest.raises(ValueError, match="augment_copies"):
             add_noisy_copies(data, bad, seed=0)
         with pytest.raises(ValueError, match="augment_copies"):
-            TrainConfig(augment_copies=bad)
+            make_args(tmp_path, augment_copies=bad)
 
 
 def test_training_with_copies_trains_on_them_with_the_teachers_logits(teacher, data, tok, tmp_path):
-    config = TrainConfig(alpha=0.5, augment_copies=1, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
-    result = train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
-                              config=config)
+    args = training_args(tmp_path, alpha=0.5, augment_copies=1, learning_rate=5e-3, batch_size=BATCH, epochs=1, seed=0)
+    result = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher)
     n = len(data["train"])
     assert len(result.trainer.train_dataset) == 2 * n
     assert result.trainer.state.global_step == math.ceil(2 * n / BATCH)
@@ -460,8 +504,8 @@ def test_training_with_copies_trains_on_them_with_the_teachers_logits(teacher, d
     # the search's shared preparation must hold the same copies: refused before the checkpoints are touched
     before = sorted(str(path) for path in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match="pass augment_copies=1 to prepare_datasets"):
-        train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path, config=config,
-                         prepared=prepare_datasets(data, tok, teacher=teacher), resume=False)
+        train_model(student_from_teacher(teacher), tok, data, replace(args, resume=False), teacher=teacher,
+                    prepared=prepare_datasets(data, tok, teacher=teacher))
     assert sorted(str(path) for path in tmp_path.rglob("*")) == before
     prepared = prepare_datasets(data, tok, teacher=teacher, augment_copies=1, seed=0)
     assert list(prepared["train"]["input_ids"]) == list(result.trainer.train_dataset["input_ids"])
@@ -481,9 +525,8 @@ def test_gradient_accumulation_is_exact(online, teacher, tokenized, tok, tmp_pat
     cached = add_teacher_logits(tokenized, teacher, tok)
     student = without_dropout(student_from_teacher(teacher))
     student.train()
-    args = make_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4)
-    trainer = DistillationTrainer(model=student, args=args, config=TrainConfig(alpha=0.5, temperature=2.0),
-                                  teacher_model=teacher if online else None)
+    args = make_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4, alpha=0.5, temperature=2.0)
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher if online else None)
     collator = DataCollatorWithPadding(tok)
     # rows of very different lengths, so the two halves are padded differently from the whole
     ds = cached["train"]
@@ -537,8 +580,7 @@ def test_gradient_accumulation_with_unequal_batches(teacher, tokenized, tok, tmp
     # A model that does not advertise loss kwargs: the Trainer would then treat the loss as a per-batch
     # mean and divide it by the accumulation steps; DistillationTrainer must still count examples.
     student.accepts_loss_kwargs = False
-    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, gradient_accumulation_steps=2),
-                                  config=TrainConfig())
+    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, gradient_accumulation_steps=2))
     assert trainer.model_accepts_loss_kwargs
     collator = DataCollatorWithPadding(tok)
     rows = [dict(cached["train"][i]) for i in range(0, 120, 15)]
@@ -573,7 +615,7 @@ def test_epoch_table_from_hand_written_log_history():
     expected = pd.DataFrame(
         [
             [NO_LOG, 1.0, 8, 1.2346, 0.25],
-            [0.9877, 2.0, 16, 0.8765, 0.5679],  # the last training loss since the previous evaluation
+            [0.9877, 2.0, 16, 0.8765, 0.5679],  # the last training loss logged before this evaluation
             [0.5, 2.33, 20, 0.5, 0.75],
         ],
         columns=EPOCH_TABLE_COLUMNS,
@@ -590,14 +632,29 @@ def test_epoch_table_empty_and_without_accuracy():
     assert math.isnan(table["Accuracy"].iloc[0])
 
 
+def test_epoch_table_reads_the_log_as_the_hugging_face_model_cards_do():
+    """transformers.modelcard.parse_log_history: a loss logged once stands for every later evaluation."""
+    from transformers.modelcard import parse_log_history
+
+    history = [
+        {"loss": 2.0, "epoch": 0.5, "step": 4},
+        {"eval_loss": 1.5, "eval_accuracy": 0.5, "epoch": 0.5, "step": 4},
+        {"eval_loss": 1.25, "eval_accuracy": 0.6, "epoch": 1.0, "step": 8},
+        {"train_runtime": 1.0, "train_loss": 2.0, "epoch": 1.0, "step": 8},
+    ]
+    assert epoch_table(history)["Training Loss"].tolist() == [2.0, 2.0]
+    _, lines, _ = parse_log_history(history)
+    assert [line["Training Loss"] for line in lines] == [2.0, 2.0]
+
+
 # ---------------------------------------------------------------------------------------------
-# train_classifier end to end
+# train_model end to end
 # ---------------------------------------------------------------------------------------------
 
 
-def _distil_config(**kwargs) -> TrainConfig:
+def _distil_args(output_dir, **kwargs) -> DistillationTrainingArguments:
     defaults = dict(alpha=0.5, temperature=2.0, learning_rate=3e-3, batch_size=BATCH, epochs=2, seed=7)
-    return TrainConfig(**{**defaults, **kwargs})
+    return training_args(output_dir, **{**defaults, **kwargs})
 
 
 def test_teacher_fine_tuning_learns(teacher_run, tokenized, tok):
@@ -622,8 +679,8 @@ def distil_runs(teacher, data, tok, tmp_path_factory):
     for name, seed in (("a", 7), ("b", 7), ("other_seed", 8)):
         student = student_from_teacher(teacher)
         initial = state(student)
-        result = train_classifier(student, tok, data, output_dir=tmp_path_factory.mktemp(f"distil_{name}"),
-                                  teacher=teacher, config=_distil_config(seed=seed))
+        result = train_model(student, tok, data, _distil_args(tmp_path_factory.mktemp(f"distil_{name}"), seed=seed),
+                             teacher=teacher)
         runs[name] = (student, initial, result)
     return runs
 
@@ -640,7 +697,7 @@ def test_distillation_trains_the_returned_model(distil_runs, tokenized, tok):
     assert result.trainer.state.global_step == 2 * STEPS_PER_EPOCH
     assert accuracy(result.model, tokenized["validation"], tok) == pytest.approx(
         table["Accuracy"].iloc[-1], abs=1e-4)
-    assert result.config.alpha == 0.5 and result.log_history == result.trainer.state.log_history
+    assert result.args.alpha == 0.5 and result.log_history == result.trainer.state.log_history
 
 
 def test_same_seed_reproduces_exactly(distil_runs):
@@ -659,8 +716,8 @@ def test_distilbert_student_with_bert_teacher_cache_and_online(teacher, data, to
     results = {}
     for cache in (True, False):
         student = make_tiny_model("tiny-distilbert", LABELS, seed=3)
-        results[cache] = train_classifier(student, tok, data, output_dir=tmp_path / str(cache), teacher=teacher,
-                                          config=_distil_config(cache_teacher_logits=cache))
+        args = _distil_args(tmp_path / str(cache), cache_teacher_logits=cache)
+        results[cache] = train_model(student, tok, data, args, teacher=teacher)
     cached, online = results[True], results[False]
     assert TEACHER_LOGITS in cached.trainer.train_dataset.column_names
     assert online.trainer.teacher is teacher
@@ -713,25 +770,20 @@ class _CountingTrainer(DistillationTrainer):
         self.add_callback(_CountSteps())
 
 
-def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monkeypatch):
-    config = _distil_config(epochs=2)
-
-    def run(output_dir, **kwargs):
+def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path):
+    def run(output_dir, trainer_class=DistillationTrainer, **kwargs):
         student = student_from_teacher(teacher)
-        return train_classifier(student, tok, data, output_dir=output_dir, teacher=teacher, config=config,
-                                **kwargs)
+        return train_model(student, tok, data, _distil_args(output_dir, epochs=2, **kwargs), teacher=teacher,
+                           trainer_class=trainer_class)
 
     reference = run(tmp_path / "uninterrupted")
 
     folder = tmp_path / "interrupted"
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "DistillationTrainer", _InterruptingTrainer)
-        with pytest.raises(Interrupted):
-            run(folder)
+    with pytest.raises(Interrupted):
+        run(folder, trainer_class=_InterruptingTrainer)
     assert sorted(p.name for p in folder.glob("*/checkpoint-*")) == [f"checkpoint-{STEPS_PER_EPOCH}"]
 
-    monkeypatch.setattr(training, "DistillationTrainer", _CountingTrainer)
-    resumed = run(folder)
+    resumed = run(folder, trainer_class=_CountingTrainer)
     # only the second epoch was trained by this call
     counter = next(c for c in resumed.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
     assert counter.steps == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
@@ -746,25 +798,21 @@ def test_resume_continues_an_interrupted_run(teacher, data, tok, tmp_path, monke
         torch.testing.assert_close(w_res[k], w_ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
     # other settings: never the older run's checkpoints, a fresh training in its own folder
-    other = train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                             config=_distil_config(epochs=1, learning_rate=1e-3))
+    other = train_model(student_from_teacher(teacher), tok, data, _distil_args(folder, epochs=1, learning_rate=1e-3),
+                        teacher=teacher)
     assert other.resumed_from is None and other.checkpoint_dir != resumed.checkpoint_dir
     assert (resumed.checkpoint_dir / f"checkpoint-{2 * STEPS_PER_EPOCH}").is_dir()  # the older run is kept
 
     # resume=False starts over (its own checkpoints deleted)
-    fresh = train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                             config=config, resume=False)
+    fresh = run(folder, resume=False)
     assert fresh.resumed_from is None and fresh.checkpoint_dir == resumed.checkpoint_dir
     assert fresh.trainer.state.global_step == 2 * STEPS_PER_EPOCH
 
 
-def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp_path, monkeypatch):
-    config = _distil_config(epochs=1)
-    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config)
-    monkeypatch.setattr(training, "DistillationTrainer", _CountingTrainer)
-    again = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config)
+def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp_path):
+    args = _distil_args(tmp_path, epochs=1)
+    first = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher)
+    again = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher, trainer_class=_CountingTrainer)
     counter = next(c for c in again.trainer.callback_handler.callbacks if isinstance(c, _CountSteps))
     assert counter.steps == []
     assert again.resumed_from.endswith(f"checkpoint-{STEPS_PER_EPOCH}")
@@ -778,53 +826,75 @@ def test_resume_after_a_finished_run_trains_nothing_more(teacher, data, tok, tmp
 # ---------------------------------------------------------------------------------------------
 
 
-def test_infinite_temperature_is_refused():
+def test_infinite_temperature_is_refused(tmp_path):
     with pytest.raises(ValueError, match="temperature"):
-        distillation_loss(*_tensors(), alpha=0.5, temperature=float("inf"))
+        make_args(tmp_path, alpha=0.5, temperature=float("inf"))
 
 
-def test_train_config_warmup_ratio_is_used(tmp_path):
-    args = training.training_arguments(TrainConfig(warmup_ratio=0.1), tmp_path)
+def test_warmup_ratio_is_used(tmp_path):
+    args = teacher_arguments(RunConfig(finetune_warmup_ratio=0.1), tmp_path)
     assert args.get_warmup_steps(100) == 10
 
 
 def test_other_training_overrides_never_resume(teacher, data, tok, tmp_path):
-    config = _distil_config(epochs=1)
-    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config, lr_scheduler_type="constant")
-    second = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                              config=config, lr_scheduler_type="linear")
+    first = train_model(student_from_teacher(teacher), tok, data,
+                        _distil_args(tmp_path, epochs=1, lr_scheduler_type="constant"), teacher=teacher)
+    second = train_model(student_from_teacher(teacher), tok, data,
+                         _distil_args(tmp_path, epochs=1, lr_scheduler_type="linear"), teacher=teacher)
     assert second.resumed_from is None and second.checkpoint_dir != first.checkpoint_dir
 
 
 def test_checkpoints_of_another_initialisation_are_never_resumed(teacher, data, tok, tmp_path):
     # Same settings, other starting weights (another choice of layers): resuming would silently
     # return the other student, so each initialisation has its own checkpoints.
-    config = _distil_config(epochs=1)
+    args = _distil_args(tmp_path, epochs=1)
     layers = num_layers(teacher)
-    first = train_classifier(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config)
-    other = train_classifier(student_from_teacher(teacher, [layers - 1]), tok, data, output_dir=tmp_path,
-                             teacher=teacher, config=config)
+    first = train_model(student_from_teacher(teacher, [0]), tok, data, args, teacher=teacher)
+    other = train_model(student_from_teacher(teacher, [layers - 1]), tok, data, args, teacher=teacher)
     assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
     # the same initialisation resumes (nothing left to train)
-    again = train_classifier(student_from_teacher(teacher, [0]), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config)
+    again = train_model(student_from_teacher(teacher, [0]), tok, data, args, teacher=teacher)
     assert again.resumed_from is not None and again.checkpoint_dir == first.checkpoint_dir
 
 
 def test_another_run_fingerprint_never_resumes(teacher, data, tok, tmp_path):
     """The run's fingerprint (its data digest, e.g. after changing data_source or max_train_rows) keys
     the checkpoints: the same training settings on other data start afresh."""
-    config = _distil_config(epochs=1)
-    first = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config, fingerprint="data-a")
-    other = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                             config=config, fingerprint="data-b")
-    same = train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                            config=config, fingerprint="data-a")
+    args = _distil_args(tmp_path, epochs=1)
+    first = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher, fingerprint="data-a")
+    other = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher, fingerprint="data-b")
+    same = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher, fingerprint="data-a")
     assert other.resumed_from is None and other.checkpoint_dir != first.checkpoint_dir
     assert same.resumed_from is not None and same.checkpoint_dir == first.checkpoint_dir
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "changes_the_result"),
+    [("alpha", 0.7, True), ("temperature", 4.0, True), ("hidden_weight", 1.0, True), ("augment_copies", 1, True),
+     ("cache_teacher_logits", False, True), ("max_length", 64, True), ("num_train_epochs", 3, True),
+     ("warmup_steps", 0.2, True), ("resume", False, False), ("disable_tqdm", False, False),
+     ("dataloader_num_workers", 1, False)],
+)
+def test_the_checkpoint_key_follows_every_setting_that_changes_the_result(name, value, changes_the_result, tmp_path):
+    student = make_tiny_model("tiny-bert", LABELS, seed=0)
+    args = _distil_args(tmp_path)
+    key = training.checkpoint_key(args, student, "run")
+    assert (training.checkpoint_key(replace(args, **{name: value}), student, "run") != key) == changes_the_result
+    assert training.checkpoint_key(replace(args, output_dir=str(tmp_path / "elsewhere")), student, "run") == key
+
+
+def test_the_loss_checks_no_setting_at_a_step(teacher, tokenized, tok, tmp_path, monkeypatch):
+    """Settings are checked when the arguments are built; a training step only computes."""
+    cached = add_teacher_logits(tokenized, teacher, tok)
+    trainer = DistillationTrainer(model=student_from_teacher(teacher), args=make_args(tmp_path, hidden_weight=1.0),
+                                  teacher_model=teacher)
+    batch = DataCollatorWithPadding(tok)([dict(cached["train"][i]) for i in range(4)])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a setting was checked at a training step")
+
+    monkeypatch.setattr(training, "check_setting", refuse)
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -834,26 +904,36 @@ def test_another_run_fingerprint_never_resumes(teacher, data, tok, tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("epochs", 0), ("epochs", -1), ("epochs", float("nan")), ("epochs", "two"), ("epochs", True),
-     ("learning_rate", 0.0), ("learning_rate", float("inf")), ("learning_rate", "1e-3"), ("batch_size", 0),
-     ("batch_size", 2.0), ("gradient_accumulation_steps", 0), ("warmup_ratio", 1.0)],
+    [("num_train_epochs", 0), ("num_train_epochs", -1), ("num_train_epochs", float("nan")),
+     ("num_train_epochs", "two"), ("num_train_epochs", True), ("learning_rate", 0.0), ("learning_rate", float("inf")),
+     ("learning_rate", "1e-3"), ("per_device_train_batch_size", 0), ("per_device_train_batch_size", 2.0),
+     ("gradient_accumulation_steps", 0)],
 )
-def test_train_config_refuses_settings_that_cannot_train(field, value):
+def test_arguments_refuse_settings_that_cannot_train(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
-        TrainConfig(**{field: value})
+        make_args(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("epochs", "two"), ("epochs", True), ("learning_rate", 0.0), ("learning_rate", float("inf")),
+     ("batch_size", 0), ("gradient_accumulation_steps", 0), ("finetune_warmup_ratio", 1.0)],
+)
+def test_run_parameters_that_cannot_train_are_refused_by_name(field, value, tmp_path):
+    arguments = teacher_arguments if field.startswith("finetune_") else student_arguments
+    with pytest.raises(ValueError, match=f"{field} = {value!r}"):
+        arguments(RunConfig(), tmp_path, **{field: value})
 
 
 def test_a_diverging_run_stops_before_anything_is_saved(teacher, data, tok, tmp_path):
-    config = _distil_config(epochs=1, learning_rate=1e12)
+    args = _distil_args(tmp_path, epochs=1, learning_rate=1e12)
     with pytest.raises(training.TrainingDivergedError, match=r"learning_rate=1e\+12.*lower the learning rate"):
-        train_classifier(student_from_teacher(teacher), tok, data, output_dir=tmp_path, teacher=teacher,
-                         config=config)
+        train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher)
     assert not list(tmp_path.glob("*/checkpoint-*")), "no checkpoint of diverged weights"
 
 
 def _one_epoch_run(teacher, data, tok, folder):
-    return train_classifier(student_from_teacher(teacher), tok, data, output_dir=folder, teacher=teacher,
-                            config=_distil_config(epochs=1))
+    return train_model(student_from_teacher(teacher), tok, data, _distil_args(folder, epochs=1), teacher=teacher)
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "drop_state", "truncate_optimizer"])
@@ -931,32 +1011,35 @@ def test_progress_off_prints_nothing(teacher, data, tok, tmp_path, monkeypatch, 
     assert "[train]" not in captured.out + captured.err
 
 
-def test_train_config_defaults_are_the_default_profiles_and_follow_a_run():
-    from kdlib.config import RunConfig, load_config
+def test_arguments_defaults_are_the_default_profiles_and_follow_a_run(tmp_path):
+    from kdlib.config import load_config
 
     profile = RunConfig()
-    shared = ("alpha", "temperature", "hidden_weight", "augment_copies", "learning_rate", "batch_size", "epochs",
-              "seed", "gradient_accumulation_steps", "cache_teacher_logits")
-    assert {name: getattr(TrainConfig(), name) for name in shared} == {name: getattr(profile, name) for name in shared}
+    own = ("alpha", "temperature", "hidden_weight", "augment_copies", "cache_teacher_logits")
+    assert {name: getattr(make_args(tmp_path), name) for name in own} == {name: getattr(profile, name) for name in own}
+    shared = (*own, "learning_rate", "batch_size", "epochs", "seed", "gradient_accumulation_steps")
+    defaults = student_arguments(profile, tmp_path).settings()
+    assert {name: defaults[name] for name in shared} == {name: getattr(profile, name) for name in shared}
     run = load_config("minilm", alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2, learning_rate=1e-3,
                       batch_size=8, epochs=2, seed=3, gradient_accumulation_steps=2, cache_teacher_logits=False,
                       finetune_learning_rate=5e-5, finetune_batch_size=4, finetune_epochs=1, finetune_warmup_ratio=0.2)
-    assert TrainConfig.for_student(run) == TrainConfig(alpha=0.2, temperature=7, hidden_weight=3.0, augment_copies=2,
-                                                       learning_rate=1e-3, batch_size=8, epochs=2, seed=3,
-                                                       gradient_accumulation_steps=2,
-                                                       cache_teacher_logits=False)
-    assert TrainConfig.for_teacher(run) == TrainConfig(alpha=1.0, learning_rate=5e-5, batch_size=4, epochs=1,
-                                                       warmup_ratio=0.2, seed=3)
+    assert student_arguments(run, tmp_path).settings() == {
+        **defaults, "alpha": 0.2, "temperature": 7, "hidden_weight": 3.0, "augment_copies": 2, "learning_rate": 1e-3,
+        "batch_size": 8, "epochs": 2, "seed": 3, "gradient_accumulation_steps": 2, "cache_teacher_logits": False}
+    assert teacher_arguments(run, tmp_path).settings() == {
+        **defaults, "alpha": 1.0, "learning_rate": 5e-5, "batch_size": 4, "epochs": 1, "warmup_ratio": 0.2, "seed": 3}
+    # one call for the search's choice on top of the run's settings (notebook 02)
+    assert student_arguments(run, tmp_path, alpha=0.9, epochs=4).settings() == {
+        **student_arguments(run, tmp_path).settings(), "alpha": 0.9, "epochs": 4}
 
 
 def test_training_hyperparameters_are_the_ones_the_trainer_used(teacher, data, tok, tmp_path):
     from kdlib.report import training_hyperparameters
 
-    config = _distil_config(epochs=1, alpha=0.3, temperature=4.0)
-    result = train_classifier(student_from_teacher(teacher), tok, data, teacher=teacher, output_dir=tmp_path,
-                              config=config)
+    args = _distil_args(tmp_path, epochs=1, alpha=0.3, temperature=4.0)
+    result = train_model(student_from_teacher(teacher), tok, data, args, teacher=teacher)
     params = training_hyperparameters(result)
     assert {k: params[k] for k in ("learning_rate", "train_batch_size", "seed", "num_epochs", "alpha", "temperature")} \
-        == {"learning_rate": config.learning_rate, "train_batch_size": config.batch_size, "seed": config.seed,
-            "num_epochs": config.epochs, "alpha": 0.3, "temperature": 4.0}
+        == {"learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
+            "seed": args.seed, "num_epochs": args.num_train_epochs, "alpha": 0.3, "temperature": 4.0}
     assert params["optimizer"].startswith("AdamW") and "weight_decay=0.01" in params["optimizer"]

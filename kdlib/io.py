@@ -1,0 +1,103 @@
+"""Where kdlib's files are, and how they are written: the project root every relative path is taken
+from, and the atomic writes every output goes through.
+
+The lowest layer of kdlib: it imports no other kdlib module and no heavy library, so the run
+configuration (which finds its profiles under the project root) stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``pyproject.toml`` and ``kdlib/``, found upwards from ``start`` (or the
+    working directory), so a notebook opened from ``notebooks/`` and a papermill run started at the
+    top both write to the same ``outputs/``. Falls back to the installed package's parent."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "kdlib").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` (a file, or a folder with ``directory=True``) that replaces
+    ``path`` only if the block succeeds.
+
+    For every writer in kdlib: records, tables, figures, ONNX files and saved models. On any error
+    the temporary path is removed and ``path`` keeps its earlier content. The temporary file or
+    folder is created with ``O_EXCL`` / ``mkdir`` and the default modes, so the process umask gives
+    it the usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed
+    over a non-empty one, so the old one steps aside first and is put back if the swap fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+    if directory:
+        tmp.mkdir()
+    else:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        if directory:
+            _normal_modes(tmp)
+            _swap_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _normal_modes(folder: Path) -> None:
+    """Give every file a writer left in ``folder`` the mode a new file gets here (some libraries
+    write through mkstemp, whose 0600 would otherwise survive), read off a fresh file, not the umask."""
+    probe = folder / f".probe.{uuid.uuid4().hex[:8]}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(mode)
+
+
+def _swap_dir(new: Path, target: Path) -> None:
+    backup = target.with_name(f".{target.name}.old") if target.exists() else None
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if backup is not None:
+            os.rename(backup, target)  # put the previous one back (target is free again)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``."""
+    encoding = {} if "b" in mode else {"encoding": "utf-8"}
+    with atomic_path(path) as tmp, open(tmp, mode, **encoding) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
