@@ -20,7 +20,7 @@ from kdlib.config import ConfigError, RunConfig
 from kdlib.data import label_names, load_intent_data, subsample
 from kdlib.models import load_classifier, load_tokenizer, student_from_teacher
 from kdlib.paths import RunPaths
-from kdlib.session import prepare_session
+from kdlib.session import env_fingerprint, prepare_session
 from kdlib.train import add_teacher_logits, student_arguments, tokenize_dataset, train_model
 
 

@@ -21,7 +21,7 @@ from kdlib.inference import PipelinePredictor, TorchPredictor
 from kdlib.metrics import classification_metrics
 from kdlib.models import load_classifier, load_tokenizer
 from kdlib.paths import RunPaths
-from kdlib.session import prepare_session
+from kdlib.session import env_fingerprint, prepare_session
 
 
 def main() -> None:

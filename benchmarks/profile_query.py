@@ -40,6 +40,7 @@ from kdlib.inference import (
     build_variants,
     session_options,
 )
+from kdlib.session import env_fingerprint
 
 VARIANT = "onnx-fused-int8"
 STEPS = ("encode", "session.run", "softmax + label", "whole call")

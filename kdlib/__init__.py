@@ -17,7 +17,9 @@ Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib imp
 * :mod:`kdlib.metrics` - classification metrics (accuracy, macro-F1, the CLINC150 OOS metrics);
 * :mod:`kdlib.oos` - out-of-scope scores, AUROC / FPR95, a threshold chosen on validation;
 * :mod:`kdlib.report` - result records, comparison tables, the model card;
-* :mod:`kdlib.plots` - the figures; :mod:`kdlib.interpret` - sentences written from a run's records;
+* :mod:`kdlib.quantize` - quantisation by hand: one layer's scale and zero point, int8 against fp32, sizes;
+* :mod:`kdlib.recommend` - the one rule that picks the variant to deploy from the comparison table;
+* :mod:`kdlib.plots` - the figures; :mod:`kdlib.narrate` - the conclusions written from a run's records;
 * :mod:`kdlib.run` - the headless runner behind ``make run``;
 * :mod:`kdlib.testing` - synthetic intents for tests and demos.
 
@@ -51,7 +53,7 @@ _EXPORTS = {
     ],
     "search": [
         "hyperparameter_search", "search_from_config", "student_factory", "search_layers", "latency_objective",
-        "search_trials", "open_study",
+        "search_trials", "open_study", "plan_distillation",
     ],
     "inference": [
         "Predictor", "TorchPredictor", "PipelinePredictor", "OnnxPredictor", "build_variants", "parity_check",
@@ -64,10 +66,13 @@ _EXPORTS = {
     "report": [
         "save_benchmark", "load_runs", "check_lineage", "comparison_table", "summary_frame", "write_table",
         "portable_ref", "oos_table", "write_model_card", "card_dataset", "base_model_id", "training_hyperparameters",
+        "write_student_card",
     ],
+    "quantize": ["layer_weight", "quantize_by_hand", "time_matmul", "parameter_breakdown", "size_arithmetic"],
+    "recommend": ["recommend_variant", "recommendation", "pareto_front"],
     "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency",
-              "plot_search"],
-    "interpret": ["interpret_baseline", "interpret_distillation", "interpret_comparison"],
+              "plot_search", "plot_weight_histogram"],
+    "narrate": ["interpret_baseline", "interpret_distillation", "interpret_comparison", "interpret_search"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = (*_EXPORTS, "metrics", "run", "testing")

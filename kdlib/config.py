@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
+OVERRIDES = "overrides"  # the parameters-cell name that carries every run parameter the cell does not list
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
 
@@ -143,7 +144,8 @@ class RunConfig(BaseModel):
         "student's depth searched too); the fastest Pareto trial within 1 point of the best is chosen",
     )
     variants: list[Literal[VARIANTS]] = Field(
-        ["int8", "onnx", "onnx-int8"], description="faster variants of the student to build and benchmark"
+        ["int8", "onnx", "onnx-int8", "onnx-fused-int8"],
+        description="faster variants of the student to build and benchmark (onnx-fused-int8: the fastest)",
     )
     n_latency_queries: Int = Field(100, ge=1, description="single-query calls timed, as in the reference")
     # 01 and 02: out-of-scope detection, a threshold on a score chosen on validation
@@ -167,7 +169,7 @@ class RunConfig(BaseModel):
     runs: list[Slug] | None = Field(None, description="runs to overlay in 03; None: [run_name]")
     baseline: Slug = Field("teacher", description="speed-up and size ratios are measured against this variant")
     highlight: Slug | None = Field(
-        None, description="variant drawn highlighted in the plot; None: the last variant built (student-onnx-int8)"
+        None, description="variant drawn highlighted in 03's figures; None: the recommended one (kdlib.recommend)"
     )
 
     @field_validator("keep_layers")
@@ -214,10 +216,14 @@ class RunConfig(BaseModel):
             raise ValueError(f"highlight={self.highlight!r} is not a variant this run builds; choose one of {built}")
         return self
 
-    @property
-    def highlighted_variant(self) -> str:
-        """The variant 03 highlights: ``highlight``, else the last one built (the book's choice, int8 ONNX)."""
-        return self.highlight or (f"student-{self.variants[-1]}" if self.variants else "student")
+    def highlighted_variant(self, table: Any) -> str:
+        """The variant 03 highlights in a comparison table: ``highlight``, else the one the recommendation
+        rule picks (:func:`kdlib.recommend.recommend_variant`), so the figure and the closing sentence agree."""
+        if self.highlight:
+            return self.highlight
+        from kdlib.recommend import recommend_variant  # pandas loads with the table, after the parameter check
+
+        return recommend_variant(table)
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -228,10 +234,12 @@ class RunConfig(BaseModel):
         text = json.dumps({"settings": settings, "data": data_digest, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def load_data(self, base_dir: str | os.PathLike | None = None) -> DatasetDict:
+    def load_data(self, base_dir: str | os.PathLike | None = None, *, warn_duplicates: bool = True) -> DatasetDict:
         """The run's data, as every notebook and script reads it: ``data_source`` (a relative path
         taken from ``base_dir``) loaded by :func:`kdlib.data.load_intent_data` with the run's columns,
-        hold-out and duplicate options, then cut to the ``max_*_rows`` limits (:func:`kdlib.data.subsample`)."""
+        hold-out and duplicate options, then cut to the ``max_*_rows`` limits (:func:`kdlib.data.subsample`).
+        ``warn_duplicates=False``: texts in several splits are not warned about (a notebook shows their
+        counts in :func:`kdlib.data.describe`'s table instead of a warning on stderr)."""
         from kdlib.data import load_intent_data, subsample  # datasets loads with the data, after the parameter check
 
         data = load_intent_data(
@@ -242,6 +250,7 @@ class RunConfig(BaseModel):
             drop_duplicates=self.drop_duplicates,
             seed=self.seed,
             base_dir=base_dir,
+            warn_duplicates=warn_duplicates,
         )
         limits = {"train": self.max_train_rows, "validation": self.max_validation_rows, "test": self.max_test_rows}
         return subsample(data, limits, seed=self.seed)
@@ -319,20 +328,30 @@ def load_config(profile: str | os.PathLike = DEFAULT_PROFILE, **overrides: Any) 
 def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
     """The configuration of a notebook run: ``profile`` plus every parameter the notebook set.
 
-    A notebook's ``parameters`` cell sets ``profile`` and leaves the other parameters at ``None``
-    ("the profile's value"); papermill (``-p alpha 0.7``, in its injected ``# Parameters`` cell) or
-    a reader editing the cell sets them. Every name those cells assign must be a parameter: a typo
-    is refused with the same did-you-mean as the command line, while the notebook's own variables
-    (``data``, ``model`` ... of cells run before, in JupyterLab) are not parameters at all.
+    A notebook's ``parameters`` cell sets ``profile``, lists the parameters a reader of that notebook
+    would change, left at ``None`` ("the profile's value"), and ``overrides``: a mapping of any other
+    run parameter to its value (``{"n_latency_queries": 20}``), so every parameter stays reachable
+    from a short cell. papermill (``-p alpha 0.7``, in its injected ``# Parameters`` cell; the runner
+    puts the parameters a cell does not list into ``overrides``) or a reader editing the cell sets
+    them; a name the cell lists wins over the same name in ``overrides``. Every name must be a
+    parameter: a typo is refused with the same did-you-mean as the command line, while the notebook's
+    own variables (``data``, ``model`` ... of cells run before, in JupyterLab) are not parameters at all.
     """
     names = _parameter_cell_names(namespace)
     fields = RunConfig.model_fields
+    extra = namespace.get(OVERRIDES) if OVERRIDES in names else None
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError(
+            f"{OVERRIDES} = {extra!r}: must be a mapping of parameter names to values, e.g. "
+            '{"n_latency_queries": 20}, or None.'
+        )
     overrides = {
         name: namespace[name]
         for name in names
-        if name != "profile" and name in namespace and (namespace[name] is not None or name not in fields)
+        if name not in ("profile", OVERRIDES) and name in namespace
+        and (namespace[name] is not None or name not in fields)
     }
-    return load_config(namespace.get("profile") or DEFAULT_PROFILE, **overrides)
+    return load_config(namespace.get("profile") or DEFAULT_PROFILE, **{**(extra or {}), **overrides})
 
 
 def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:

@@ -79,13 +79,16 @@ def load_intent_data(
     seed: int = 42,
     drop_duplicates: bool = False,
     base_dir: str | os.PathLike | None = None,
+    warn_duplicates: bool = True,
 ) -> DatasetDict:
     """Load intent data from the embedded CLINC150, a release file, a folder of CSV/JSONL files or the Hub.
 
     ``text_column`` / ``label_column`` name the columns of a folder or Hub dataset (the Hub's
     ``clinc_oos`` uses ``intent`` for labels and is recognised automatically). Texts found in more
-    than one split are reported with a :class:`DuplicateTextWarning`; ``drop_duplicates`` drops
-    them from train and validation (never from test). Relative paths are taken from ``base_dir``.
+    than one split are reported with a :class:`DuplicateTextWarning` (``warn_duplicates=False``: not
+    reported here, for a caller that shows :func:`describe`'s ``duplicates`` counts instead);
+    ``drop_duplicates`` drops them from train and validation (never from test). Relative paths are
+    taken from ``base_dir``.
     """
     resolved = resolve_data_source(source)
     if resolved == EMBEDDED_SOURCE:
@@ -120,7 +123,7 @@ def load_intent_data(
                 label_column=label_column,
                 tried_path=None if ":" in resolved else path,
             )
-    return check_duplicates(data, drop=drop_duplicates)
+    return check_duplicates(data, drop=drop_duplicates, warn=warn_duplicates)
 
 
 def local_path(source: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Path:
@@ -489,15 +492,27 @@ def _normalised(text: str) -> str:
     return text.strip().lower()
 
 
-def check_duplicates(data: DatasetDict, *, drop: bool = False) -> DatasetDict:
-    """Warn (:class:`DuplicateTextWarning`, with counts per pair of splits) when a text appears in more
-    than one split; with ``drop``, remove such texts from train and validation, never from test."""
+DUPLICATE_PAIRS = (("test", "train"), ("test", "validation"), ("validation", "train"))
+
+
+def duplicate_counts(data: DatasetDict) -> dict[tuple[str, str], int]:
+    """``{(split, other split): texts of split also in the other}`` for :data:`DUPLICATE_PAIRS` (compared
+    case- and space-insensitively)."""
     texts = {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
-    pairs = [("test", "train"), ("test", "validation"), ("validation", "train")]
-    counts = {(a, b): len(texts[a] & texts[b]) for a, b in pairs}
+    return {(a, b): len(texts[a] & texts[b]) for a, b in DUPLICATE_PAIRS}
+
+
+def check_duplicates(data: DatasetDict, *, drop: bool = False, warn: bool = True) -> DatasetDict:
+    """Warn (:class:`DuplicateTextWarning`, with counts per pair of splits; ``warn=False``: silently) when
+    a text appears in more than one split; with ``drop``, remove such texts from train and validation,
+    never from test."""
+    texts = {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
+    counts = duplicate_counts(data)
     if not any(counts.values()):
         return data
     listed = ", ".join(f"{n} texts of {a} also in {b}" for (a, b), n in counts.items() if n)
+    if not drop and not warn:
+        return data
     if not drop:
         warnings.warn(
             f"Duplicate texts across splits: {listed}. Pass drop_duplicates=True (run parameter "
@@ -532,13 +547,18 @@ def data_digest(data: DatasetDict) -> str:
     return digest.hexdigest()[:16]
 
 
-def describe(data: DatasetDict) -> dict[str, object]:
-    """Split sizes, label count and the OOS label: the facts a notebook prints about its data."""
-    return {
+def describe(data: DatasetDict, *, duplicates: bool = False) -> dict[str, object]:
+    """Split sizes, label count and the OOS label: the facts a notebook prints about its data; with
+    ``duplicates``, also how many texts of each split appear in another (:func:`duplicate_counts`), the
+    counts a :class:`DuplicateTextWarning` would give, as rows of the same table."""
+    facts = {
         **{f"{split}_rows": len(data[split]) for split in data},
         "labels": len(label_names(data)),
         "oos_label": oos_label(data),
     }
+    if duplicates:
+        facts.update({f"{a} texts also in {b}": n for (a, b), n in duplicate_counts(data).items()})
+    return facts
 
 
 def examples_frame(split: Dataset, n: int = 5, seed: int = 42):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from kdlib.data import EMBEDDED_SOURCE
+from kdlib.data import EMBEDDED_SOURCE, resolve_data_source
 from kdlib.io import atomic_write_text, project_root
 from kdlib.oos import NOT_APPLICABLE, OOS_KEYS
 from kdlib.session import library_versions
@@ -461,3 +461,46 @@ def write_model_card(out_dir: str | os.PathLike, *, hyperparameters: dict, epoch
     """
     built = build_model_card(training=CardTraining(hyperparameters, epoch_table), **card)
     return atomic_write_text(Path(out_dir) / "README.md", str(built))
+
+
+@dataclass(frozen=True)
+class CardFile:
+    """A written model card; a notebook shows its body (without the YAML front matter) as Markdown."""
+
+    path: Path
+
+    def _repr_markdown_(self) -> str:
+        return self.path.read_text(encoding="utf-8").split("---", 2)[2]
+
+
+# The test results a student's card lists, in this order, when its record has them.
+CARD_METRICS = (
+    "accuracy", "in_scope_accuracy", "oos_recall", "oos_auroc", "threshold_accuracy", "threshold_oos_recall",
+)
+
+
+def write_student_card(config, distilled, record: dict, *, teacher: str | os.PathLike, out_dir: str | os.PathLike,
+                       base_dir: str | os.PathLike | None = None) -> CardFile:
+    """Notebook 02's model card of the distilled student, written into ``out_dir``: named after the run, the
+    data the run loaded (relative paths from ``base_dir``, default the project root), the model its weights
+    start from (the teacher's layers, or the pretrained ``student``), ``teacher``, the training's
+    hyperparameters and per-epoch table (``distilled``, a :class:`kdlib.train.TrainResult`) and the test
+    results of the student's benchmark ``record``."""
+    # models loads torch, and notebook 03 imports report before its parameter check
+    from kdlib.models import num_layers
+
+    start = config.student if config.student_init != "teacher_layers" else (config.teacher_model or config.teacher)
+    args = distilled.trainer.args
+    path = write_model_card(
+        out_dir,
+        model_name=f"{config.run_name}-distilled-student",
+        dataset=card_dataset(resolve_data_source(config.data_source), base_dir=base_dir or project_root()),
+        base_model=base_model_id(start),
+        teacher=portable_ref(str(teacher)),
+        description=f"A {config.student_init} student with {num_layers(distilled.model)} layers, distilled with "
+                    f"alpha={args.alpha}, T={args.temperature}.",
+        hyperparameters=training_hyperparameters(distilled),
+        epoch_table=distilled.epoch_table,
+        test_metrics={key: record[key] for key in CARD_METRICS if record.get(key) is not None},
+    )
+    return CardFile(path)

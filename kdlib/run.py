@@ -33,6 +33,7 @@ from typing import Any
 
 from kdlib.config import (
     DEFAULT_PROFILE,
+    OVERRIDES,
     ConfigError,
     RunConfig,
     load_config,
@@ -48,11 +49,17 @@ PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student", "search
 
 
 def notebook_parameters(notebook: Path, params: dict) -> dict:
-    """The subset of ``params`` that the notebook's ``parameters`` cell declares."""
-    import papermill
+    """What papermill injects into ``notebook``: the entries of ``params`` its ``parameters`` cell declares,
+    and, when the cell declares ``overrides`` (:data:`kdlib.config.OVERRIDES`), every other entry in that
+    one mapping, so a parameter left out of a short cell still reaches the run's configuration."""
+    import papermill  # seconds to import: a refused command answers without it
 
     declared = papermill.inspect_notebook(str(notebook))
-    return {key: value for key, value in params.items() if key in declared}
+    passed = {key: value for key, value in params.items() if key in declared}
+    rest = {key: value for key, value in params.items() if key not in declared}
+    if rest and OVERRIDES in declared:
+        passed[OVERRIDES] = rest
+    return passed
 
 
 class _CtrlC:
@@ -267,7 +274,8 @@ class Interrupted(RuntimeError):
 def strip_local_paths(notebook: Path, *, drop_injected: bool = False) -> None:
     """Drop papermill's absolute input/output paths from a notebook meant to be committed, and
     (for notebooks/) its injected-parameters cell, so that a reader's edits to the one
-    ``parameters`` cell take effect in JupyterLab."""
+    ``parameters`` cell take effect in JupyterLab; the execution counts are then renumbered 1, 2, 3 ...
+    as a reader running the notebook top to bottom sees them."""
     import nbformat
 
     nb = nbformat.read(notebook, as_version=4)
@@ -275,6 +283,12 @@ def strip_local_paths(notebook: Path, *, drop_injected: bool = False) -> None:
         nb.metadata.get("papermill", {}).pop(key, None)
     if drop_injected:
         nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+        executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count") is not None]
+        for count, cell in enumerate(executed, start=1):
+            cell.execution_count = count
+            for output in cell.get("outputs", []):
+                if "execution_count" in output:
+                    output["execution_count"] = count
     nbformat.write(nb, notebook)
 
 

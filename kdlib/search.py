@@ -33,7 +33,16 @@ from kdlib.benchmark import time_pipeline
 from kdlib.config import RunConfig
 from kdlib.inference import TorchPredictor
 from kdlib.models import default_keep_layers, init_student, num_layers
-from kdlib.train import STUDENT_SETTINGS, DistillationTrainer, prepare_datasets, student_arguments, train_model
+from kdlib.paths import RunPaths
+from kdlib.report import write_table
+from kdlib.train import (
+    STUDENT_SETTINGS,
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    prepare_datasets,
+    student_arguments,
+    train_model,
+)
 
 STUDY_NAME = "distillation"  # the study of a search in its storage (``-latency`` added for a latency search)
 
@@ -334,3 +343,35 @@ def search_trials(
                      "epochs_reported": len(trial.intermediate_values), "minutes": minutes,
                      "worker": trial.user_attrs.get("worker")})
     return pd.DataFrame(rows)
+
+
+def plan_distillation(
+    config: RunConfig,
+    paths: RunPaths,
+    make_student: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    *,
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+) -> tuple[PreTrainedModel, DistillationTrainingArguments]:
+    """Notebook 02's set-up of the distillation: the student to train and its training arguments.
+
+    With ``n_trials`` the search runs first (:func:`search_from_config`, its study in ``search_storage``
+    or the run's journal) and its trials are written to ``tables/<run>/search_trials`` for notebook 03;
+    the arguments take the chosen alpha, T ..., and a latency search's chosen depth gives a fresh
+    student of that depth. Without a search, ``student`` and the run's settings are used, and an earlier
+    run's trials table is removed so that 03 never shows it as this run's.
+    """
+    storage = config.search_storage or paths.search_journal
+    best = search_from_config(config, make_student, tokenizer, data, teacher=teacher, storage=storage,
+                              output_dir=paths.checkpoints_dir / "search")
+    table = paths.tables_dir / "search_trials"
+    if config.n_trials:
+        write_table(search_trials(storage, latency=config.search_latency), table)
+        if "student_layers" in best:
+            student = make_student(best.pop("student_layers"))
+    else:
+        for suffix in (".csv", ".md"):
+            table.with_suffix(suffix).unlink(missing_ok=True)
+    return student, student_arguments(config, paths.checkpoints_dir / "student", **best)

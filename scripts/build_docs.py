@@ -30,6 +30,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pandas as pd
+
+from kdlib.recommend import recommendation
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "minilm"
 RESULTS_PAGE = "docs/results.md"
@@ -604,7 +608,13 @@ def readme_block(root: Path) -> str:
     records = dict((rec.get("variant"), rec) for _, rec in result_records(root))
     first = records.get(rows[0]["variant"], {})
     env = first.get("env", {})
-    body = [[f"`{r['variant']}`", fmt(number(r.get("accuracy")), 4), fmt(number(r.get("threshold_accuracy")), 4),
+    # The rule notebook 03 highlights and states (kdlib.recommend), read from the same table.
+    choice = recommendation(pd.read_csv(root / "outputs" / "tables" / RUN / "comparison.csv"))
+
+    def name(variant: str) -> str:
+        return f"**`{variant}` (recommended)**" if variant == choice.variant else f"`{variant}`"
+
+    body = [[name(r["variant"]), fmt(number(r.get("accuracy")), 4), fmt(number(r.get("threshold_accuracy")), 4),
              fmt(number(r.get("size_mb")), 1), fmt(number(r.get("time_p50_ms")), 2),
              fmt(number(r.get("speedup_vs_baseline")), 1, "×")] for r in rows]
     threads = fmt(number(rows[0].get("threads")), 0)
@@ -616,7 +626,8 @@ def readme_block(root: Path) -> str:
                 "speed-up (mean latency)"], body),
         "",
         f"The default run on the CLINC150 test split ({count(first.get('test_rows'))} queries), one query at a time "
-        f"(CPU: {env.get('cpu', 'not recorded')}, {threads} threads). Every table, the OOS detection figures, the "
+        f"(CPU: {env.get('cpu', 'not recorded')}, {threads} threads). Recommended: {choice.rule} (notebook 03 "
+        "highlights the same variant). Every table, the OOS detection figures, the "
         f"latency on other CPUs and the versions: [docs/results.md]({RESULTS_PAGE}).",
         "",
         f"![accuracy against latency](outputs/figures/{RUN}/accuracy_vs_latency.png)",

@@ -103,16 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="record path (default outputs/oos/<run_name>/threshold_rules.json)")
     args = parser.parse_args(argv)
     try:
-        params = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param})
+        params = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
         config = load_config(args.profile, **params)
         paths = RunPaths.for_config(config).require_models("teacher", "student")
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
     out = args.out or paths.output_dir / "oos" / config.run_name / "threshold_rules.json"
 
-    from kdlib.session import env_fingerprint
     from kdlib.io import atomic_write_text
-    from kdlib.session import prepare_session
+    from kdlib.session import env_fingerprint, prepare_session
 
     prepare_session(config.seed, config.threads)
     data = config.load_data()

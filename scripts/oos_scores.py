@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     for score in OOS_SCORES:
         options = {**oos_options(config), "oos_score": score}
         on_validation, _ = measure_quality(predictor, data["validation"], train=data["train"], **options)
-        on_test, _ = measure_quality(predictor, data["test"], validation=data["validation"], train=data["train"], **options)
+        on_test, _ = measure_quality(predictor, data["test"], validation=data["validation"], train=data["train"],
+                                     **options)
         rows[score] = {
             "validation_auroc": on_validation["oos_auroc"],
             "validation_fpr95": on_validation["oos_fpr95"],

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from kdlib.benchmark import compute_size, latency_stats, predict_labels, time_pipeline
+from kdlib.benchmark import (
+    BenchmarkOptions,
+    PerformanceBenchmark,
+    compute_size,
+    latency_stats,
+    predict_labels,
+    time_pipeline,
+)
+from kdlib.config import RunConfig
 from kdlib.inference import Predictor, TorchPredictor, state_dict_size_bytes
 from kdlib.metrics import classification_metrics
+from kdlib.oos import ThresholdRule
+from kdlib.report import save_benchmark, summary_frame
 
 # ---------------------------------------------------------------------------------------------
 # classification_metrics
@@ -173,13 +187,123 @@ def test_compute_size_in_mebibytes(tmp_path):
 
 
 def test_a_list_instead_of_a_dataset_is_a_clear_type_error():
-    from kdlib.benchmark import PerformanceBenchmark
-
     class Constant(Predictor):
         labels = ["a"]
 
-    with pytest.raises(TypeError, match="dataset must be a datasets.Dataset .* got list"):
+    with pytest.raises(TypeError, match="data must be a datasets.DatasetDict .* got list"):
         PerformanceBenchmark(Constant(), ["some text"], "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# PerformanceBenchmark: one options object, one result, no side effects
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ["alarm", "balance", "weather", "oos"]
+
+
+class LookupPredictor(Predictor):
+    """Logits and features looked up by text: a model whose outputs the test controls exactly."""
+
+    exposes_features = True
+
+    def __init__(self, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.labels, self.rows = list(NAMES), rows
+
+    def logits(self, texts):
+        return np.stack([self.rows[t][0] for t in texts])
+
+    def logits_and_features(self, texts):
+        return self.logits(texts), np.stack([self.rows[t][1] for t in texts])
+
+    def size_bytes(self):
+        return 1
+
+
+def lookup_data() -> tuple[LookupPredictor, DatasetDict]:
+    """A predictor and train / validation / test splits with an OOS label, features shaped by intent."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 5)) * 3
+    rows, splits = {}, {}
+    features = Features({"text": Value("string"), "label": ClassLabel(names=NAMES)})
+    for split, n in (("train", 60), ("validation", 40), ("test", 60)):
+        gold = np.arange(n) % 4
+        texts = [f"{split} {i}" for i in range(n)]
+        for text, label in zip(texts, gold, strict=True):
+            logits = rng.normal(size=4)
+            logits[label] += 2.0
+            rows[text] = (logits, centres[label] + rng.normal(size=5) * (1.0 if label != 3 else 4.0))
+        splits[split] = Dataset.from_dict({"text": texts, "label": list(gold)}, features)
+    return LookupPredictor(rows), DatasetDict(splits)
+
+
+def test_benchmark_options_default_to_the_run_configuration():
+    defaults, options = RunConfig(), BenchmarkOptions()
+    assert options == BenchmarkOptions.from_config(defaults)
+    assert (options.oos_score, options.n_latency_queries, options.threads) == (
+        defaults.oos_score, defaults.n_latency_queries, defaults.threads
+    )
+    assert options.threshold == ThresholdRule.from_config(defaults)
+    run = RunConfig(oos_score="msp", n_latency_queries=7, threads=2, threshold_rule="flag_rate", flag_rate=0.1)
+    chosen = BenchmarkOptions.from_config(run)
+    assert (chosen.oos_score, chosen.n_latency_queries, chosen.threads) == ("msp", 7, 2)
+    assert chosen.threshold == ThresholdRule("flag_rate", flag_rate=0.1)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"oos_score": "maha"}, "oos_score must be one of"),
+    ({"n_latency_queries": 0}, "n_latency_queries must be a whole number >= 1, got 0"),
+    ({"warmup": -1}, "warmup must be a whole number >= 0"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+    ({"throughput_batch_size": True}, "throughput_batch_size must be a whole number"),
+    ({"threads": 0}, "threads must be a whole number >= 1"),
+    ({"threshold": "in_scope_drop"}, "threshold must be a kdlib.ThresholdRule"),
+    ({"clock": 3.0}, "clock must be a function"),
+])
+def test_a_bad_option_is_refused_when_the_options_are_built(bad, message):
+    with pytest.raises((ValueError, TypeError), match=f"BenchmarkOptions.{message}"):
+        BenchmarkOptions(**bad)
+
+
+def test_the_benchmark_refuses_bad_arguments_before_any_work():
+    class Untouchable(LookupPredictor):
+        def logits(self, texts):
+            raise AssertionError("the model ran before the arguments were checked")
+
+    _, data = lookup_data()
+    with pytest.raises(TypeError, match="options must be a kdlib.BenchmarkOptions .* got dict"):
+        PerformanceBenchmark(Untouchable({}), data, "m", {"n_latency_queries": 5})
+    with pytest.raises(TypeError, match="got Dataset: pass the whole DatasetDict"):
+        PerformanceBenchmark(Untouchable({}), data["test"], "m")
+    with pytest.raises(ValueError, match="data has no 'test' split"):
+        PerformanceBenchmark(Untouchable({}), DatasetDict({"validation": data["validation"]}), "m")
+    with pytest.raises(ValueError, match="oos_score='mahalanobis' is fit on the training split"):
+        PerformanceBenchmark(Untouchable({}), DatasetDict({"test": data["test"]}), "m")
+    with pytest.raises(TypeError, match="name must be the variant's name"):
+        PerformanceBenchmark(Untouchable({}), data, None)
+
+
+def test_run_benchmark_returns_one_result_and_changes_nothing(tmp_path):
+    predictor, data = lookup_data()
+    bench = PerformanceBenchmark(predictor, data, "m", BenchmarkOptions(n_latency_queries=3, warmup=0, threads=1))
+    before, threads = dict(vars(bench)), torch.get_num_threads()
+    first, second = bench.run_benchmark(), bench.run_benchmark()
+    assert vars(bench).keys() == before.keys() and all(vars(bench)[k] is v for k, v in before.items())
+    assert torch.get_num_threads() == threads
+    assert first["m"]["env"]["threads"] == 1  # measured at the options' thread count
+    # Equal quality figures from both calls, and the test OOS scores carried by the result itself.
+    pd.testing.assert_frame_equal(summary_frame(first), summary_frame(second))
+    assert first["m"]["oos_score"] == "mahalanobis" and first["m"]["threshold"] is not None
+    np.testing.assert_array_equal(first.oos_detail["scores"], second.oos_detail["scores"])
+    assert first.oos_detail["threshold"] == first["m"]["threshold"]
+    assert first.oos_detail["is_oos"].sum() == 15 and first["m"]["test_rows"] == 60
+    # {name: metrics} like the reference: saved, shown and combined as a dict would be.
+    assert isinstance(first, Mapping) and list(first) == ["m"] and first == {"m": first["m"]}
+    (path,) = save_benchmark(tmp_path, "r", first, model_ref="models/m")
+    record = json.loads(path.read_text())
+    assert record["model_ref"] == "models/m" and record["accuracy"] == first["m"]["accuracy"]
+    combined = dict(first)
+    combined.update(PerformanceBenchmark(predictor, data, "n", bench.options).run_benchmark())
+    assert list(combined) == ["m", "n"] and combined["n"]["accuracy"] == first["m"]["accuracy"]
 
 
 def test_other_processes_share_subtracts_this_process_and_divides_by_cores(monkeypatch):

@@ -118,7 +118,7 @@ def test_latency_refuses_a_bad_student_before_any_work(load_script, run_outputs,
                                                        spec, message):
     argv, _, _ = run_outputs
     script = load_script("benchmarks/latency.py")
-    monkeypatch.setattr(script, "load_run", lambda *a, **k: pytest.fail("data or models loaded before the check"))
+    monkeypatch.setattr(script, "load_run_models", lambda *a, **k: pytest.fail("models loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main([*argv, "--student", spec.format(missing=tmp_path / "nowhere")])
     assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -145,7 +145,7 @@ def test_a_run_without_its_models_is_refused_before_any_work(load_script, run_ou
     models = run_outputs[2].parents[2] / "models" / "r"
     (models / missing / "model.safetensors").unlink()
     script = load_script(f"benchmarks/{name}.py")
-    monkeypatch.setattr(script, "load_run", lambda *a, **k: pytest.fail("data or models loaded before the check"))
+    monkeypatch.setattr(script, "load_run_models", lambda *a, **k: pytest.fail("models loaded before the check"))
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     err = capsys.readouterr().err

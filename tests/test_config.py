@@ -3,12 +3,14 @@ any work, and the fingerprint that keys checkpoints and records."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import papermill
 import pytest
 
 from kdlib.config import (
+    OVERRIDES,
     STUDENT_FIELDS,
     TEACHER_FIELDS,
     ConfigError,
@@ -43,12 +45,21 @@ def test_every_profile_is_a_valid_configuration(profile):
 
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOK_DIR.glob("*.ipynb")), ids=lambda p: p.stem)
 def test_notebook_parameters_are_config_fields_left_to_the_profile(notebook):
-    """One source of defaults: a parameters cell names fields, it does not repeat their values."""
+    """One source of defaults: a parameters cell names fields, it does not repeat their values. It holds
+    what a reader of that notebook would change (at most 12 names, each with a comment, no '|' for
+    papermill to trip on); ``overrides`` carries every other parameter."""
     declared = declared_parameters(notebook)
     assert declared["profile"]["default"] == '"minilm"'
     others = {name: p["default"] for name, p in declared.items() if name != "profile"}
-    assert set(others) <= set(RunConfig.model_fields), set(others) - set(RunConfig.model_fields)
+    assert OVERRIDES in others, f"{notebook.name}: no `{OVERRIDES}` for the parameters the cell leaves out"
+    fields = set(others) - {OVERRIDES}
+    assert fields <= set(RunConfig.model_fields), fields - set(RunConfig.model_fields)
     assert set(others.values()) == {"None"}, others
+    assert len(declared) <= 12, f"{notebook.name}: {len(declared)} names in its parameters cell"
+    assert all(p["help"] for p in declared.values()), [n for n, p in declared.items() if not p["help"]]
+    cell = next(c for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+                if "parameters" in c["metadata"].get("tags", []))
+    assert "|" not in "".join(cell["source"]), f"{notebook.name}: a '|' in its parameters cell"
 
 
 def test_the_default_profile_is_the_schema_defaults():
@@ -190,11 +201,36 @@ def test_prepare_session_sets_threads_and_seeds():
         torch.set_num_threads(before)
 
 
-def test_the_highlighted_variant_defaults_to_the_last_one_built():
-    assert load_config("smoke").highlighted_variant == "student-onnx-int8"
-    assert load_config("smoke", variants=["onnx"]).highlighted_variant == "student-onnx"
-    assert load_config("smoke", variants=[]).highlighted_variant == "student"
-    assert load_config("smoke", highlight="teacher").highlighted_variant == "teacher"
+def test_the_highlighted_variant_defaults_to_the_recommended_one():
+    import pandas as pd
+
+    # teacher most accurate; the fused int8 variant fastest and within a point of it; onnx beaten by it.
+    table = pd.DataFrame({"run": "r", "variant": ["teacher", "student-onnx", "student-onnx-fused-int8"],
+                          "accuracy": [0.87, 0.86, 0.86], "threshold_accuracy": [0.92, 0.905, 0.915],
+                          "time_p50_ms": [10.0, 3.0, 1.0]})
+    assert load_config("smoke").highlighted_variant(table) == "student-onnx-fused-int8"
+    assert load_config("smoke", highlight="teacher").highlighted_variant(table) == "teacher"
+    with pytest.raises(ConfigError, match="highlight='student-onnx-fused-int8' is not a variant this run builds"):
+        load_config("smoke", variants=["onnx"], highlight="student-onnx-fused-int8")
+
+
+def test_every_default_run_builds_the_fastest_variant():
+    assert "onnx-fused-int8" in load_config().variants and "onnx-fused-int8" in load_config("smoke").variants
+
+
+def test_a_parameters_cell_reaches_every_other_parameter_through_overrides():
+    history = ["", 'profile = "smoke"\nalpha = None\noverrides = None',
+               '# Parameters\nprofile = "smoke"\noverrides = {"n_latency_queries": 7, "alpha": 0.3}\n']
+    namespace = {"In": history, "profile": "smoke", "alpha": None,
+                 "overrides": {"n_latency_queries": 7, "alpha": 0.3}}
+    config = config_from_notebook(namespace)
+    assert (config.n_latency_queries, config.alpha) == (7, 0.3)
+    # a name the cell lists wins over the same name in overrides
+    assert config_from_notebook({**namespace, "alpha": 0.9}).alpha == 0.9
+    with pytest.raises(ConfigError, match="n_latency_querys: unknown parameter; did you mean 'n_latency_queries'"):
+        config_from_notebook({**namespace, "overrides": {"n_latency_querys": 7}})
+    with pytest.raises(ConfigError, match="overrides = 'epochs=2': must be a mapping"):
+        config_from_notebook({**namespace, "overrides": "epochs=2"})
 
 
 def test_search_storage_is_a_journal_path_or_a_database_url():

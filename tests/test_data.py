@@ -788,6 +788,19 @@ def test_duplicate_texts_across_splits_are_counted_in_a_warning(tmp_path):
     assert len(data["train"]) == 4
 
 
+def test_duplicate_counts_become_rows_of_the_data_table_instead_of_a_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateTextWarning)  # warn_duplicates=False: no stderr in a notebook
+        data = load_intent_data(_folder_with_duplicates(tmp_path), warn_duplicates=False)
+    facts = describe(data, duplicates=True)
+    assert {k: v for k, v in facts.items() if "also in" in k} == {
+        "test texts also in train": 1, "test texts also in validation": 1, "validation texts also in train": 1,
+    }
+    assert describe(data) == {k: v for k, v in facts.items() if "also in" not in k}
+    dropped = describe(load_intent_data(tmp_path / "dups", drop_duplicates=True), duplicates=True)
+    assert dropped["test texts also in train"] == dropped["validation texts also in train"] == 0
+
+
 def test_drop_duplicates_removes_them_from_train_and_validation_only(tmp_path, recwarn):
     data = load_intent_data(_folder_with_duplicates(tmp_path), drop_duplicates=True)
     assert data["train"]["text"] == ["play jazz", "some song"]

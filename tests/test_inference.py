@@ -16,10 +16,10 @@ import onnx.helper
 import onnx.numpy_helper
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from kdlib import inference as optimize
-from kdlib.benchmark import PerformanceBenchmark
+from kdlib.benchmark import BenchmarkOptions, PerformanceBenchmark
 from kdlib.inference import (
     LABELS_KEY,
     OnnxPredictor,
@@ -223,7 +223,8 @@ def test_benchmark_runs_with_onnx_predictor(setup):
         features=Features({"text": Value("string"), "label": ClassLabel(names=LABELS)}),
     )
     predictor = setup["variants"]["student-onnx"]
-    result = PerformanceBenchmark(predictor, dataset, "onnx", n_latency_queries=5).run_benchmark()
+    options = BenchmarkOptions(n_latency_queries=5)
+    result = PerformanceBenchmark(predictor, DatasetDict({"test": dataset}), "onnx", options).run_benchmark()
     metrics = result["onnx"]
     reference = setup["reference"].predict(TEXTS)
     expected_accuracy = np.mean([p == g for p, g in zip(reference, GOLD, strict=True)])

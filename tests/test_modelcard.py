@@ -9,7 +9,14 @@ from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
 from kdlib.data import EMBEDDED_SOURCE
-from kdlib.report import CardDataset, build_model_card, card_dataset, optimizer_description, write_model_card
+from kdlib.report import (
+    CardDataset,
+    CardTraining,
+    build_model_card,
+    card_dataset,
+    optimizer_description,
+    write_model_card,
+)
 from kdlib.train import EPOCH_TABLE_COLUMNS
 
 EPOCHS = pd.DataFrame(
@@ -25,6 +32,13 @@ CARD = dict(
     epoch_table=EPOCHS,
     test_metrics={"accuracy": 0.87654, "oos_recall": 0.5},
 )
+
+
+def built(**changes) -> ModelCard:
+    """:func:`build_model_card` of ``CARD`` (with ``changes``): its hyperparameters and epochs as a CardTraining."""
+    card = {**CARD, **changes}
+    training = CardTraining(card.pop("hyperparameters"), card.pop("epoch_table"))
+    return build_model_card(training=training, **card)
 
 
 def reparsed(card: ModelCard) -> ModelCard:
@@ -46,7 +60,7 @@ def test_front_matter_has_the_hub_fields_and_measured_results(tmp_path):
 
 
 def test_body_has_hyperparameters_epoch_table_versions_and_a_working_link():
-    body = build_model_card(**CARD).text
+    body = built().text
     assert "- learning_rate: 2e-05" in body and "- train_batch_size: 48" in body
     assert "| Training Loss | Epoch | Step | Validation Loss | Accuracy |" in body
     assert "| No log | 1 | 318 | 3.2 | 0.75 |" in body
@@ -57,7 +71,7 @@ def test_body_has_hyperparameters_epoch_table_versions_and_a_working_link():
 
 def test_a_local_teacher_and_base_are_named_not_linked_or_claimed():
     local = {"teacher": "outputs/models/minilm/teacher", "base_model": "teacher layers"}
-    card = reparsed(build_model_card(**{**CARD, **local}))
+    card = reparsed(built(**local))
     assert card.data.base_model is None
     assert "`outputs/models/minilm/teacher`" in card.text and "](outputs" not in card.text
 
@@ -66,7 +80,7 @@ def test_a_csv_folder_run_names_that_folder_and_no_hub_dataset(tmp_path):
     folder = tmp_path / "bank_intents"
     folder.mkdir()
     dataset = card_dataset(str(folder))
-    card = reparsed(build_model_card(**{**CARD, "dataset": dataset, "teacher": str(tmp_path / "teacher")}))
+    card = reparsed(built(dataset=dataset, teacher=str(tmp_path / "teacher")))
     assert card.data.datasets is None
     assert {r.dataset_name for r in card.data.eval_results} == {"bank_intents (local CSV/JSONL folder)"}
     assert "trained on bank_intents (local CSV/JSONL folder)" in card.text
@@ -87,7 +101,7 @@ def test_card_dataset_names_the_source_used(source, expected):
 
 
 def test_a_card_without_teacher_is_a_fine_tuning_card():
-    card = build_model_card(**{**CARD, "teacher": None})
+    card = built(teacher=None)
     assert "knowledge-distillation" not in card.data.tags
     assert "fine-tuned from sentence-transformers/all-MiniLM-L6-v2" in card.text
 

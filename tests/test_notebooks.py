@@ -123,7 +123,7 @@ def test_only_the_int8_rows_are_kept_out_of_comparison():
     output = next(o for o in cell.outputs if "data" in o)
     for key in ("text/plain", "text/html"):
         text = output["data"][key]
-        for variant in ("student-int8", "student-onnx-int8", "student-onnx", "teacher"):
+        for variant in ("student-int8", "student-onnx-int8", "student-onnx-fused-int8", "student-onnx", "teacher"):
             row = re.search(rf"{variant}(</td>)?\s*(<td>)?(0\.\d+)", text)
             altered = text[: row.start(3)] + "0.9999" + text[row.end(3) :]
             same = _sanitized(altered) == _sanitized(text)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 
-from kdlib.benchmark import PerformanceBenchmark, evaluate
+from kdlib.benchmark import BenchmarkOptions, PerformanceBenchmark, measure_quality
 from kdlib.inference import Predictor
 from kdlib.metrics import classification_metrics
 from kdlib.oos import (
@@ -209,18 +209,18 @@ def splits():
 
 def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits):
     predictor, validation, test = splits
-    metrics, detail = evaluate(predictor, test, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
+    metrics, detail = measure_quality(predictor, test, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert set(OOS_KEYS) <= set(metrics) and metrics["threshold"] is not None
     # The same test texts with shuffled labels: every test figure may change, the threshold may not.
     shuffled = test.cast_column("label", ClassLabel(names=NAMES)).map(
         lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True
     )
-    again, _ = evaluate(predictor, shuffled, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
+    again, _ = measure_quality(predictor, shuffled, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert again["threshold"] == metrics["threshold"]
     assert again["threshold_accuracy"] != metrics["threshold_accuracy"]
     # ... while validation labels do decide it (the check above could fail).
     other_validation = validation.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
-    moved, _ = evaluate(predictor, test, validation=other_validation, threshold=ABSOLUTE_60, oos_score="energy")
+    moved, _ = measure_quality(predictor, test, validation=other_validation, threshold=ABSOLUTE_60, oos_score="energy")
     assert moved["threshold"] != metrics["threshold"]
     # The test figures are those of the validation threshold applied to test.
     logits = predictor.logits(test["text"])
@@ -263,7 +263,7 @@ def feature_splits(splits):
 
 def test_mahalanobis_is_fit_on_train_and_its_threshold_chosen_on_validation(feature_splits):
     predictor, train, validation, test = feature_splits
-    metrics, detail = evaluate(predictor, test, validation=validation, train=train, oos_score="mahalanobis",
+    metrics, detail = measure_quality(predictor, test, validation=validation, train=train, oos_score="mahalanobis",
                                threshold=ABSOLUTE_60)
     assert metrics["oos_score"] == detail["method"] == "mahalanobis" and metrics["threshold"] is not None
     fit = MahalanobisScore(np.stack([predictor.features[t] for t in train["text"]]), np.array(train["label"]), 3)
@@ -272,11 +272,11 @@ def test_mahalanobis_is_fit_on_train_and_its_threshold_chosen_on_validation(feat
     assert metrics["oos_auroc"] > 0.9  # OOS features are spread away from the intent centres
     # Test labels never choose; train labels do (they decide the intent means).
     shuffled = test.map(lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True)
-    again, _ = evaluate(predictor, shuffled, validation=validation, train=train, oos_score="mahalanobis",
+    again, _ = measure_quality(predictor, shuffled, validation=validation, train=train, oos_score="mahalanobis",
                         threshold=ABSOLUTE_60)
     assert again["threshold"] == metrics["threshold"]
     relabelled = train.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
-    moved, _ = evaluate(predictor, test, validation=validation, train=relabelled, oos_score="mahalanobis",
+    moved, _ = measure_quality(predictor, test, validation=validation, train=relabelled, oos_score="mahalanobis",
                         threshold=ABSOLUTE_60)
     assert moved["oos_auroc"] != metrics["oos_auroc"]
 
@@ -288,26 +288,25 @@ def test_mahalanobis_needs_a_train_split_before_any_work_and_falls_back_without_
         def logits(self, texts):
             raise AssertionError("the model ran before the arguments were checked")
 
-    for call in (
-        lambda: evaluate(Untouchable({}), test, validation=validation, oos_score="mahalanobis"),
-        lambda: PerformanceBenchmark(Untouchable({}), test, "m", validation=validation, oos_score="mahalanobis"),
-    ):
-        with pytest.raises(ValueError, match="pass `train=`"):
-            call()
+    with pytest.raises(ValueError, match="pass `train=`"):
+        measure_quality(Untouchable({}), test, validation=validation, oos_score="mahalanobis")
+    with pytest.raises(ValueError, match="data has no 'train' split .*pass data with its 'train' split"):
+        PerformanceBenchmark(Untouchable({}), DatasetDict({"test": test, "validation": validation}), "m",
+                             BenchmarkOptions(oos_score="mahalanobis"))
     # A validation or train split with an intent the model does not know: refused before any pass.
     for split in ("validation", "train"):
         unknown = _split("v", [0, 1, 2, 3], NAMES[:3] + ["lost_card"])
         with pytest.raises(ValueError, match=f"label\\(s\\) \\['lost_card'\\] of the {split}"):
-            evaluate(Untouchable({}), test, **{"validation": validation, "train": validation, split: unknown})
+            measure_quality(Untouchable({}), test, **{"validation": validation, "train": validation, split: unknown})
     # A variant without features (ONNX Runtime's) is scored by energy, and its record says so.
-    fallback, _ = evaluate(predictor, test, validation=validation, train=validation, oos_score="mahalanobis")
-    energy, _ = evaluate(predictor, test, validation=validation, oos_score="energy")
+    fallback, _ = measure_quality(predictor, test, validation=validation, train=validation, oos_score="mahalanobis")
+    energy, _ = measure_quality(predictor, test, validation=validation, oos_score="energy")
     assert fallback["oos_score"] == "energy" and fallback == energy
 
 
 def test_without_validation_the_score_is_measured_but_no_threshold_applied(splits):
     predictor, _, test = splits
-    metrics, _ = evaluate(predictor, test, oos_score="energy")
+    metrics, _ = measure_quality(predictor, test, oos_score="energy")
     assert metrics["oos_auroc"] is not None and metrics["threshold"] is None
     assert metrics["threshold_accuracy"] is None
 
@@ -316,9 +315,10 @@ def test_data_without_an_oos_label_is_not_applicable_never_zero(splits):
     names = ["alarm", "balance", "weather"]
     predictor = TableLookupPredictor({f"q {i}": np.eye(3)[i % 3] * 2 for i in range(9)}, labels=names)
     test = _split("q", np.arange(9) % 3, names)
-    bench = PerformanceBenchmark(predictor, test, "m", validation=test, n_latency_queries=2, warmup=0)
+    bench = PerformanceBenchmark(predictor, DatasetDict({"test": test, "validation": test}), "m",
+                                 BenchmarkOptions(n_latency_queries=2, warmup=0))
     result = bench.run_benchmark()
-    assert all(result["m"][key] is None for key in OOS_KEYS) and bench.oos_detail is None
+    assert all(result["m"][key] is None for key in OOS_KEYS) and result.oos_detail is None
     shown = summary_frame(result)
     assert (shown.loc["m", list(OOS_KEYS)] == "n/a").all() and shown.loc["m", "oos_recall"] == "n/a"
     assert shown.loc["m", "accuracy"] == 1.0

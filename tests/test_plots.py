@@ -241,6 +241,9 @@ def test_soft_targets_one_bar_container_per_temperature():
     assert [t.get_text() for t in ax.get_xticklabels()] == labels[:5]
     assert "transfer $100 to savings" in ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["T = 1", "T = 4"]
+    # A log axis: the runners-up, orders of magnitude below the top class, stay visible.
+    assert ax.get_yscale() == "log"
+    assert ax.get_ylim()[0] <= min(probs[t][np.argsort(-probs[1.0])[:5]].min() for t in probs)
 
 
 def test_soft_targets_rejects_logits():
@@ -289,12 +292,17 @@ def test_oos_score_histograms_and_the_threshold_line():
     line = next(line for line in ax.get_lines() if line.get_label().startswith("threshold"))
     assert list(line.get_xdata()) == [0.55, 0.55]
     assert ax.get_xlabel().startswith("Energy score") and ax.get_xscale() == "linear"
-    # Distances have a long right tail: a log axis, every query still counted once.
+    assert ax.get_ylabel() == "Test queries"
+    # Distances have a long right tail: log10(score) on even bins, bars counting queries (not densities).
     distances = {"scores": scores * 1000, "is_oos": is_oos, "threshold": 550.0, "method": "mahalanobis"}
     ax = plots.plot_oos_scores(distances).axes[0]
-    assert ax.get_xscale() == "log" and ax.get_xlabel().startswith("Squared Mahalanobis")
-    counts = [sum(p.get_height() * p.get_width() for p in c) for c in ax.containers]
-    assert counts == pytest.approx([1.0, 1.0])  # density histograms over all in-scope / all OOS scores
+    assert ax.get_xscale() == "linear" and ax.get_xlabel().startswith("log10 of the squared Mahalanobis")
+    counts = [sum(p.get_height() for p in c) for c in ax.containers]
+    assert counts == [3, 2]  # every in-scope and every OOS query counted once, at its real size
+    edges = [p.get_x() for c in ax.containers for p in c]
+    assert min(edges) == pytest.approx(np.log10(100.0))
+    line = next(line for line in ax.get_lines() if line.get_label().startswith("threshold"))
+    assert list(line.get_xdata()) == pytest.approx([np.log10(550.0)] * 2)
 
 
 def test_oos_figures_say_not_applicable_without_an_oos_label(table):
@@ -336,6 +344,32 @@ def test_search_plot_joins_the_pareto_front_and_says_when_there_is_none():
     np.testing.assert_allclose(line.get_ydata(), [93.0, 95.0])
     assert len(fig.axes) == 2  # the depth colour bar, ticked at the depths drawn (no half layers)
     np.testing.assert_allclose(fig.axes[1].get_yticks(), [2, 3])
-    for nothing in (None, trials.drop(columns=["latency_ms"])):
-        empty = plot_search(nothing)
-        assert "no accuracy + latency search" in empty.axes[0].texts[0].get_text()
+    # No accuracy + latency search: nothing to draw, no empty panel.
+    for nothing in (None, trials.drop(columns=["latency_ms"]), trials.assign(state="PRUNED")):
+        assert plot_search(nothing) is None
+
+
+def test_plot_metrics_draws_the_columns_it_is_given(table):
+    with_rule = table.assign(threshold_accuracy=[0.92, 0.91, 0.9, 0.915, 0.918],
+                             time_p50_ms=[13.0, 6.0, 3.5, 2.5, 1.5])
+    fig = plot_metrics(with_rule, accuracy="threshold_accuracy", latency="time_p50_ms")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "Median latency, p50 (ms)" and ax.get_ylabel() == "Accuracy with the OOS threshold (%)"
+    np.testing.assert_allclose(scatter_points(fig)["student"][0], [[6.0, 91.0]])
+    (line,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    np.testing.assert_allclose(line.get_xdata(), [1.5, 13.0])  # onnx-int8 beats every student; then the teacher
+    with pytest.raises(ValueError, match="threshold_accuracy"):
+        plot_metrics(table, accuracy="threshold_accuracy")
+
+
+def test_weight_histogram_marks_the_int8_range():
+    weights = np.linspace(-0.5, 0.25, 1000)
+    fig = plots.plot_weight_histogram(weights, name="layer.0", scale=0.75 / 255, zero_point=42)
+    ax = fig.axes[0]
+    assert sum(p.get_height() for p in ax.patches) == 1000
+    ends = sorted(line.get_xdata()[0] for line in ax.get_lines())
+    assert ends == pytest.approx([(-128 - 42) * 0.75 / 255, (127 - 42) * 0.75 / 255])
+    assert "layer.0" in ax.get_xlabel() and "1,000 fp32 weights" in ax.get_title()
+    assert not plots.plot_weight_histogram(weights).axes[0].get_lines()  # no scale: no range drawn
+    with pytest.raises(ValueError, match="at least one weight"):
+        plots.plot_weight_histogram(np.array([]))

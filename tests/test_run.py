@@ -12,7 +12,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from kdlib.paths import RunPaths
-from kdlib.run import NotebookFailed, absolute_paths, main, notebook_parameters, run_notebooks
+from kdlib.run import NotebookFailed, absolute_paths, main, notebook_parameters, run_notebooks, strip_local_paths
 
 
 def _notebook(path, *cells):
@@ -26,6 +26,38 @@ def _notebook(path, *cells):
 def test_only_declared_parameters_are_passed(tmp_path):
     nb = _notebook(tmp_path / "a.ipynb", "alpha = 0.5\nepochs = 1", "print(alpha)")
     assert notebook_parameters(nb, {"alpha": 0.9, "teacher": "x"}) == {"alpha": 0.9}
+
+
+def test_parameters_a_cell_does_not_list_reach_it_through_overrides(tmp_path):
+    nb = _notebook(tmp_path / "a.ipynb", "alpha = None  # weight of the hard labels\noverrides = None  # the rest",
+                   "print(alpha)")
+    params = {"alpha": 0.9, "search_storage": "study.journal", "epochs": 2}
+    assert notebook_parameters(nb, params) == {"alpha": 0.9,
+                                               "overrides": {"search_storage": "study.journal", "epochs": 2}}
+    assert notebook_parameters(nb, {"alpha": 0.9}) == {"alpha": 0.9}
+
+
+def test_a_parameter_left_out_of_the_cell_reaches_the_run_configuration(tmp_path):
+    """End to end through papermill: `-p n_latency_queries 7` for a notebook whose cell does not list it."""
+    nb = _notebook(tmp_path / "cfg.ipynb", 'profile = "smoke"  # the profile\nalpha = None\noverrides = None',
+                   "from kdlib import config_from_notebook\nconfig = config_from_notebook(globals())\n"
+                   "print('queries', config.n_latency_queries, 'alpha', config.alpha)")
+    run_notebooks([nb], tmp_path / "out", {"profile": "smoke", "alpha": 0.3, "n_latency_queries": 7},
+                  log=lambda _: None)
+    executed = nbformat.read(tmp_path / "out" / "cfg.ipynb", as_version=4)
+    assert "queries 7 alpha 0.3" in executed.cells[-1].outputs[0]["text"]
+
+
+def test_a_committed_notebook_counts_its_cells_from_one(tmp_path):
+    nb = _notebook(tmp_path / "n.ipynb", "value = 1", "value")
+    run_notebooks([nb], tmp_path / "out", {"value": 2}, log=lambda _: None)
+    executed = tmp_path / "out" / "n.ipynb"
+    before = [c.execution_count for c in nbformat.read(executed, as_version=4).cells]
+    assert before == [1, 2, 3]  # the parameters cell, papermill's injected cell, the last cell
+    strip_local_paths(executed, drop_injected=True)
+    cells = nbformat.read(executed, as_version=4).cells
+    assert [c.execution_count for c in cells] == [1, 2]
+    assert cells[-1].outputs[0]["execution_count"] == 2
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -230,3 +230,41 @@ def test_a_trial_draws_the_same_values_whichever_study_or_process_runs_it(tmp_pa
     assert draws(tmp_path / "b.journal", 42) == first
     assert draws(tmp_path / "c.journal", 7) != first
     assert len({params["alpha"] for params in first}) == 4
+
+
+def test_plan_distillation_without_a_search_uses_the_run_settings_and_clears_stale_trials(setup, tmp_path):
+    """Notebook 02's one set-up call: n_trials = 0 trains the given student with the run's settings, and an
+    earlier run's trials table is removed so that notebook 03 never shows it as this run's."""
+    from kdlib.config import load_config
+    from kdlib.paths import RunPaths
+    from kdlib.search import plan_distillation
+
+    data, tokenizer, teacher = setup
+    config = load_config("smoke", output_dir=str(tmp_path), alpha=0.3)
+    paths = RunPaths.for_config(config).ensure()
+    stale = [paths.tables_dir / "search_trials.csv", paths.tables_dir / "search_trials.md"]
+    for path in stale:
+        path.write_text("trial\n0\n")
+    student = student_from_teacher(teacher)
+    chosen, arguments = plan_distillation(config, paths, lambda: student_from_teacher(teacher), tokenizer, data,
+                                          teacher=teacher, student=student)
+    assert chosen is student and arguments.alpha == 0.3 and arguments.temperature == config.temperature
+    assert not any(path.exists() for path in stale)
+    assert not paths.search_journal.exists()  # no study was opened
+
+
+def test_plan_distillation_with_a_search_writes_its_trials_for_notebook_03(setup, tmp_path):
+    from kdlib import search
+    from kdlib.config import load_config
+    from kdlib.paths import RunPaths
+
+    data, tokenizer, teacher = setup
+    config = load_config("smoke", output_dir=str(tmp_path), n_trials=2, epochs=1)
+    paths = RunPaths.for_config(config).ensure()
+    student = student_from_teacher(teacher)
+    chosen, arguments = search.plan_distillation(config, paths, lambda: student_from_teacher(teacher), tokenizer,
+                                                 data, teacher=teacher, student=student)
+    trials = (paths.tables_dir / "search_trials.csv").read_text().splitlines()
+    assert len(trials) == 3 and trials[0].startswith("trial,state")
+    best = open_study(paths.search_journal).best_params
+    assert chosen is student and (arguments.alpha, arguments.temperature) == (best["alpha"], best["temperature"])

@@ -1,8 +1,11 @@
-"""Sentences that interpret a run's results, written from its records: never numbers typed into markdown.
+"""The notebooks' generated conclusions: sentences written from a run's records, never numbers typed into
+markdown.
 
 Each notebook ends with what its figures mean. Those sentences are generated here from the
 benchmark records (or the comparison table), so a rerun, another profile or another machine gets
-sentences that match its own figures. Each function returns Markdown for ``IPython.display.Markdown``.
+sentences that match its own figures. Notebook 03's recommendation is :func:`kdlib.recommend.recommendation`,
+the rule its figure highlights too. Each function returns Markdown for ``IPython.display.Markdown``
+(an empty string when there is nothing to say, so a notebook shows no empty section).
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-WITHIN_POINTS = 1.0  # "as accurate as the teacher" means within this many accuracy points
-INT8_PAIRS = (("student", "student-int8"), ("student-onnx", "student-onnx-int8"))
+from kdlib.plots import finished_latency_trials
+from kdlib.recommend import WITHIN, recommendation
+
+INT8_PAIRS = (
+    ("student", "student-int8"), ("student-onnx", "student-onnx-int8"), ("student-onnx", "student-onnx-fused-int8"),
+)
 
 
 def _pct(value: float) -> str:
@@ -114,8 +121,9 @@ def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
     return out
 
 
-def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher") -> str:
-    """Notebook 03's closing: the best variant within a point of the baseline, int8, latency vs throughput, OOS."""
+def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher", within: float = WITHIN) -> str:
+    """Notebook 03's closing: the recommended variant (:func:`kdlib.recommend.recommendation`, the rule the
+    figure highlights), int8, latency vs throughput, OOS."""
     paragraphs = []
     for run, group in table.groupby("run", sort=False):
         rows = {r["variant"]: r for r in group.to_dict("records")}
@@ -123,27 +131,59 @@ def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher") -> str:
         if base is None:
             continue
         lines = [f"**{run}**:"] if table["run"].nunique() > 1 else []
-        others = [r for v, r in rows.items() if v != baseline]
-        close = [r for r in others if r["accuracy"] >= base["accuracy"] - WITHIN_POINTS / 100]
-        if close:
-            best = max(close, key=lambda r: r["speedup_vs_baseline"])
-            lines.append(
-                f"The fastest variant within {WITHIN_POINTS:g} point of the {baseline} is **{best['variant']}**: "
-                f"accuracy {_pct(best['accuracy'])} ({_points(best['accuracy'] - base['accuracy'])}), "
-                f"{best['speedup_vs_baseline']:.1f}× faster per query and "
-                f"{1 / best['size_ratio_vs_baseline']:.1f}× smaller."
-            )
-        elif others:
-            nearest = max(others, key=lambda r: r["accuracy"])
-            lines.append(
-                f"No variant stays within {WITHIN_POINTS:g} point of the {baseline}'s accuracy; the closest is "
-                f"{nearest['variant']} at {_points(nearest['accuracy'] - base['accuracy'])}."
-            )
+        lines.append(_recommendation_sentence(recommendation(table, within, run=run), rows, baseline))
         lines += _int8_sentences(rows)
         lines += _latency_sentences(rows)
         lines += _oos_sentences(rows, base, baseline)
         paragraphs.append(" ".join(lines))
     return "\n\n".join(paragraphs)
+
+
+def _recommendation_sentence(choice, rows: Mapping[str, Mapping], baseline: str) -> str:
+    """The recommended variant, the rule that chose it, and what it gives up and gains against the baseline."""
+    points = f"{100 * choice.within:g} point"
+    measure = "accuracy with its OOS threshold" if choice.accuracy == "threshold_accuracy" else "accuracy"
+    best, pick, base = rows[choice.best], rows[choice.variant], rows[baseline]
+    text = f"The rule: recommend {choice.rule}. "
+    if choice.variant == baseline:
+        return text + (f"No faster variant comes within {points} of the {baseline}'s {measure} "
+                       f"({_pct(base[choice.accuracy])}), so the recommendation is the **{baseline}** itself.")
+    text += f"Recommended: **{choice.variant}**, {measure} {_pct(pick[choice.accuracy])}"
+    if choice.best != choice.variant:
+        text += f" against the front's best, {choice.best}, at {_pct(best[choice.accuracy])}"
+    text += f" ({_points(pick[choice.accuracy] - base[choice.accuracy])} against the {baseline}"
+    if choice.accuracy != "accuracy":
+        text += f"; plain accuracy {_pct(pick['accuracy'])}, {_points(pick['accuracy'] - base['accuracy'])}"
+    speed = base[choice.latency] / pick[choice.latency]
+    text += (f"), {speed:.1f}× faster per query at the median ({pick[choice.latency]:.2f} ms against "
+             f"{base[choice.latency]:.2f} ms)")
+    if _has(pick, "size_ratio_vs_baseline"):
+        text += f" and {1 / pick['size_ratio_vs_baseline']:.1f}× smaller"
+    return text + "."
+
+
+def interpret_search(trials: pd.DataFrame | None, within: float = WITHIN) -> str:
+    """Notebook 03's section on an accuracy + latency search (:func:`kdlib.search.search_trials`): its heading,
+    what the figure shows, and the trial kept (the fastest on the front within ``within`` of its best
+    accuracy, as :func:`kdlib.search.choose_from_front` keeps it). Empty without such a search."""
+    done = finished_latency_trials(trials)
+    if done is None:
+        return ""
+    front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
+    best = front["accuracy"].max()
+    kept = front[front["accuracy"] >= best - within - 1e-12].iloc[0]
+    depth = f"{int(kept['student_layers'])} layers, " if "student_layers" in kept and pd.notna(
+        kept["student_layers"]) else ""
+    return (
+        "## The search's trade-off: accuracy against latency\n\n"
+        "Notebook 02's search trained students of different depths and measured each one's latency, so it "
+        "shows what the variants above cannot: how much validation accuracy each millisecond buys. Every dot is "
+        "one finished trial (colour: the student's layers); the dashed line joins the Pareto front, the trials no "
+        f"other trial beats on both. Of {len(trials)} trials, {len(done)} finished and {len(front)} are on the "
+        f"front. Kept: trial {int(kept['trial'])} ({depth}validation accuracy {_pct(kept['accuracy'])}, "
+        f"{kept['latency_ms']:.2f} ms), the fastest on the front within {100 * within:g} point of its best "
+        f"({_pct(best)})."
+    )
 
 
 def _latency_sentences(rows: Mapping[str, Mapping]) -> list[str]:
