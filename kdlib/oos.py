@@ -170,7 +170,8 @@ class ThresholdRule:
     def describe(self) -> str:
         """The rule in words, for records and tables."""
         if self.name == "in_scope_drop":
-            return f"validation in-scope accuracy at most {100 * self.in_scope_drop:g} points below the model's own"
+            points = f"{100 * self.in_scope_drop:g} point" + ("" if 100 * self.in_scope_drop == 1 else "s")
+            return f"validation in-scope accuracy at most {points} below the model's own"
         if self.name == "flag_rate":
             return f"at most {100 * self.flag_rate:g} % of validation in-scope queries flagged"
         if self.name == "in_scope_accuracy":

@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     prepare_session(config.seed, config.threads)
     data = config.load_data()
     record = {
+        # output_dir only says where the run's models are: left out, the record names no local folder.
         "command": " ".join(["scripts/oos_rules.py", "--profile", args.profile,
-                             *(f"-p {n} {v}" for n, v in args.param)]),
+                             *(f"-p {n} {v}" for n, v in args.param if n != "output_dir")]),
         "run_name": config.run_name,
         "data": {split: len(data[split]) for split in data},
         "variants": variant_table(config, paths, data),

@@ -205,7 +205,7 @@ def test_recipe_page_shows_the_threshold_rules_record_with_the_chosen_rule_in_bo
     source = {"command": "scripts/oos_rules.py --profile minilm", "env": {"git_commit": "abc1234", "cpu": "AMD EPYC"},
               "variants": {"student": {"oos_score": "mahalanobis", "validation_oos_auroc": 0.9866,
                                        "test_oos_auroc": 0.978, "test_accuracy": 0.8624, "rules": [rule, other]}}}
-    (root / "outputs" / "oos" / "minilm").mkdir(parents=True)
+    (root / "outputs" / "oos" / "minilm").mkdir(parents=True, exist_ok=True)
     (root / "outputs" / "oos" / "minilm" / "threshold_rules.json").write_text(json.dumps(source), encoding="utf-8")
     record = {"title": "Out-of-scope detection: the threshold rule",
               "rules_from": "outputs/oos/minilm/threshold_rules.json",

@@ -191,3 +191,15 @@ def test_search_section_only_with_a_latency_search():
     assert text.startswith("## The search's trade-off")
     assert "Of 4 trials, 3 finished and 2 are on the front" in text
     assert "Kept: trial 1 (2 layers, validation accuracy 94.5 %, 2.00 ms)" in text
+
+
+def test_no_threshold_is_explained_with_the_rule_the_shortfall_and_the_parameter():
+    missed = ("the model's own validation in-scope accuracy, 0.8100, is already below in_scope_target = 0.95, so "
+              "no threshold can keep it: lower in_scope_target, or use threshold_rule = 'in_scope_drop' (relative "
+              "to the model)")
+    record = {**TEACHER, "threshold": None, "threshold_rule": "validation in-scope accuracy >= 0.95",
+              "threshold_missed": missed, "threshold_accuracy": TEACHER["accuracy"]}
+    text = interpret_baseline(record)
+    assert "No OOS threshold is applied: under the rule (validation in-scope accuracy >= 0.95)" in text
+    assert missed in text and "raises OOS recall" not in text
+    assert "raises OOS recall" in interpret_baseline(TEACHER)

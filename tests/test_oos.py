@@ -207,20 +207,22 @@ def splits():
     return TableLookupPredictor(table), out["validation"], out["test"]
 
 
-def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits):
+@pytest.mark.parametrize("rule", [ABSOLUTE_60, ThresholdRule("in_scope_drop", in_scope_drop=0.1),
+                                  ThresholdRule("flag_rate", flag_rate=0.2)], ids=lambda r: r.name)
+def test_threshold_is_chosen_on_validation_and_never_reads_test_labels(splits, rule):
     predictor, validation, test = splits
-    metrics, detail = measure_quality(predictor, test, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
+    metrics, detail = measure_quality(predictor, test, validation=validation, threshold=rule, oos_score="energy")
     assert set(OOS_KEYS) <= set(metrics) and metrics["threshold"] is not None
     # The same test texts with shuffled labels: every test figure may change, the threshold may not.
     shuffled = test.cast_column("label", ClassLabel(names=NAMES)).map(
         lambda row, i: {"label": (row["label"] + 1 + i) % 4}, with_indices=True
     )
-    again, _ = measure_quality(predictor, shuffled, validation=validation, threshold=ABSOLUTE_60, oos_score="energy")
+    again, _ = measure_quality(predictor, shuffled, validation=validation, threshold=rule, oos_score="energy")
     assert again["threshold"] == metrics["threshold"]
     assert again["threshold_accuracy"] != metrics["threshold_accuracy"]
     # ... while validation labels do decide it (the check above could fail).
     other_validation = validation.map(lambda row, i: {"label": (row["label"] + i) % 4}, with_indices=True)
-    moved, _ = measure_quality(predictor, test, validation=other_validation, threshold=ABSOLUTE_60, oos_score="energy")
+    moved, _ = measure_quality(predictor, test, validation=other_validation, threshold=rule, oos_score="energy")
     assert moved["threshold"] != metrics["threshold"]
     # The test figures are those of the validation threshold applied to test.
     logits = predictor.logits(test["text"])
