@@ -472,6 +472,11 @@ class CardFile:
     def _repr_markdown_(self) -> str:
         return self.path.read_text(encoding="utf-8").split("---", 2)[2]
 
+    def __repr__(self) -> str:  # plain-text views name the card without this machine's folders
+        path = Path(self.path).resolve()
+        shown = path.relative_to(project_root()) if path.is_relative_to(project_root()) else Path(path.name)
+        return f"model card: {shown.as_posix()}"
+
 
 # The test results a student's card lists, in this order, when its record has them.
 CARD_METRICS = (
