@@ -145,11 +145,10 @@ def score_splits(
     """Logits and OOS scores of ``predictor`` on every split of ``splits`` (``{"test": ..., ...}``), one pass
     each; ``oos_score="mahalanobis"`` is fit on ``train`` first. Every split's labels are checked
     against the model's before the first pass over any of them."""
-    first = next(iter(splits.values()))
-    others = {what: split for what, split in splits.items() if split is not first}
-    has_oos = _check_inputs(first, others.get("validation"), train, oos_score, oos_label)
-    for what, split in others.items():
-        _check_split(split, what)
+    first, *others = splits
+    has_oos = _check_inputs(splits[first], splits.get("validation"), train, oos_score, oos_label)
+    for what in others:
+        _check_split(splits[what], what)
     golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items()}
     train_gold = _gold_ids(predictor, train, "train") if train is not None else None
     method = oos_score

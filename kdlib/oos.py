@@ -27,6 +27,7 @@ model's own detector, already used by the argmax):
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,7 +126,8 @@ def apply_threshold(predicted: np.ndarray, scores: np.ndarray, threshold: float 
     return predicted
 
 
-THRESHOLD_RULES = ("in_scope_drop", "flag_rate", "in_scope_accuracy", "accuracy")
+# The rules RunConfig.threshold_rule accepts: one list, read off the run configuration.
+THRESHOLD_RULES = typing.get_args(RunConfig.model_fields["threshold_rule"].annotation)
 
 
 @dataclass(frozen=True)
