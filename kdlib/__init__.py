@@ -10,7 +10,9 @@ Everything a notebook uses is importable from ``kdlib`` itself (``from kdlib imp
 * :mod:`kdlib.data` - intent data from every source, checked on the way in;
 * :mod:`kdlib.models` - model references, classifiers with the data's labels, students from teacher layers,
   the tiny models built in code (``tiny-bert``, ``tiny-distilbert``);
+* :mod:`kdlib.packaged` - ``all-mpnet-base-v2`` assembled from the split zip its five PyPI packages ship;
 * :mod:`kdlib.train` - fine-tuning and distillation with the ``transformers`` Trainer;
+* :mod:`kdlib.prune` - structured pruning: the least important heads and FFN neurons removed, then recovery;
 * :mod:`kdlib.search` - the Optuna search over the distillation's hyperparameters (pruned, shareable);
 * :mod:`kdlib.inference` - predictors and their int8 / ONNX Runtime variants, parity checks;
 * :mod:`kdlib.benchmark` - ``PerformanceBenchmark``: accuracy, size, latency;
@@ -45,7 +47,7 @@ _EXPORTS = {
     ],
     "models": [
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
-        "save_model", "num_layers", "weights_digest", "default_keep_layers",
+        "share_vocabulary", "save_model", "num_layers", "weights_digest", "default_keep_layers",
     ],
     "train": [
         "DistillationTrainer", "DistillationTrainingArguments", "teacher_arguments", "student_arguments", "train_model",
@@ -71,7 +73,8 @@ _EXPORTS = {
     "quantize": ["layer_weight", "quantize_by_hand", "time_matmul", "parameter_breakdown", "size_arithmetic"],
     "recommend": ["recommend_variant", "recommendation", "pareto_front"],
     "plots": ["plot_metrics", "plot_training_curves", "plot_soft_targets", "plot_oos_scores", "plot_oos_vs_latency",
-              "plot_search", "plot_weight_histogram"],
+              "plot_search", "plot_weight_histogram", "plot_head_importance"],
+    "prune": ["prune_and_recover", "is_pruning", "importance_scores", "prune_model"],
     "narrate": ["interpret_baseline", "interpret_distillation", "interpret_comparison", "interpret_search"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

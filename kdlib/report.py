@@ -363,11 +363,11 @@ def card_dataset(source: str, *, base_dir: str | os.PathLike | None = None) -> C
 def base_model_id(ref: str | os.PathLike | None) -> str | None:
     """The Hub id a model reference stands for, or None for local folders and in-code tiny models."""
     # models loads torch, and notebook 03 imports report before its parameter check
-    from kdlib.models import MINILM_ALIASES, TINY_REFS
+    from kdlib.models import MINILM_ALIASES, MPNET_ALIASES, TINY_REFS
 
     ref = None if ref is None else str(ref)
-    if ref in MINILM_ALIASES:
-        return MINILM_ALIASES[-1]
+    if ref in MINILM_ALIASES or ref in MPNET_ALIASES:
+        return (MINILM_ALIASES if ref in MINILM_ALIASES else MPNET_ALIASES)[-1]
     if not ref or ref in TINY_REFS or Path(ref).expanduser().exists() or not HUB_ID.match(ref):
         return None
     return ref
@@ -484,6 +484,17 @@ CARD_METRICS = (
 )
 
 
+def _pruning_sentence(config) -> str:
+    """The model card's line on structured pruning (empty when the run does not prune)."""
+    from kdlib.prune import is_pruning  # torch, as above
+
+    if not is_pruning(config):
+        return ""
+    return (f" Then structurally pruned to {config.heads_keep:g} of each layer's attention heads and "
+            f"{config.ffn_keep:g} of its FFN neurons and distilled again for {config.prune_epochs} epochs (the "
+            "hyperparameters and table below are this recovery's); kdlib.load_classifier restores its pruned shapes.")
+
+
 def write_student_card(config, distilled, record: dict, *, teacher: str | os.PathLike, out_dir: str | os.PathLike,
                        base_dir: str | os.PathLike | None = None) -> CardFile:
     """Notebook 02's model card of the distilled student, written into ``out_dir``: named after the run, the
@@ -503,7 +514,7 @@ def write_student_card(config, distilled, record: dict, *, teacher: str | os.Pat
         base_model=base_model_id(start),
         teacher=portable_ref(str(teacher)),
         description=f"A {config.student_init} student with {num_layers(distilled.model)} layers, distilled with "
-                    f"alpha={args.alpha}, T={args.temperature}.",
+                    f"alpha={args.alpha}, T={args.temperature}." + _pruning_sentence(config),
         hyperparameters=training_hyperparameters(distilled),
         epoch_table=distilled.epoch_table,
         test_metrics={key: record[key] for key in CARD_METRICS if record.get(key) is not None},

@@ -390,10 +390,27 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
                 f"numbered 0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} "
                 f"(e.g. -p keep_layers \"{default_keep_layers(depth)}\"), or leave keep_layers unset."
             )
+    if distils and config.heads_keep < 1:
+        _check_heads_keep(config)
     if any(name.startswith(("01", "02")) for name in notebooks):
         with warnings.catch_warnings():  # a warning about the data (duplicates) is the notebook's to show
             warnings.simplefilter("ignore")
             config.load_data(base_dir=project_root())  # as the notebooks load it: DataError names the file and fix
+
+
+def _check_heads_keep(config: RunConfig) -> None:
+    """``heads_keep`` leaves every layer of the student at least one attention head (its head count read
+    from the config of the model the student starts from)."""
+    from kdlib.models import reference_num_heads  # torch and transformers: only a run that prunes waits
+
+    param = "student" if config.student_init != "teacher_layers" else (
+        "teacher_model" if config.teacher_model else "teacher")
+    heads = reference_num_heads(getattr(config, param), param=param)
+    if round(config.heads_keep * heads) < 1:
+        raise ConfigError(
+            f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads ({param} = "
+            f"{getattr(config, param)!r}), so this keeps none. Use -p heads_keep {1 / heads:.3g} or more."
+        )
 
 
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ Two departures from the reference, both tested:
 
 One addition, off by default: ``augment_copies`` noisy copies of every training query (words dropped
 and swapped, :func:`add_noisy_copies`), with the teacher's logits computed on them too, in the spirit of
-TinyBERT's data augmentation.
+TinyBERT's data augmentation. And a student of another vocabulary (``teacher=(teacher, its tokenizer)``):
+the teacher's logits are cached from its own tokens of each text while the student trains on its own.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ from transformers.modelcard import parse_log_history
 from transformers.trainer_utils import get_last_checkpoint
 
 from kdlib.config import RunConfig, validate
-from kdlib.models import MODEL_INPUT_NAMES, forward_inputs, weights_digest
+from kdlib.models import (
+    MODEL_INPUT_NAMES,
+    check_tokenizers_compatible,
+    forward_inputs,
+    share_vocabulary,
+    weights_digest,
+)
 
 TEACHER_LOGITS = "teacher_logits"
 NO_LOG = "No log"
@@ -332,9 +339,9 @@ class DistillationTrainer(Trainer):
 
 
 def tokenize_dataset(
-    data: DatasetDict, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128
-) -> DatasetDict:
-    """Token ids (no padding: batches are padded dynamically) and ``label``, text dropped."""
+    data: DatasetDict | Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128
+) -> DatasetDict | Dataset:
+    """Token ids (no padding: batches are padded dynamically) and ``label``, text dropped (splits or one split)."""
 
     def encode(batch):
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
@@ -404,14 +411,27 @@ def add_teacher_logits(
     *,
     splits: tuple[str, ...] = ("train", "validation"),
     batch_size: int = 128,
+    texts: DatasetDict | Dataset | None = None,
+    max_length: int = 128,
 ) -> DatasetDict | Dataset:
-    """Add a ``teacher_logits`` column (computed once) to tokenised splits."""
+    """Add a ``teacher_logits`` column (computed once) to tokenised splits; ``tokenizer`` is the teacher's.
+
+    ``texts``: the same rows untokenised (the splits ``data`` was tokenised from, ``text`` column), for
+    ``data`` tokenised by a student of another vocabulary. The teacher then runs on its own tokens of each
+    text (``tokenizer``, ``max_length``), and the column lands beside the student's tokens, row by row."""
     if isinstance(data, Dataset):
-        logits = teacher_logits_for(teacher, data, tokenizer, batch_size=batch_size)
+        source = data
+        if texts is not None:
+            if len(texts) != len(data):
+                raise ValueError(f"`texts` has {len(texts)} rows, the tokenised split {len(data)}: pass the splits "
+                                 "it was tokenised from.")
+            source = tokenize_dataset(texts, tokenizer, max_length=max_length)
+        logits = teacher_logits_for(teacher, source, tokenizer, batch_size=batch_size)
         return data.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
     return DatasetDict(
         {
-            name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size) if name in splits else ds
+            name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size, max_length=max_length,
+                                     texts=None if texts is None else texts[name]) if name in splits else ds
             for name, ds in data.items()
         }
     )
@@ -425,14 +445,22 @@ def prepare_datasets(
     max_length: int = 128,
     augment_copies: int = 0,
     seed: int = 42,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> DatasetDict:
     """Tokenise ``data`` (with ``augment_copies`` noisy copies of the training queries,
     :func:`add_noisy_copies`) and, given a teacher, add its cached logits: the work every training run
     on the same data and teacher shares. The logits are raw (temperature is applied in the loss), so
-    one preparation serves runs with any alpha and T, e.g. all trials of a hyperparameter search."""
+    one preparation serves runs with any alpha and T, e.g. all trials of a hyperparameter search.
+
+    ``teacher_tokenizer``: the teacher's, when it is not ``tokenizer``'s vocabulary (None: the same); the
+    teacher's logits are then computed on its own tokens of each text (:func:`add_teacher_logits`)."""
     data = add_noisy_copies(data, augment_copies, seed=seed)
     tokenized = tokenize_dataset(data, tokenizer, max_length=max_length)
-    return add_teacher_logits(tokenized, teacher, tokenizer) if teacher is not None else tokenized
+    if teacher is None:
+        return tokenized
+    if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
+        return add_teacher_logits(tokenized, teacher, tokenizer)
+    return add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=data, max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +643,8 @@ def last_good_checkpoint(output_dir: str | Path) -> str | None:
 
 def train_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, args: DistillationTrainingArguments,
-    *, teacher: PreTrainedModel | None = None, fingerprint: str | None = None, prepared: DatasetDict | None = None,
+    *, teacher: PreTrainedModel | tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    fingerprint: str | None = None, prepared: DatasetDict | None = None,
     trainer_class: Callable[..., DistillationTrainer] = DistillationTrainer,
 ) -> TrainResult:
     """Train the classifier ``model`` on ``data`` (text + ClassLabel label) with ``args``: fine-tuning
@@ -630,14 +659,24 @@ def train_model(
     ``data``) skips tokenising and the teacher-logit cache when several runs share them. ``trainer_class``
     builds the Trainer: :class:`DistillationTrainer`, a subclass of it (another loss term, say), or a
     ``functools.partial`` of one with more keyword arguments (the search's pruning callback).
+
+    ``teacher=(teacher, teacher_tokenizer)``: the teacher with its own tokenizer, for a student of another
+    vocabulary (a teacher alone reads the student's ``tokenizer``; a student that embeds another number of
+    token ids is then refused). Across vocabularies the teacher's logits are cached from its own tokens of
+    each text and the student trains on its own; ``hidden_weight`` > 0 and ``cache_teacher_logits=False``
+    need one sequence of tokens in both models and are refused before any work
+    (:func:`kdlib.models.check_tokenizers_compatible`). With a shared vocabulary the pair trains exactly as
+    the teacher alone does.
     """
-    _check_training(args, data, teacher, prepared)
+    teacher, teacher_tokenizer = _teacher_and_tokenizer(teacher)
+    _check_training(args, data, teacher, prepared, model=model, tokenizer=tokenizer,
+                    teacher_tokenizer=teacher_tokenizer)
     set_seed(args.seed)
     output_dir = Path(args.output_dir) / checkpoint_key(args, model, fingerprint)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _training_lock(output_dir):
         last_checkpoint = _resume_point(output_dir, args.resume)
-        datasets, online_teacher = _training_data(args, data, tokenizer, teacher, prepared)
+        datasets, online_teacher = _training_data(args, data, tokenizer, teacher, prepared, teacher_tokenizer)
         trainer = _trainer(trainer_class, model, tokenizer, replace(args, output_dir=str(output_dir)), datasets,
                            online_teacher)
         start = time.perf_counter()
@@ -649,11 +688,35 @@ def train_model(
                        checkpoint_dir=output_dir)
 
 
-def _check_training(args, data: DatasetDict, teacher: PreTrainedModel | None, prepared: DatasetDict | None) -> None:
+def _teacher_and_tokenizer(teacher) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase | None]:
+    """``train_model``'s ``teacher``: a model (None: it reads the student's tokens) or a (model, tokenizer) pair."""
+    if not isinstance(teacher, tuple):
+        return teacher, None
+    if len(teacher) != 2:
+        raise TypeError(f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items.")
+    return teacher
+
+
+def _check_training(
+    args, data: DatasetDict, teacher: PreTrainedModel | None, prepared: DatasetDict | None, *,
+    model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
     """What :func:`train_model` refuses before any folder is touched: arguments of another kind, a
-    distillation without a teacher, and a ``prepared`` that is not this data's with these arguments."""
+    distillation without a teacher, settings that need the teacher to read the student's tokens when it
+    cannot, and a ``prepared`` that is not this data's with these arguments."""
     _check_arguments(args)
     _check_teacher(args, teacher, name="teacher", cached=False)
+    if teacher is not None and teacher_tokenizer is not None and tokenizer is not None:
+        check_tokenizers_compatible(teacher_tokenizer, tokenizer, args)  # across vocabularies: refuses what needs one
+    elif teacher is not None and model is not None and (args.alpha < 1.0 or args.hidden_weight > 0):
+        sizes = (_embedded_tokens(teacher), _embedded_tokens(model))
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise ValueError(
+                f"The teacher embeds {sizes[0]} token ids and the student {sizes[1]}: they do not share a vocabulary, "
+                "so the teacher cannot read the student's tokens. Pass the teacher with its own tokenizer: "
+                "teacher=(teacher, teacher_tokenizer)."
+            )
     if prepared is None:
         return
     columns = prepared["train"].column_names if "train" in prepared else []
@@ -699,18 +762,33 @@ def _resume_point(output_dir: Path, resume: bool) -> str | None:
     return None
 
 
+def _embedded_tokens(model: torch.nn.Module) -> int | None:
+    """How many token ids a model's input embedding holds (None for a model without one)."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def _training_data(
     args: DistillationTrainingArguments, data: DatasetDict, tokenizer: PreTrainedTokenizerBase,
     teacher: PreTrainedModel | None, prepared: DatasetDict | None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[DatasetDict, PreTrainedModel | None]:
     """The tokenised splits to train on (with the teacher's cached logits when the loss uses them) and the
-    teacher to run at every step (None when there is none to run)."""
+    teacher to run at every step (None when there is none to run). Across vocabularies (``teacher_tokenizer``
+    another vocabulary than ``tokenizer``'s) the logits come from the teacher's own tokens of each text."""
     tokenized = prepared if prepared is not None else prepare_datasets(
         data, tokenizer, max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
     if args.hidden_weight > 0 or (args.alpha < 1.0 and not args.cache_teacher_logits):
         return tokenized, teacher  # hidden states are too large to cache; the teacher runs at each step
     if args.alpha < 1.0 and TEACHER_LOGITS not in tokenized["train"].column_names:
-        tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
+        if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
+            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
+        else:  # the texts behind each row, noisy copies included (add_noisy_copies is seeded: the same copies)
+            texts = add_noisy_copies(data, args.augment_copies, seed=args.seed)
+            tokenized = add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=texts,
+                                           max_length=args.max_length)
     return tokenized, None
 
 

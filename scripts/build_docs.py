@@ -441,7 +441,8 @@ def recipe_records(root: Path) -> list[tuple[str, dict]]:
     for path in paths:
         relative = rel(root, path)
         data = read_json(root, relative)
-        needed = ("title", "decision") if data.get("rules_from") else ("title", "columns", "rows", "decision")
+        tables_elsewhere = data.get("rules_from") or data.get("width_depth_from")
+        needed = ("title", "decision") if tables_elsewhere else ("title", "columns", "rows", "decision")
         for key in needed:
             if key not in data:
                 raise DocsError(f"{relative}: no {key!r}; a recipe record needs {', '.join(needed)}.")
@@ -524,6 +525,35 @@ def rules_tables(root: Path, record: dict) -> list[str]:
     return lines
 
 
+WIDTH_DEPTH_COLUMNS = ("candidate", "layers", "heads kept", "FFN neurons kept", "parameters", "validation acc.",
+                       "test acc.", "fused int8 validation acc.", "fused int8 test acc.",
+                       "fused int8 thresholded test acc.", "fused int8 p50 (ms)", "speed-up", "FLOP share of int8 peak")
+
+
+def width_depth_tables(root: Path, spec: dict) -> list[str]:
+    """The width x depth table: ``scripts/width_depth.py``'s record (every candidate's accuracy, chosen on
+    validation) joined with the latency record that timed the candidates in one process."""
+    found = read_json(root, spec["file"])
+    timings = {r["variant"]: r for r in read_json(root, spec["latency"])["rows"]} if spec.get("latency") else {}
+    teacher = timings.get("teacher (pipeline, fp32)", {})
+    lines = [f"From `{spec['file']}` and `{spec.get('latency', 'no latency record')}` (each student's fused ONNX int8 "
+             f"variant timed beside the teacher: p50 {fmt(teacher.get('p50_ms'), 2)} ms, test accuracy "
+             f"{fmt(teacher.get('accuracy'), 4)}).", ""]
+    body = []
+    for name, row in sorted(found["candidates"].items(),
+                            key=lambda item: (-item[1]["layers"], -item[1]["heads_keep"], -item[1]["ffn_keep"])):
+        torch_row, fused = row["torch"], row["student-onnx-fused-int8"]
+        timed = timings.get(f"{name}-onnx-fused-int8", {})
+        label = f"**{name}**" if name == spec.get("chosen") else name
+        body.append([label, str(row["layers"]), f"{row['attention_heads']} ({fmt(row['heads_keep'])})",
+                     f"{count(row['intermediate_size'])} ({fmt(row['ffn_keep'])})", count(row["parameters"]),
+                     fmt(torch_row["validation_accuracy"], 4), fmt(torch_row["test_accuracy"], 4),
+                     fmt(fused["validation_accuracy"], 4), fmt(fused["test_accuracy"], 4),
+                     fmt(fused["test_threshold_accuracy"], 4), fmt(timed.get("p50_ms"), 2),
+                     fmt(timed.get("speedup_vs_teacher"), 1, "×"), fmt(timed.get("int8_peak_share"), 3)])
+    return lines + table(WIDTH_DEPTH_COLUMNS, body) + [""]
+
+
 def recipe_section(root: Path, relative: str, record: dict, machines: Machines) -> list[str]:
     lines = [f"## {record['title']}", ""]
     params = ", ".join(f"`{p}`" if " " not in p and "(" not in p else p for p in record.get("parameters", []))
@@ -553,6 +583,8 @@ def recipe_section(root: Path, relative: str, record: dict, machines: Machines) 
         lines += [f"![{record['title']}]({link(RECIPE_PAGE, record['figure'])})", ""]
     if record.get("rules_from"):
         lines += rules_tables(root, record)
+    if record.get("width_depth_from"):
+        lines += width_depth_tables(root, record["width_depth_from"])
     if record.get("rows"):
         lines += recipe_table(root, record) + [""]
     lines += [f"**Decision.** {record['decision']}", ""]

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 import kdlib.models as models
+from kdlib.config import RunConfig
 from kdlib.models import (
     LabelMismatchError,
     ModelReferenceError,
@@ -308,23 +309,30 @@ def test_label_mismatch_is_a_value_error():
 
 def test_tokenizer_compatibility(saved_ckpt):
     tiny = make_tiny_tokenizer()
-    check_tokenizers_compatible(tiny, tiny)
-    check_tokenizers_compatible(make_tiny_tokenizer(), make_tiny_tokenizer())
+    assert check_tokenizers_compatible(tiny, tiny) is True
+    assert check_tokenizers_compatible(make_tiny_tokenizer(), make_tiny_tokenizer(), RunConfig(hidden_weight=1.0))
     assert make_tiny_tokenizer()("Hello, World!")["input_ids"] == tiny("hello, world!")["input_ids"]
     # a saved and reloaded tiny tokenizer still matches a freshly built one
-    check_tokenizers_compatible(load_tokenizer(saved_ckpt[0]), make_tiny_tokenizer())
+    assert check_tokenizers_compatible(load_tokenizer(saved_ckpt[0]), make_tiny_tokenizer()) is True
     assert load_tokenizer("tiny-distilbert").get_vocab() == tiny.get_vocab()
 
 
+# Another vocabulary is allowed (the logits are cached from the teacher's own tokens); what needs the
+# same tokens in both models is refused, naming the difference and the setting.
+NEEDS_SHARED_TOKENS = RunConfig(hidden_weight=1.0)
+
+
 def test_tokenizer_mismatch_with_minilm():
-    with pytest.raises(TokenizerMismatchError, match="vocab sizes"):
-        check_tokenizers_compatible(make_tiny_tokenizer(), load_tokenizer(MINILM))
+    assert check_tokenizers_compatible(make_tiny_tokenizer(), load_tokenizer(MINILM)) is False
+    with pytest.raises(TokenizerMismatchError, match="vocab sizes.*hidden_weight=1.0 > 0"):
+        check_tokenizers_compatible(make_tiny_tokenizer(), load_tokenizer(MINILM), NEEDS_SHARED_TOKENS)
 
 
 def test_tokenizer_mismatch_on_lower_casing():
     cased = BertTokenizerFast(vocab=make_tiny_tokenizer().get_vocab(), do_lower_case=False)
+    assert check_tokenizers_compatible(make_tiny_tokenizer(), cased) is False
     with pytest.raises(TokenizerMismatchError, match="do_lower_case"):
-        check_tokenizers_compatible(make_tiny_tokenizer(), cased)
+        check_tokenizers_compatible(make_tiny_tokenizer(), cased, NEEDS_SHARED_TOKENS)
 
 
 def test_tokenizer_mismatch_on_moved_ids():
@@ -333,8 +341,20 @@ def test_tokenizer_mismatch_on_moved_ids():
     swapped["a"], swapped["b"] = vocab["b"], vocab["a"]
     with pytest.raises(TokenizerMismatchError) as err:
         other = BertTokenizerFast(vocab=swapped, do_lower_case=True)
-        check_tokenizers_compatible(make_tiny_tokenizer(), other)
+        check_tokenizers_compatible(make_tiny_tokenizer(), other, NEEDS_SHARED_TOKENS)
     assert "'a'" in str(err.value) and "'b'" in str(err.value)
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"hidden_weight": 0.5}, "set hidden_weight=0"),
+    ({"cache_teacher_logits": False}, "set cache_teacher_logits=True"),
+    ({"n_trials": 3}, "set n_trials=0"),
+])
+def test_settings_that_need_shared_tokens_are_refused_across_vocabularies(settings, named):
+    other = BertTokenizerFast(vocab={**make_tiny_tokenizer().get_vocab(), "##zz": 200}, do_lower_case=True)
+    assert check_tokenizers_compatible(make_tiny_tokenizer(), other, RunConfig()) is False  # the defaults: allowed
+    with pytest.raises(TokenizerMismatchError, match=named):
+        check_tokenizers_compatible(make_tiny_tokenizer(), other, RunConfig(**settings))
 
 
 # ---------------------------------------------------------------------------------------------

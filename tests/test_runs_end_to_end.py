@@ -59,7 +59,8 @@ def test_a_changed_parameter_never_resumes_or_reports_the_older_model(first_run,
     assert _run(out, "--only", "02", "-p", "variants", "[onnx]", *change) == 0
     after = _record(out, "student")["fingerprint"]
     new_keys = _student_keys(out) - before_keys
-    assert after != before and len(new_keys) == 1, "a fresh training in its own checkpoint folder"
+    # the smoke profile distils, then prunes and recovers: each training in a fresh checkpoint folder
+    assert after != before and len(new_keys) == len(before_keys) == 2, "fresh trainings in their own folders"
     assert _record(out, "student-onnx")["fingerprint"] == after
 
 
@@ -94,7 +95,7 @@ def test_a_torn_checkpoint_is_set_aside_and_the_run_completes(first_run, tmp_pat
 
     out = tmp_path / "outputs"
     shutil.copytree(first_run, out)
-    (key,) = _student_keys(out)
+    key = sorted(_student_keys(out))[0]  # one of the two trainings (distillation, pruning's recovery)
     checkpoint = next((out / "checkpoints" / "smoke" / "student" / key).glob("checkpoint-*"))
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])  # killed mid-save

@@ -1,0 +1,156 @@
+"""Structured pruning: remove a student's least important attention heads and FFN neurons, then recover.
+
+Distillation makes a model shallower; structured pruning makes every layer narrower. Whole heads and
+whole FFN neurons go, so every matrix product is smaller, which is what makes a CPU faster (zeroing
+single weights, as magnitude pruning does, leaves the matrices their size).
+
+A head's or a neuron's importance is the first-order Taylor estimate of how much the loss changes
+when it is removed (Michel et al., 2019): a gate of 1 multiplies its output, and the absolute
+gradient of the cross-entropy with respect to that gate, summed over the training batches, is its
+score. Every layer keeps the same share (``heads_keep``, ``ffn_keep``) of its highest-scoring heads
+and neurons (:func:`kdlib.models.shrink_layers` then cuts the matrices), and a short distillation
+from the teacher, with the run's loss and its cached teacher logits, recovers what the cut lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, replace
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdlib.config import RunConfig
+from kdlib.models import attention_heads, bert_layers, forward_inputs, shrink_layers
+from kdlib.train import DistillationTrainingArguments, TrainResult, train_model
+
+PRUNE_FIELDS = ("ffn_keep", "heads_keep", "prune_epochs")
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Taylor importance of every attention head ``(layers, heads)`` and FFN neuron ``(layers, neurons)``."""
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+
+
+def kept_count(share: float, total: int, param: str) -> int:
+    """How many of ``total`` heads or neurons a layer keeps at ``share``; at least one, or a clear error."""
+    if isinstance(share, bool) or not 0 < share <= 1:
+        raise ValueError(f"{param} must be a share in (0, 1], got {share!r}.")
+    kept = round(share * total)
+    if kept < 1:
+        raise ValueError(f"{param}={share} keeps none of a layer's {total}: use at least {1 / total:.3g}.")
+    return kept
+
+
+def importance_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, batch_size: int = 32,
+    max_length: int = 128,
+) -> Importance:
+    """The Taylor importance of ``model``'s heads and FFN neurons on ``dataset`` (``text`` and ``label``).
+
+    Batches are length-sorted and the model is in eval mode (no dropout), so the same model and data
+    give the same scores. The model's weights are unchanged; their gradients are cleared afterwards.
+    """
+    layers = bert_layers(model)
+    head_size = layers[0].attention.self.attention_head_size
+    heads = torch.ones(len(layers), attention_heads(model.config), requires_grad=True)
+    neurons = torch.ones(len(layers), layers[0].intermediate.dense.out_features, requires_grad=True)
+    head_scores, neuron_scores = torch.zeros_like(heads), torch.zeros_like(neurons)
+
+    def gate(values: torch.Tensor, repeat: int = 1):
+        # multiplies the input of the projection after the heads (or neurons) by their gates
+        return lambda module, args: (args[0] * values.repeat_interleave(repeat),)
+
+    hooks = [hook for i, layer in enumerate(layers) for hook in (
+        layer.attention.output.dense.register_forward_pre_hook(gate(heads[i], head_size)),
+        layer.output.dense.register_forward_pre_hook(gate(neurons[i])),
+    )]
+    texts, labels = dataset["text"], dataset["label"]
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            inputs = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")
+            logits = model(**forward_inputs(model, inputs)).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([labels[i] for i in rows]))
+            loss.backward()
+            head_scores += heads.grad.abs()
+            neuron_scores += neurons.grad.abs()
+            heads.grad, neurons.grad = None, None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return Importance(heads=head_scores, neurons=neuron_scores)
+
+
+def _top(scores: torch.Tensor, kept: int) -> list[int]:
+    # a stable sort: equal scores keep the lower index, so the choice never depends on the kernel
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:kept].tolist())
+
+
+def choose_kept(
+    importance: Importance, *, ffn_keep: float, heads_keep: float
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The heads and the FFN neurons every layer keeps: its ``heads_keep`` and ``ffn_keep`` shares of the
+    most important ones, in index order."""
+    n_heads = kept_count(heads_keep, importance.heads.shape[1], "heads_keep")
+    n_neurons = kept_count(ffn_keep, importance.neurons.shape[1], "ffn_keep")
+    return ([_top(scores, n_heads) for scores in importance.heads],
+            [_top(scores, n_neurons) for scores in importance.neurons])
+
+
+def prune_model(
+    model: PreTrainedModel, importance: Importance, *, ffn_keep: float, heads_keep: float
+) -> PreTrainedModel:
+    """A copy of ``model`` whose every layer keeps its ``heads_keep`` share of most important heads and its
+    ``ffn_keep`` share of FFN neurons (``model`` itself is unchanged)."""
+    heads, neurons = choose_kept(importance, ffn_keep=ffn_keep, heads_keep=heads_keep)
+    return shrink_layers(copy.deepcopy(model), heads, neurons)
+
+
+def is_pruning(config: RunConfig) -> bool:
+    """True when the run prunes: a share below 1 of heads or FFN neurons."""
+    return config.ffn_keep < 1 or config.heads_keep < 1
+
+
+@dataclass
+class PruningResult:
+    """A pruning step: the scores it cut by, the recovery training (its ``model`` is the pruned student) and
+    the fingerprint of the pruned student (the distilled one's plus the pruning settings)."""
+
+    importance: Importance
+    training: TrainResult
+    fingerprint: str
+    kept_heads: list[list[int]]
+
+
+def prune_and_recover(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, args: DistillationTrainingArguments,
+    config: RunConfig, *, teacher: PreTrainedModel | tuple[PreTrainedModel, PreTrainedTokenizerBase],
+    fingerprint: str | None = None,
+) -> PruningResult:
+    """Prune the distilled ``model`` to ``config``'s shares, then distil it again from ``teacher`` for
+    ``config.prune_epochs`` epochs with the distillation's own ``args`` (its loss, learning rate and
+    checkpoints: an interrupted recovery resumes; ``teacher`` as :func:`kdlib.train.train_model` takes it,
+    alone or with its own tokenizer). Importance is measured on the training split."""
+    bert_layers(model)
+    kept_count(config.heads_keep, attention_heads(model.config), "heads_keep")
+    importance = importance_scores(model, tokenizer, data["train"], max_length=args.max_length)
+    heads, neurons = choose_kept(importance, ffn_keep=config.ffn_keep, heads_keep=config.heads_keep)
+    pruned = shrink_layers(copy.deepcopy(model), heads, neurons)
+    settings = {name: getattr(config, name) for name in PRUNE_FIELDS}
+    pruned_fingerprint = hashlib.sha256(json.dumps([fingerprint, settings]).encode()).hexdigest()[:16]
+    training = train_model(pruned, tokenizer, data, replace(args, num_train_epochs=config.prune_epochs),
+                           teacher=teacher, fingerprint=pruned_fingerprint)
+    return PruningResult(importance=importance, training=training, fingerprint=pruned_fingerprint, kept_heads=heads)
