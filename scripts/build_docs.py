@@ -543,7 +543,7 @@ def width_depth_tables(root: Path, spec: dict) -> list[str]:
     for name, row in sorted(found["candidates"].items(),
                             key=lambda item: (-item[1]["layers"], -item[1]["heads_keep"], -item[1]["ffn_keep"])):
         torch_row, fused = row["torch"], row["student-onnx-fused-int8"]
-        timed = timings.get(f"{name}-onnx-fused-int8", {})
+        timed = timings.get(f"{spec.get('aliases', {}).get(name, name)}-onnx-fused-int8", {})  # the run's own: student
         label = f"**{name}**" if name == spec.get("chosen") else name
         body.append([label, str(row["layers"]), f"{row['attention_heads']} ({fmt(row['heads_keep'])})",
                      f"{count(row['intermediate_size'])} ({fmt(row['ffn_keep'])})", count(row["parameters"]),
