@@ -263,6 +263,17 @@ class RunConfig(BaseModel):
         return subsample(data, limits, seed=self.seed)
 
 
+def kept_count(share: float, total: int, param: str) -> int:
+    """How many of ``total`` heads or neurons a layer keeps at the share ``share`` (``heads_keep``, ``ffn_keep``):
+    at least one, or a clear error. The one place the shares are turned into counts."""
+    if isinstance(share, bool) or not 0 < share <= 1:
+        raise ValueError(f"{param} must be a share in (0, 1], got {share!r}.")
+    kept = round(share * total)
+    if kept < 1:
+        raise ValueError(f"{param}={share} keeps none of a layer's {total}: use at least {1 / total:.3g}.")
+    return kept
+
+
 # Settings that change what each stage trains (the data is covered by its digest).
 TEACHER_FIELDS = ("teacher", "finetune_epochs", "finetune_learning_rate", "finetune_batch_size",
                   "finetune_warmup_ratio", "seed")

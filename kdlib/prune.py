@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlib.config import RunConfig
+from kdlib.config import RunConfig, kept_count
 from kdlib.models import attention_heads, bert_layers, forward_inputs, shrink_layers
 from kdlib.train import DistillationTrainingArguments, TrainResult, train_model
 
@@ -36,16 +36,6 @@ class Importance:
 
     heads: torch.Tensor
     neurons: torch.Tensor
-
-
-def kept_count(share: float, total: int, param: str) -> int:
-    """How many of ``total`` heads or neurons a layer keeps at ``share``; at least one, or a clear error."""
-    if isinstance(share, bool) or not 0 < share <= 1:
-        raise ValueError(f"{param} must be a share in (0, 1], got {share!r}.")
-    kept = round(share * total)
-    if kept < 1:
-        raise ValueError(f"{param}={share} keeps none of a layer's {total}: use at least {1 / total:.3g}.")
-    return kept
 
 
 def importance_scores(

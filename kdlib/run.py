@@ -36,6 +36,7 @@ from kdlib.config import (
     OVERRIDES,
     ConfigError,
     RunConfig,
+    kept_count,
     load_config,
     parameter_help,
     parse_cli_value,
@@ -406,11 +407,13 @@ def _check_heads_keep(config: RunConfig) -> None:
     param = "student" if config.student_init != "teacher_layers" else (
         "teacher_model" if config.teacher_model else "teacher")
     heads = reference_num_heads(getattr(config, param), param=param)
-    if round(config.heads_keep * heads) < 1:
+    try:
+        kept_count(config.heads_keep, heads, "heads_keep")
+    except ValueError:
         raise ConfigError(
             f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads ({param} = "
             f"{getattr(config, param)!r}), so this keeps none. Use -p heads_keep {1 / heads:.3g} or more."
-        )
+        ) from None
 
 
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:

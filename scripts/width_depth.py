@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kdlib.config import ConfigError, load_config, parse_cli_value
+from kdlib.config import ConfigError, kept_count, load_config, parse_cli_value
 from kdlib.io import atomic_write_text, project_root
 from kdlib.paths import RunPaths, missing_model_files
 from kdlib.run import absolute_paths
@@ -45,9 +45,11 @@ def parse_candidate(text: str, depth: int, heads: int) -> tuple[int, float, floa
     if len(parts) not in (1, 3) or not 1 <= layers <= depth or not (0 < ffn <= 1 and 0 < head <= 1):
         raise ConfigError(f"candidate {text!r}: L must be 1 to {depth} (the teacher's depth) and F, H shares in "
                           "(0, 1], e.g. 6x0.5x0.5.")
-    if round(head * heads) < 1:
+    try:
+        kept_count(head, heads, "H")
+    except ValueError:
         raise ConfigError(f"candidate {text!r}: H = {head} keeps none of a layer's {heads} heads; use at least "
-                          f"{1 / heads:.3g}.")
+                          f"{1 / heads:.3g}.") from None
     return layers, ffn, head
 
 
