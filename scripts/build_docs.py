@@ -211,10 +211,10 @@ OOS_COLUMNS = (
 )
 
 
-def comparison(root: Path) -> list[dict[str, str]]:
-    rows = read_csv(root, f"outputs/tables/{RUN}/comparison.csv")
+def comparison(root: Path, run: str = RUN) -> list[dict[str, str]]:
+    rows = read_csv(root, f"outputs/tables/{run}/comparison.csv")
     if not rows:
-        raise DocsError(f"outputs/tables/{RUN}/comparison.csv has no rows.")
+        raise DocsError(f"outputs/tables/{run}/comparison.csv has no rows.")
     return rows
 
 
@@ -226,11 +226,11 @@ def comparison_table(rows: list[dict[str, str]], columns: Sequence[tuple]) -> li
     return table(headers, body)
 
 
-def result_records(root: Path) -> list[tuple[str, dict]]:
-    folder = root / "outputs" / "results" / RUN
+def result_records(root: Path, run: str = RUN) -> list[tuple[str, dict]]:
+    folder = root / "outputs" / "results" / run
     paths = sorted(folder.glob("*.json"))
     if not paths:
-        raise DocsError(f"outputs/results/{RUN}/ has no result records.")
+        raise DocsError(f"outputs/results/{run}/ has no result records.")
     return [(rel(root, p), json.loads(p.read_text(encoding="utf-8"))) for p in paths]
 
 
@@ -278,13 +278,112 @@ def default_run_section(root: Path, machines: Machines) -> list[str]:
     if len(described) == 1 and None not in described:
         lines += ["", f"Machine: {machines.title(described.pop())}."]
     lines += ["", "### Training, per epoch", ""]
+    return lines + epoch_tables(root, RUN)
+
+
+def epoch_tables(root: Path, run: str) -> list[str]:
+    """The run's per-epoch tables of notebooks 01 and 02 (``outputs/tables/<run>/*_epochs.md``)."""
+    lines = []
     for name, title in (("teacher_epochs", "Teacher (notebook 01)"), ("student_epochs", "Student (notebook 02)")):
         lines += [f"{title}, validation split:", ""]
-        text = (root / "outputs" / "tables" / RUN / f"{name}.md")
+        text = (root / "outputs" / "tables" / run / f"{name}.md")
         if not text.is_file():
-            raise DocsError(f"outputs/tables/{RUN}/{name}.md: missing.")
+            raise DocsError(f"outputs/tables/{run}/{name}.md: missing.")
         lines += text.read_text(encoding="utf-8").strip().splitlines() + [""]
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's scale: the base profile beside the book's table
+# ---------------------------------------------------------------------------------------------
+
+BASE_RUN = "base"
+# The book's chapter 8 (Tunstall, von Werra, Wolf): a fine-tuned BERT-base teacher, a DistilBERT student
+# distilled from it, then quantised; size on disk (MB), mean latency of one query (ms, the book's CPU) and
+# test accuracy, as printed by its PerformanceBenchmark.
+BOOK_STEPS = (
+    ("teacher", 418.0, 54.2, 0.867),
+    ("distilled student", 255.9, 26.0, 0.868),
+    ("student, int8 (PyTorch)", 132.0, 12.5, 0.876),
+    ("student, ONNX Runtime int8", 64.0, 9.24, 0.877),
+)
+# The same steps in a latency.py record of kdlib (benchmarks/latency.py), plus the two that go beyond the book.
+KDLIB_STEPS = {
+    "teacher": "teacher (pipeline, fp32)",
+    "distilled student": "student",
+    "student, int8 (PyTorch)": "student-int8",
+    "student, ONNX Runtime fp32": "student-onnx",
+    "student, ONNX Runtime int8": "student-onnx-int8",
+    "student, fused ONNX Runtime int8": "student-onnx-fused-int8",
+}
+
+
+def step_cell(size_mb: float | None, ms: float | None, accuracy: float | None, speedup: float | None) -> str:
+    """One setup's figures for one step: accuracy · latency · size · speed-up over its own teacher."""
+    if ms is None:
+        return DASH
+    return f"{fmt(accuracy, 3)} · {fmt(ms, 2)} ms · {fmt(size_mb, 0)} MB · {fmt(speedup, 1, '×')}"
+
+
+def book_table(base: dict, default: dict) -> list[str]:
+    """The book's steps beside the same steps of the base and the default profile (one latency record each)."""
+    book = {name: (size, ms, acc, BOOK_STEPS[0][2] / ms) for name, size, ms, acc in BOOK_STEPS}
+    by_variant = [{r["variant"]: r for r in record["rows"]} for record in (base, default)]
+    body = []
+    for step, variant in KDLIB_STEPS.items():
+        cells = [step_cell(*book[step]) if step in book else DASH]
+        for rows in by_variant:
+            row = rows.get(variant, {})
+            cells.append(step_cell(row.get("size_mb"), row.get("p50_ms"), row.get("accuracy"),
+                                   row.get("speedup_vs_teacher")))
+        body.append([step] + cells)
+    return table(["step", "the book: BERT-base → DistilBERT (mean)", "`base`: MPNet-base → 6 of its 12 layers (p50)",
+                  "`minilm` (default): MiniLM-L6 → 3 of its 6 layers (p50)"], body)
+
+
+def base_scale_section(root: Path, machines: Machines) -> list[str]:
+    """The base profile's run beside the book's table; empty until that run's latency record is committed."""
+    base_path = f"outputs/benchmarks/{BASE_RUN}/latency.json"
+    default_path = f"outputs/benchmarks/{RUN}/latency.json"
+    if not (root / base_path).is_file():
+        return []
+    base, default = read_json(root, base_path), read_json(root, default_path)
+    rows = comparison(root, BASE_RUN)
+    lines = [
+        "## At the seed's scale: the `base` profile beside the book",
+        "",
+        "The book compresses a 110M-parameter BERT-base teacher into DistilBERT. The `base` profile "
+        "(`make run PROFILE=base`) does the same offline with a 110M-parameter MPNet teacher from PyPI "
+        "(`all-mpnet-base-v2`), fine-tuned on CLINC150 in notebook 01 and distilled into 6 of its 12 layers in "
+        "notebook 02. Each cell: test accuracy · latency of one query · size on disk · speed-up over its own "
+        "teacher. The book's figures are its printed ones (mean latency, its CPU); kdlib's come from "
+        "`benchmarks/latency.py`, every variant of one profile timed in one process (p50).",
+        "",
+        *book_table(base, default),
+        "",
+        f"`{base_path}`: {benchmark_caption(base)} `{default_path}`: {benchmark_caption(default)}",
+        "",
+    ]
+    machine_rows = [[f"`{path}`", machines.title(machines.of(path, data.get("env", {})))]
+                    + env_cells(data.get("env", {})) for path, data in ((base_path, base), (default_path, default))]
+    lines += table(["record", "machine"] + env_headers(), machine_rows)
+    lines += ["", f"### The `{BASE_RUN}` run's own records", "",
+              f"Notebooks 01–03 of the `{BASE_RUN}` profile (executed copies: "
+              f"`outputs/notebooks/{BASE_RUN}/`), each variant benchmarked by its notebook:", ""]
+    lines += comparison_table(rows, MAIN_COLUMNS)
+    lines += ["", *notebook_durations(root, BASE_RUN), ""]
+    return lines + epoch_tables(root, BASE_RUN)
+
+
+def notebook_durations(root: Path, run: str) -> list[str]:
+    """Wall time of each executed notebook of a run, from the duration papermill records in it."""
+    cells = []
+    for path in sorted((root / "outputs" / "notebooks" / run).glob("0*.ipynb")):
+        meta = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+        if meta.get("duration") is not None:
+            minutes, seconds = divmod(round(meta["duration"]), 60)
+            cells.append(f"{path.stem} {minutes} min {seconds:02d} s")
+    return ["Wall time of each notebook (2 threads): " + ", ".join(cells) + "."] if cells else []
 
 
 def latency_table(data: dict) -> list[str]:
@@ -421,6 +520,7 @@ def results_page(root: Path) -> str:
         "",
     ]
     lines += default_run_section(root, machines)
+    lines += base_scale_section(root, machines)
     lines += benchmarks_section(root, machines)
     lines += search_section(root, RESULTS_PAGE)
     lines += figures_section(root, RESULTS_PAGE)

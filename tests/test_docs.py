@@ -32,6 +32,9 @@ def copy_sources(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     ignore = shutil.ignore_patterns("models", "checkpoints", "notebooks", "smoke", "*.onnx", "*.safetensors")
     shutil.copytree(REPO / "outputs", root / "outputs", ignore=ignore)
+    base_notebooks = REPO / "outputs" / "notebooks" / "base"  # committed: the base run's wall times are read from it
+    if base_notebooks.is_dir():
+        shutil.copytree(base_notebooks, root / "outputs" / "notebooks" / "base")
     shutil.copytree(REPO / "docs", root / "docs")
     shutil.copy2(REPO / "README.md", root / "README.md")
     return root
