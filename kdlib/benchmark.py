@@ -1,14 +1,10 @@
-"""Accuracy, size and latency of a classifier, measured the reference way and a little better.
+"""Accuracy, size and latency of a classifier, under the reference study's names and a little more.
 
-The reference study (*NLP with Transformers*, ch. 8) reports three figures per model: accuracy on
-the CLINC150 test split, the size of the saved state dict in MB, and the mean and standard
-deviation of single-query latency over 100 ``pipeline`` calls. :class:`PerformanceBenchmark`
-keeps those keys (``accuracy``, ``size_mb``, ``time_avg_ms``, ``time_std_ms``) and adds:
-
-* batched, length-sorted inference for accuracy (same predictions, many times faster);
-* in-scope accuracy, out-of-scope recall / precision (the CLINC150 paper's metrics) and macro-F1;
-* latency percentiles and batch throughput, with the thread count they were measured at;
-* an environment fingerprint, so that every figure says where it came from.
+The reference (*NLP with Transformers*, ch. 8) reports test accuracy, the saved state dict's size in MB
+and the mean / std of single-query ``pipeline`` latency; :class:`PerformanceBenchmark` keeps those keys
+(``accuracy``, ``size_mb``, ``time_avg_ms``, ``time_std_ms``) and adds batched, length-sorted inference
+for accuracy (the same predictions), in-scope accuracy, OOS recall / precision and macro-F1, OOS detection
+metrics, latency percentiles, batch throughput and an environment fingerprint for every figure.
 """
 
 from __future__ import annotations
@@ -41,27 +37,31 @@ Clock = Callable[[], float]
 # ---------------------------------------------------------------------------------------------
 
 
-def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int = 64) -> list[str]:
-    """Predicted label names, in input order, from length-sorted batches (little padding waste)."""
+def _sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``texts`` in batches of ``batch_size``, shortest texts first (little padding waste)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    predictions: list[str] = [""] * len(texts)
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+        yield order[start : start + batch_size]
+
+
+def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+    """Predicted label names, in input order, from length-sorted batches."""
+    predictions: list[str] = [""] * len(texts)
+    for chunk in _sorted_batches(texts, batch_size):
         for i, label in zip(chunk, predictor.predict([texts[i] for i in chunk]), strict=True):
             predictions[i] = label
     return predictions
 
 
+@torch.inference_mode()
 def predict_logits(
     predictor: Predictor, texts: Sequence[str], batch_size: int = 64, *, features: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Logits ``(len(texts), len(predictor.labels))`` in input order, from length-sorted batches;
     with ``features=True`` also the predictor's features (:meth:`Predictor.logits_and_features`)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), len(predictor.labels)), dtype=np.float32)
     found = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in _sorted_batches(texts, batch_size):
         batch = [texts[i] for i in chunk]
         if not features:
             out[chunk] = predictor.logits(batch)
@@ -152,22 +152,21 @@ def score_splits(
     golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items()}
     train_gold = _gold_ids(predictor, train, "train") if train is not None else None
     method = oos_score
-    if method == oos.FEATURE_SCORE and not predictor.exposes_features:
+    if method == FEATURE_SCORE and not predictor.exposes_features:
         method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
-    use_features = has_oos and method == oos.FEATURE_SCORE
     oos_index = predictor.labels.index(oos_label) if has_oos else None
     scorer = None
-    if use_features:
-        with torch.inference_mode():
-            _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
+    if has_oos and method == FEATURE_SCORE:
+        _, train_features = predict_logits(predictor, train["text"], batch_size, features=True)
         scorer = oos.MahalanobisScore(train_features, train_gold, oos_index)
     outputs = {}
     for what, split in splits.items():
-        with torch.inference_mode():
-            found = predict_logits(predictor, split["text"], batch_size, features=use_features)
-        logits, scores = (found[0], scorer(found[1])) if scorer is not None else (found, None)
-        if has_oos and scorer is None:
-            scores = oos.oos_scores(logits, method, oos_index)
+        if scorer is not None:
+            logits, features = predict_logits(predictor, split["text"], batch_size, features=True)
+            scores = scorer(features)
+        else:
+            logits = predict_logits(predictor, split["text"], batch_size)
+            scores = oos.oos_scores(logits, method, oos_index) if has_oos else None
         outputs[what] = SplitOutputs(logits, golds[what], scores)
     return ScoredSplits(outputs, method if has_oos else None, oos_index)
 
@@ -192,19 +191,15 @@ def measure_quality(
     oos_score: str = RunConfig.model_fields["oos_score"].default,
     threshold: ThresholdRule | None = None,
 ) -> Quality:
-    """The quality and OOS metrics of ``predictor`` on one ``(text, label: ClassLabel)`` split (gold and
-    predicted matched by name): accuracy and macro-F1, and the CLINC150 in-scope accuracy and OOS recall /
-    precision when the data has an OOS label.
+    """The :class:`Quality` of ``predictor`` on one ``(text, label: ClassLabel)`` split (gold and predicted
+    matched by name): accuracy and macro-F1, plus, when the data has an OOS label, the CLINC150 in-scope
+    accuracy and OOS recall / precision, and this split's OOS scores for plotting.
 
-    With an OOS label in the data, also the OOS detection keys of :data:`kdlib.oos.OOS_KEYS`: the
-    ``oos_score``'s AUROC / FPR95 on this split and, with ``validation`` given, the metrics of the
-    threshold chosen on ``validation`` by ``threshold`` (:class:`kdlib.oos.ThresholdRule`; None: the run
-    default, relative to the model), with ``threshold_missed`` saying why when the rule admits none.
-    ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor without features is scored
-    by ``energy`` instead, and the record's ``oos_score`` says which score was used.
-    Without an OOS label these keys are None (not applicable).
-
-    Returns a :class:`Quality`: the metrics and, with an OOS label, this split's OOS scores for plotting.
+    With an OOS label, also the keys of :data:`kdlib.oos.OOS_KEYS`: the ``oos_score``'s AUROC / FPR95 and,
+    with ``validation``, the metrics of the threshold ``threshold`` (:class:`kdlib.oos.ThresholdRule`; None:
+    the run default) chooses on it, ``threshold_missed`` saying why when the rule admits none. Without an
+    OOS label these keys are None. ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor
+    without features is scored by ``energy`` instead, and the record's ``oos_score`` says which was used.
     """
     splits = {"dataset": dataset} if validation is None else {"dataset": dataset, "validation": validation}
     scored = score_splits(predictor, splits, train=train, oos_score=oos_score, oos_label=oos_label,
@@ -250,12 +245,13 @@ def compute_size(predictor: Predictor) -> dict:
 def latency_stats(latencies_ms: Sequence[float]) -> dict:
     """Mean and standard deviation (the reference's ``np.std``) plus p50 / p95 / p99, in ms."""
     values = np.asarray(latencies_ms, dtype=float)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return {
         "time_avg_ms": float(values.mean()),
         "time_std_ms": float(values.std()),
-        "time_p50_ms": float(np.percentile(values, 50)),
-        "time_p95_ms": float(np.percentile(values, 95)),
-        "time_p99_ms": float(np.percentile(values, 99)),
+        "time_p50_ms": float(p50),
+        "time_p95_ms": float(p95),
+        "time_p99_ms": float(p99),
         "latency_queries": int(values.size),
     }
 
@@ -479,10 +475,8 @@ class PerformanceBenchmark:
         self.options = options
 
     def compute_accuracy(self) -> Quality:
-        """The test split's quality, the book's name for the step although it measures more than accuracy
-        (:func:`measure_quality`): a :class:`Quality` of the metrics (accuracy, macro-F1, in-scope accuracy,
-        OOS recall / precision, the OOS score's AUROC / FPR95, the metrics of the threshold chosen on
-        validation) and the test OOS scores for the plot."""
+        """The test split's :class:`Quality` (:func:`measure_quality`: accuracy and more, the OOS metrics with
+        the threshold chosen on validation, and the test OOS scores); the book's name for the step."""
         return measure_quality(
             self.predictor, self.test, batch_size=self.options.batch_size, validation=self.validation,
             train=self.train, oos_score=self.options.oos_score, threshold=self.options.threshold,
@@ -506,33 +500,28 @@ class PerformanceBenchmark:
 
     def run_benchmark(self) -> BenchmarkResult:
         """One :class:`BenchmarkResult`, ``{name: metrics}`` like the reference: quality and OOS
-        (:meth:`compute_accuracy`), size (:meth:`compute_size`), latency (:meth:`time_pipeline`), throughput
-        (:meth:`time_throughput`), the split sizes, the predictor and the environment fingerprint, with the
-        test OOS scores as ``oos_detail``. Torch's thread count is restored afterwards."""
+        (:meth:`compute_accuracy`), size, latency, throughput, the split sizes, the predictor and the
+        environment fingerprint, with the test OOS scores as ``oos_detail``. Torch's thread count is restored."""
         previous_threads = torch.get_num_threads()
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         try:
             quality = self.compute_accuracy()
-            metrics = {**quality.metrics, **self.compute_size(), **self.time_pipeline(), **self.time_throughput()}
-            metrics.update(
-                {
-                    "test_rows": len(self.test),
-                    "validation_rows": len(self.validation or []),
-                    "predictor": self.predictor.describe(),
-                    "env": env_fingerprint(getattr(self.predictor, "device", None) and str(self.predictor.device)),
-                }
-            )
+            metrics = {
+                **quality.metrics, **self.compute_size(), **self.time_pipeline(), **self.time_throughput(),
+                "test_rows": len(self.test),
+                "validation_rows": len(self.validation or []),
+                "predictor": self.predictor.describe(),
+                "env": env_fingerprint(getattr(self.predictor, "device", None) and str(self.predictor.device)),
+            }
         finally:
             torch.set_num_threads(previous_threads)
         return BenchmarkResult(self.name, metrics, quality.oos_detail)
 
 
 def median_of_repeats(fn: Callable[[], object], repeats: int = 3, clock: Clock = time.perf_counter) -> dict:
-    """Run ``fn`` ``repeats`` times; the median and every wall time in seconds, and the last result.
-
-    Single timings on a shared machine are noisy; the median of a few repeats is the figure to report.
-    """
+    """Run ``fn`` ``repeats`` times; the median and every wall time in seconds (the median is the figure to
+    report on a noisy shared machine), and the last result."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
     seconds, result = [], None

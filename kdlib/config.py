@@ -1,19 +1,16 @@
 """The run configuration: one validated schema, the single source of every default.
 
-A run is described by :class:`RunConfig`. Its field defaults are the base profile (the default
-``minilm`` run); ``configs/<profile>.yaml`` holds only what a profile changes; command-line ``-p``
-values and notebook parameters override the profile. :func:`load_config` merges the three and
-validates the result **before any work**: unknown names (with a did-you-mean), wrong types
-(``"1e-3"`` from a command line is read as a float, ``"two"`` is refused), ranges, and run names
-that are safe folder names. The runner and the first code cell of every notebook call it, so a
-papermill run, ``make run`` and a JupyterLab session get the same checks.
+:class:`RunConfig`'s field defaults are the base profile (the ``minilm`` run); ``configs/<profile>.yaml``
+holds only what a profile changes; command-line ``-p`` values and notebook parameters override the
+profile. :func:`load_config` merges the three and validates the result before any work: unknown names
+(with a did-you-mean), types (``"1e-3"`` from a command line is a float, ``"two"`` is refused), ranges,
+and run names that are safe folder names. The runner and every notebook's first code cell call it, so
+papermill, ``make run`` and JupyterLab get the same checks.
 
-:meth:`RunConfig.fingerprint` keys a training run by the settings that change its result plus a
-digest of the data it used; checkpoints live under that key and every result record carries it.
+:meth:`RunConfig.fingerprint` keys a training run (its checkpoints and result records) by the settings
+that change its result and a digest of its data.
 
-The module stays light (neither torch nor datasets loads with it), so ``python -m kdlib.run`` and a
-notebook's first cell check their parameters before any heavy import; the run's folders are
-:mod:`kdlib.paths`, the session :mod:`kdlib.session`.
+Neither torch nor datasets loads with this module, so parameters are checked before any heavy import.
 """
 
 from __future__ import annotations
@@ -193,18 +190,6 @@ class RunConfig(BaseModel):
             raise ValueError(f"lists a variant twice: {value}")
         return value
 
-    @model_validator(mode="after")
-    def _student_reference(self) -> RunConfig:
-        if self.student_init != "teacher_layers" and not self.student:
-            raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
-        return self
-
-    @model_validator(mode="after")
-    def _latency_search_needs_depth(self) -> RunConfig:
-        if self.search_latency and self.student_init != "teacher_layers":
-            raise ValueError("search_latency=True searches the student's depth: it needs student_init='teacher_layers'")
-        return self
-
     @field_validator("search_storage")
     @classmethod
     def _storage_url(cls, value: str | None) -> str | None:
@@ -217,7 +202,11 @@ class RunConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _highlight_is_built(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
+        if self.student_init != "teacher_layers" and not self.student:
+            raise ValueError(f"student_init={self.student_init!r} needs a `student` model reference")
+        if self.search_latency and self.student_init != "teacher_layers":
+            raise ValueError("search_latency=True searches the student's depth: it needs student_init='teacher_layers'")
         built = ["teacher", "student", *(f"student-{v}" for v in self.variants)]
         if self.highlight and not self.runs and self.highlight not in built:
             raise ValueError(f"highlight={self.highlight!r} is not a variant this run builds; choose one of {built}")
@@ -242,11 +231,10 @@ class RunConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def load_data(self, base_dir: str | os.PathLike | None = None, *, warn_duplicates: bool = True) -> DatasetDict:
-        """The run's data, as every notebook and script reads it: ``data_source`` (a relative path
-        taken from ``base_dir``) loaded by :func:`kdlib.data.load_intent_data` with the run's columns,
-        hold-out and duplicate options, then cut to the ``max_*_rows`` limits (:func:`kdlib.data.subsample`).
-        ``warn_duplicates=False``: texts in several splits are not warned about (a notebook shows their
-        counts in :func:`kdlib.data.describe`'s table instead of a warning on stderr)."""
+        """The run's data, as every notebook and script reads it: :func:`kdlib.data.load_intent_data` with
+        the run's source (relative to ``base_dir``), columns, hold-out and duplicate options, cut to the
+        ``max_*_rows`` limits. ``warn_duplicates=False``: no warning about texts in several splits (a
+        notebook shows their counts in :func:`kdlib.data.describe`'s table instead)."""
         from kdlib.data import load_intent_data, subsample  # datasets loads with the data, after the parameter check
 
         data = load_intent_data(
@@ -346,14 +334,12 @@ def load_config(profile: str | os.PathLike = DEFAULT_PROFILE, **overrides: Any) 
 def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
     """The configuration of a notebook run: ``profile`` plus every parameter the notebook set.
 
-    A notebook's ``parameters`` cell sets ``profile``, lists the parameters a reader of that notebook
-    would change, left at ``None`` ("the profile's value"), and ``overrides``: a mapping of any other
-    run parameter to its value (``{"n_latency_queries": 20}``), so every parameter stays reachable
-    from a short cell. papermill (``-p alpha 0.7``, in its injected ``# Parameters`` cell; the runner
-    puts the parameters a cell does not list into ``overrides``) or a reader editing the cell sets
-    them; a name the cell lists wins over the same name in ``overrides``. Every name must be a
-    parameter: a typo is refused with the same did-you-mean as the command line, while the notebook's
-    own variables (``data``, ``model`` ... of cells run before, in JupyterLab) are not parameters at all.
+    A notebook's ``parameters`` cell sets ``profile``, the parameters a reader of that notebook would
+    change (``None``: the profile's value) and ``overrides``, a mapping of any other run parameter to
+    its value (``{"n_latency_queries": 20}``). papermill's injected ``# Parameters`` cell or a reader's
+    edit sets them; a name the cell lists wins over the same name in ``overrides``. A name that is no
+    parameter is refused with the command line's did-you-mean; the notebook's own variables (from
+    cells run before, in JupyterLab) are not read.
     """
     names = _parameter_cell_names(namespace)
     fields = RunConfig.model_fields
@@ -379,7 +365,7 @@ def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:
     if not isinstance(history, list) or not history:
         skip = {"In", "Out", "profile"}
         return [n for n, v in namespace.items()
-                if not n.startswith("_") and n not in skip and not callable(v) and not _is_module(v)]
+                if not n.startswith("_") and n not in skip and not callable(v) and not isinstance(v, types.ModuleType)]
     names: dict[str, None] = {}
     for source in history:
         if not (re.search(r"^profile\s*=", source, re.M) or source.lstrip().startswith("# Parameters")):
@@ -393,10 +379,6 @@ def _parameter_cell_names(namespace: dict[str, Any]) -> list[str]:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 names.update(dict.fromkeys(t.id for t in targets if isinstance(t, ast.Name)))
     return list(names)
-
-
-def _is_module(value: Any) -> bool:
-    return isinstance(value, types.ModuleType)
 
 
 def parse_cli_value(name: str, text: str) -> Any:
@@ -417,8 +399,6 @@ def parse_cli_value(name: str, text: str) -> Any:
 
 def parameter_help() -> str:
     """Every parameter with its default and description, for ``--help-params``."""
-    lines = []
-    for name, field in RunConfig.model_fields.items():
-        lines.append(f"  {name:<28} {field.default!r:<24} {field.description or ''}")
-    return "\n".join(lines)
+    return "\n".join(f"  {name:<28} {field.default!r:<24} {field.description or ''}"
+                     for name, field in RunConfig.model_fields.items())
 

@@ -1,21 +1,20 @@
 """Loading and validating intent-classification data from every source kdlib supports.
 
-Every loader returns the same thing, a ``datasets.DatasetDict`` with ``train`` / ``validation`` /
-``test`` splits, a ``text`` column and a ``label`` column of type ``ClassLabel`` whose names are the
-intents. Downstream code (models, benchmark, distillation) only ever sees that shape, so a new
-source needs a new loader here and nothing else.
+Every loader returns a ``datasets.DatasetDict`` with ``train`` / ``validation`` / ``test`` splits, a
+``text`` column and a ``label`` ``ClassLabel`` column whose names are the intents: the only shape
+downstream code sees, so a new source needs a new loader here and nothing else.
 
-Where the data comes from, in order: the ``source`` argument (the ``data_source`` run parameter),
-the ``KDLIB_DATA`` environment variable, then CLINC150 ``plus`` embedded in kdlib
-(``kdlib/clinc150/``, the release file, CC BY 3.0), so the default needs no network. A source is
+The source is the ``source`` argument (the ``data_source`` run parameter), else ``$KDLIB_DATA``, else
+CLINC150 ``plus`` embedded in kdlib (``kdlib/clinc150/``, CC BY 3.0; no network needed). A source is
 
 * :data:`EMBEDDED_SOURCE` (``embedded:clinc150-plus``): the embedded release file;
 * a file: an original CLINC150 release file (``data_oos_plus.json`` ...), plain or gzip-compressed;
 * a directory: your own ``train`` / ``validation`` / ``test`` files in CSV or JSON Lines;
-* anything else: a Hub dataset id, optionally with a config after a colon (``clinc_oos:plus``).
+* anything else: a Hub dataset id, optionally with a config after a colon (``clinc_oos:plus``, the
+  embedded data's Hub copy).
 
-Relative paths are taken from ``base_dir`` (the working directory unless a caller says otherwise:
-the notebooks pass the project root); every error about a path shows the absolute path it tried.
+Relative paths are taken from ``base_dir`` (default: the working directory; the notebooks pass the
+project root); every error about a path shows the absolute path it tried.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 DATA_ENV_VAR = "KDLIB_DATA"
 EMBEDDED_SOURCE = "embedded:clinc150-plus"
 EMBEDDED_FILE = Path(__file__).resolve().parent / "clinc150" / "data_oos_plus.json.gz"
-HUB_SOURCE = "clinc_oos:plus"  # the same data on the Hugging Face Hub, one parameter away
 OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -96,13 +94,8 @@ def load_intent_data(
     else:
         path = local_path(resolved, base_dir)
         if path.is_dir():
-            data = load_folder(
-                path,
-                text_column=text_column,
-                label_column=label_column,
-                validation_fraction=validation_fraction,
-                seed=seed,
-            )
+            data = load_folder(path, text_column=text_column, label_column=label_column,
+                               validation_fraction=validation_fraction, seed=seed)
         elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl"):
             raise DataError(
                 f"Data source {path} is a single {path.suffix} file; kdlib reads a folder holding train, "
@@ -117,12 +110,8 @@ def load_intent_data(
                 f"${DATA_ENV_VAR} at a CLINC150 release .json file or a folder of train/validation/test files."
             )
         else:
-            data = load_hub(
-                resolved,
-                text_column=text_column,
-                label_column=label_column,
-                tried_path=None if ":" in resolved else path,
-            )
+            data = load_hub(resolved, text_column=text_column, label_column=label_column,
+                            tried_path=None if ":" in resolved else path)
     return check_duplicates(data, drop=drop_duplicates, warn=warn_duplicates)
 
 
@@ -173,9 +162,7 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
             "(plain or gzip-compressed)."
         ) from None
     if not isinstance(raw, dict):
-        raise DataError(
-            f"{path}: expected a JSON object with keys train/val/test/oos_*, got {type(raw).__name__}."
-        )
+        raise DataError(f"{path}: expected a JSON object with keys train/val/test/oos_*, got {type(raw).__name__}.")
     needed = [key for pair in CLINC_RELEASE_KEYS.values() for key in pair]
     missing = [key for key in needed if key not in raw]
     if missing:
@@ -192,12 +179,8 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
             if not isinstance(rows, list):
                 raise DataError(f"{path}: key {key!r} must be a list of [text, intent] pairs.")
             for i, row in enumerate(rows):
-                if not (
-                    isinstance(row, list | tuple) and len(row) == 2 and all(isinstance(v, str) for v in row)
-                ):
-                    raise DataError(
-                        f"{path}: {key}[{i}] is {row!r}, expected a [text, intent] pair of strings."
-                    )
+                if not (isinstance(row, list | tuple) and len(row) == 2 and all(isinstance(v, str) for v in row)):
+                    raise DataError(f"{path}: {key}[{i}] is {row!r}, expected a [text, intent] pair of strings.")
                 if not row[0].strip():
                     raise DataError(f"{path}: {key}[{i}] has empty text (intent {row[1]!r}). Remove or fill it.")
                 texts.append(row[0])
@@ -212,12 +195,8 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
-    for stem in FOLDER_SPLIT_STEMS[split]:
-        for suffix in FOLDER_SUFFIXES:
-            candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
-    return None
+    candidates = (folder / f"{stem}{suffix}" for stem in FOLDER_SPLIT_STEMS[split] for suffix in FOLDER_SUFFIXES)
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -245,16 +224,13 @@ def _read_rows(path: Path) -> list[dict]:
                 f"{path}, line {line_number}: not valid JSON ({err.msg}). Expected JSON Lines: one object per line."
             ) from None
         if not isinstance(row, dict):
-            raise DataError(
-                f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}."
-            )
+            raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}.")
         rows.append(row)
     return rows
 
 
-def _columns(
-    path: Path, rows: list[dict], text_column: str, label_column: str
-) -> tuple[list[str], list[str]]:
+def _columns(path: Path, rows: list[dict], text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    """The (texts, labels) of a file's rows; errors name the file, the row and the column."""
     if not rows:
         raise DataError(f"{path} has no rows. Each split needs at least one example.")
     for i, row in enumerate(rows):
@@ -279,7 +255,7 @@ def _columns(
                 f"{path}: row {i + 1} has empty text in column {text_column!r} (label {label!r}). "
                 "Remove the row or fill in its text."
             )
-        texts.append("" if text is None else str(text))
+        texts.append(str(text))
         labels.append(str(label))
     return texts, labels
 
@@ -310,22 +286,20 @@ def load_folder(
         )
     splits = {
         split: _columns(path, _read_rows(path), text_column, label_column)
-        for split, path in files.items()
-        if path is not None
+        for split, path in files.items() if path is not None
     }
     if "validation" not in splits:
-        splits["train"], splits["validation"] = stratified_holdout(
-            *splits["train"], validation_fraction, seed
-        )
+        splits["train"], splits["validation"] = stratified_holdout(*splits["train"], validation_fraction, seed)
     return build_dataset_dict(splits, origin=str(folder), files=files)
 
 
 def stratified_holdout(
     texts: Sequence[str], labels: Sequence[str], fraction: float, seed: int
 ) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
-    """Split (texts, labels) into train and held-out parts with the same label proportions."""
-    # Kept over Dataset.train_test_split(stratify_by_column=...): that raises on a label seen once and
-    # when fewer rows are held out than there are labels (datasets 5.2); here both stay usable.
+    """Split (texts, labels) into train and held-out parts with the same label proportions.
+
+    Not ``Dataset.train_test_split(stratify_by_column=...)``: that refuses a label seen once (kept in
+    train here) and a hold-out smaller than the number of labels."""
     if not 0 < fraction < 1:
         raise DataError(f"validation_fraction must be between 0 and 1, got {fraction}.")
     by_label: dict[str, list[int]] = {}
@@ -341,11 +315,7 @@ def stratified_holdout(
         n_held = min(max(round(len(indices) * fraction), 1), len(indices) - 1)
         held.update(indices[:n_held])
     keep = [i for i in range(len(texts)) if i not in held]
-    out = [i for i in range(len(texts)) if i in held]
-    return ([texts[i] for i in keep], [labels[i] for i in keep]), (
-        [texts[i] for i in out],
-        [labels[i] for i in out],
-    )
+    return tuple(([texts[i] for i in part], [labels[i] for i in part]) for part in (keep, sorted(held)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,16 +416,11 @@ def build_dataset_dict(
     unknown = sorted(train_labels - set(names))
     if unknown:
         raise DataError(f"{origin}: label(s) {unknown} are not in the dataset's label list.")
-    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
-    index = {name: i for i, name in enumerate(names)}
-    return DatasetDict(
-        {
-            split: Dataset.from_dict(
-                {"text": splits[split][0], "label": [index[v] for v in splits[split][1]]}, features=features
-            )
-            for split in SPLITS
-        }
-    )
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})  # encodes names as ids
+    return DatasetDict({
+        split: Dataset.from_dict({"text": splits[split][0], "label": splits[split][1]}, features=features)
+        for split in SPLITS
+    })
 
 
 def label_names(data: DatasetDict | Dataset) -> list[str]:
@@ -488,17 +453,21 @@ def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -
     return DatasetDict(out)
 
 
+DUPLICATE_PAIRS = (("test", "train"), ("test", "validation"), ("validation", "train"))
+
+
 def _normalised(text: str) -> str:
     return text.strip().lower()
 
 
-DUPLICATE_PAIRS = (("test", "train"), ("test", "validation"), ("validation", "train"))
+def _split_texts(data: DatasetDict) -> dict[str, set[str]]:
+    return {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
 
 
 def duplicate_counts(data: DatasetDict) -> dict[tuple[str, str], int]:
     """``{(split, other split): texts of split also in the other}`` for :data:`DUPLICATE_PAIRS` (compared
     case- and space-insensitively)."""
-    texts = {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
+    texts = _split_texts(data)
     return {(a, b): len(texts[a] & texts[b]) for a, b in DUPLICATE_PAIRS}
 
 
@@ -506,13 +475,10 @@ def check_duplicates(data: DatasetDict, *, drop: bool = False, warn: bool = True
     """Warn (:class:`DuplicateTextWarning`, with counts per pair of splits; ``warn=False``: silently) when
     a text appears in more than one split; with ``drop``, remove such texts from train and validation,
     never from test."""
-    texts = {split: {_normalised(t) for t in data[split]["text"]} for split in SPLITS}
     counts = duplicate_counts(data)
-    if not any(counts.values()):
+    if not any(counts.values()) or not (drop or warn):
         return data
     listed = ", ".join(f"{n} texts of {a} also in {b}" for (a, b), n in counts.items() if n)
-    if not drop and not warn:
-        return data
     if not drop:
         warnings.warn(
             f"Duplicate texts across splits: {listed}. Pass drop_duplicates=True (run parameter "
@@ -521,6 +487,7 @@ def check_duplicates(data: DatasetDict, *, drop: bool = False, warn: bool = True
             stacklevel=3,
         )
         return data
+    texts = _split_texts(data)
     seen_later = {"validation": texts["test"], "train": texts["test"] | texts["validation"]}
     out = dict(data)
     for split, banned in seen_later.items():

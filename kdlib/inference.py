@@ -1,35 +1,28 @@
 """Predictors and their faster variants: one interface for PyTorch, int8 and ONNX Runtime models.
 
 :class:`~kdlib.benchmark.PerformanceBenchmark` only talks to a :class:`Predictor`, so every variant of
-a model gets its accuracy, size and latency measured by the same code. A predictor has:
+a model is measured by the same code. A predictor has ``labels`` (in output order), ``logits(texts)``
+(tokenisation included), ``__call__`` (pipeline-style ``[{"label", "score"}]``), ``size_bytes()`` /
+``num_parameters()`` and ``describe()`` (backend, dtype, threads ... for result records).
 
-* ``labels`` - label names in output order;
-* ``logits(texts)`` - a ``(len(texts), len(labels))`` float array for a batch (tokenisation included);
-* ``__call__(text_or_texts)`` - like a ``transformers`` pipeline: ``[{"label": ..., "score": ...}]``;
-* ``size_bytes()`` / ``num_parameters()`` - what the model weighs on disk and in parameters;
-* ``describe()`` - a small dict for result records (backend, dtype, threads ...).
+Distillation shrinks the architecture; the variants shrink the representation and the runtime:
 
-Distillation shrinks the *architecture*; the variants here shrink the *representation* and the
-*runtime* of whatever model comes out:
-* ``int8`` - PyTorch dynamic quantisation: the weights of every ``nn.Linear`` stored as int8,
-  activations quantised on the fly. No calibration data and no export step, and the linear
-  layers are where a transformer spends most of its CPU time, so it is the cheapest speed-up
-  to try. The embeddings stay fp32, so the state dict shrinks less than 4x.
-* ``onnx`` - the fp32 model exported to ONNX and run by ONNX Runtime. Same weights and the same
-  predictions (to float rounding), but ORT fuses attention / LayerNorm / GELU and has no
-  Python dispatch overhead per op, which matters most for single short queries.
-* ``onnx-int8`` - the ONNX graph quantised by ONNX Runtime (MatMul weights *and* the embedding
-  tables), which combines both gains and gives the smallest file.
+* ``int8`` - PyTorch dynamic quantisation: every ``nn.Linear``'s weights in int8, activations quantised
+  on the fly. No calibration and no export; the embeddings stay fp32, so the file shrinks less than 4x.
+* ``onnx`` - the fp32 model run by ONNX Runtime: the same predictions (to float rounding), fused
+  operators and no Python dispatch per op, which matters most for single short queries.
+* ``onnx-int8`` / ``onnx-fused-int8`` - the ONNX graph (plain, or with ORT's transformer fusions)
+  quantised by ONNX Runtime, embedding tables included: both gains, and the smallest file.
 
-Every file written here is written beside its target and then moved into place with
-:func:`os.replace`, so an interrupted export never leaves a half-written model where a good one was.
+Every file is written beside its target and moved into place (:func:`kdlib.io.atomic_path`), so an
+interrupted export never leaves a half-written model where a good one was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
+import functools
 import json
 import logging
 import os
@@ -53,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, pipeline
 
 from kdlib.config import VARIANTS
 from kdlib.io import atomic_path
-from kdlib.models import attention_heads, forward_inputs, model_labels
+from kdlib.models import MODEL_INPUT_NAMES, attention_heads, forward_inputs, model_labels
 from kdlib.session import pick_device
 
 DEFAULT_MAX_LENGTH = 128
@@ -114,7 +107,8 @@ def logits_and_features(model: torch.nn.Module, inputs: dict) -> tuple[torch.Ten
 
 
 def state_dict_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``: the size figure of the reference study."""
+    """Bytes of ``torch.save(model.state_dict())`` to ``model.pt``: the size figure of the reference study
+    (a file, not a buffer: torch names the archive's records after the file)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pt")
         torch.save(model.state_dict(), path)
@@ -140,10 +134,9 @@ class TorchPredictor(Predictor):
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        labels = model_labels(model) if labels is None else labels
         if labels is None:
-            labels = model_labels(model)
-            if labels is None:
-                raise ValueError("Pass `labels=` for a model without a transformers config.")
+            raise ValueError("Pass `labels=` for a model without a transformers config.")
         self.labels = list(labels)
         self.max_length = max_length
         self.backend = backend
@@ -173,9 +166,7 @@ class TorchPredictor(Predictor):
     def num_parameters(self) -> int:
         if self._num_parameters is not None:
             return self._num_parameters
-        if isinstance(self.model, PreTrainedModel):
-            return self.model.num_parameters()
-        return sum(p.numel() for p in self.model.parameters())  # a plain nn.Module has no num_parameters()
+        return sum(p.numel() for p in self.model.parameters())  # what PreTrainedModel.num_parameters() counts
 
     def describe(self) -> dict:
         if self.backend.endswith("int8"):
@@ -186,11 +177,8 @@ class TorchPredictor(Predictor):
 
 
 class PipelinePredictor(Predictor):
-    """The reference way: a ``transformers`` text-classification pipeline, one query per call.
-
-    Used as the baseline in the speed benchmarks, so that kdlib's figures are compared with what
-    the book measured, in the same process.
-    """
+    """The reference way: a ``transformers`` text-classification pipeline, one query per call; the
+    speed benchmarks' baseline, so kdlib's figures are compared with the book's in the same process."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, device: str | None = None):
         self.model = model.eval()
@@ -231,7 +219,6 @@ class PipelinePredictor(Predictor):
 LABELS_KEY = "kdlib.labels"
 QUANTIZATION_KEY = "kdlib.quantization"
 MODEL_TYPE_KEY = "kdlib.model_type"
-TOKENIZER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
 # Texts of different lengths, so the example batch has padding (attention mask with zeros) and
 # neither dimension is 0 or 1, which torch.export would specialise to a constant.
@@ -246,10 +233,9 @@ _EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the
 def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     """An int8 copy of ``model``: ``nn.Linear`` weights in int8, activations quantised per batch.
 
-    Works on a deep copy moved to the CPU (quantised kernels are CPU-only), so the fp32 model the
-    caller holds stays untouched and keeps being usable for training or as the parity reference.
-    ``torch.ao.quantization`` is deprecated in favour of torchao; its deprecation warnings are
-    silenced here because there is nothing the caller can do about them.
+    Works on a deep copy moved to the CPU (quantised kernels are CPU-only), so the caller's fp32 model
+    stays usable for training or as the parity reference. ``torch.ao.quantization``'s deprecation
+    warnings are silenced: there is nothing the caller can do about them.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
@@ -274,17 +260,21 @@ def torch_int8_predictor(
 # ---------------------------------------------------------------------------------------------
 
 
-def model_input_names(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Tokenizer outputs that ``model.forward`` accepts, in the tokenizer's order.
-
-    DistilBERT takes no ``token_type_ids``, so its graph must not declare them.
-    """
-    accepted = set(inspect.signature(model.forward).parameters)
-    produced = list(getattr(tokenizer, "model_input_names", None) or TOKENIZER_INPUTS)
-    names = [n for n in produced if n in accepted and n in TOKENIZER_INPUTS]
+def _example_inputs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """The padded example batch as the graph's int64 inputs: the tokenizer outputs ``model.forward`` takes,
+    in the tokenizer's order (DistilBERT takes no ``token_type_ids``, so its graph must not declare them)."""
+    produced = getattr(tokenizer, "model_input_names", None) or MODEL_INPUT_NAMES
+    names = list(forward_inputs(model, dict.fromkeys(produced)))
     if "input_ids" not in names:
         raise TypeError(f"{type(model).__name__}.forward takes no `input_ids`: not a text classifier.")
-    return names
+    encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
+    return {n: encoded[n].to(torch.long) for n in names}
+
+
+def _export_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """What every exported file carries in its ``metadata_props``: the label names (JSON) and model type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: str(model_type)}
 
 
 def export_onnx(
@@ -298,36 +288,25 @@ def export_onnx(
     """Export a BERT / DistilBERT sequence classifier to one self-contained ONNX file.
 
     Inputs are the tokenizer outputs the model's ``forward`` takes (int64, axes ``batch`` and
-    ``sequence`` dynamic), the outputs are ``logits`` (``batch`` x labels) and ``features`` (the mean
-    of the last layer's token states, for the Mahalanobis OOS score; :func:`mean_pooled`). The label names go into
-    the file's ``metadata_props`` (key ``kdlib.labels``, JSON), so :class:`OnnxPredictor` can be
-    rebuilt from the file and a tokenizer alone.
+    ``sequence`` dynamic); outputs are ``logits`` (``batch`` x labels) and ``features`` (:func:`mean_pooled`,
+    for the Mahalanobis OOS score). The label names go into the file's ``metadata_props`` (key
+    ``kdlib.labels``, JSON), so :class:`OnnxPredictor` can be rebuilt from the file and a tokenizer alone.
 
-    Why the dynamo exporter (``torch.onnx.export(dynamo=True)`` with ``dynamic_shapes``): with
-    transformers 5 the attention-mask code branches on tensor values in Python. The legacy
-    TorchScript tracer freezes such branches to whatever the example batch did (it warns
-    "Converting a tensor to a Python boolean might cause the trace to be incorrect"), so the
-    graph is only right if the example happened to take the general path; ``torch.export``
-    traces the model symbolically and checks the dynamic dimensions instead. It is also torch's
-    default, maintained exporter, and exports BERT and DistilBERT cleanly. If it fails (an op some
-    other architecture uses), the legacy exporter runs once instead, with a warning, on a padded
-    example so the general masking path is the one traced - and with ``check`` its result must
-    still match.
+    The dynamo exporter (``torch.export``) traces the model symbolically, so the attention-mask code's
+    Python branches on tensor values stay general; the legacy TorchScript tracer would freeze them to
+    the example's path. If dynamo fails (an op some architecture uses), the legacy exporter runs once
+    instead, with a warning, on a padded example so the general masking path is the one traced.
 
-    All weights are stored inside the one file (``external_data=False``), so its size is the
-    model's size; protobuf caps that at 2 GB, far above the models this toolkit distils.
-    With ``check``, the written file is run by ONNX Runtime on a padded example batch and must
-    match PyTorch's logits (max abs diff 1e-3) before it replaces anything at ``path``.
+    All weights are stored inside the one file (protobuf caps it at 2 GB), so its size is the model's.
+    With ``check``, ONNX Runtime runs the written file on the padded example and its logits and
+    features must match PyTorch's (max abs diff 1e-3) before it replaces anything at ``path``.
     """
     path = Path(path)
-    names = model_input_names(model, tokenizer)
+    inputs = _example_inputs(model, tokenizer)
     was_training = model.training
-    cpu_model = model if _device_of(model).type == "cpu" else copy.deepcopy(model).to("cpu")
-    cpu_model.eval()
-    encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
-    inputs = {n: encoded[n].to(torch.long) for n in names}
-    metadata = {LABELS_KEY: json.dumps(model_labels(model)),
-                MODEL_TYPE_KEY: str(getattr(getattr(model, "config", None), "model_type", ""))}
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    cpu_model = (model if on_cpu else copy.deepcopy(model).to("cpu")).eval()
+    metadata = _export_metadata(model)
     try:
         with atomic_path(path, suffix=".tmp.onnx") as tmp:
             try:
@@ -343,16 +322,11 @@ def export_onnx(
     return path
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _export_dynamo(
     model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
 ) -> None:
     dynamic = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    with warnings.catch_warnings(), _quiet_ort_logging():
+    with _quiet(all_warnings=False):
         # Harmless: all inputs share the batch / sequence axes, so torch keeps one name for each.
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -374,44 +348,40 @@ def _export_dynamo(
 def _export_torchscript(
     model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
 ) -> None:
-    inputs = _positional(inputs)
-    axes = {n: {0: "batch", 1: "sequence"} for n in inputs} | {n: {0: "batch"} for n in ONNX_OUTPUTS}
+    # The legacy exporter passes inputs positionally, in _NamedOutputs.forward's order.
+    names = [n for n in MODEL_INPUT_NAMES if n in inputs]
+    if names != list(MODEL_INPUT_NAMES[: len(names)]):
+        raise ValueError(f"The legacy ONNX exporter needs inputs in the order {MODEL_INPUT_NAMES}; got {list(inputs)}.")
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {n: {0: "batch"} for n in ONNX_OUTPUTS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _NamedOutputs(model).eval(), tuple(inputs.values()), str(out), dynamo=False,
-            input_names=list(inputs), output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+            _NamedOutputs(model).eval(), tuple(inputs[n] for n in names), str(out), dynamo=False,
+            input_names=names, output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
             opset_version=opset or 17, do_constant_folding=True,
         )
-    proto = onnx.load(str(out))
-    _set_metadata(proto, metadata)
-    onnx.save(proto, str(out))
+    _add_metadata(out, metadata)
 
 
 def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """An ONNX file whose attention, LayerNorm, GELU and embeddings ONNX Runtime has fused (Optimum's O2).
 
-    ONNX Runtime's transformer optimizer recognises the graph the TorchScript exporter writes for
-    eager attention (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu), not the
-    dynamo exporter's. This is the TorchScript exporter's one job in kdlib. The example
-    batch is padded (the general masking path is traced) and the written file must match PyTorch
-    on it, as with :func:`export_onnx`. ONNX Runtime has no fusion for MPNet's attention (its relative
-    position bias is not BERT's pattern, and the optimizer has no MPNet model type): an MPNet file gets
-    the LayerNorm and GELU fusions only, and a warning says so (:func:`_warn_unfused_attention`).
+    ORT's transformer optimizer recognises the graph the TorchScript exporter writes for eager attention
+    (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu), not the dynamo exporter's, so
+    this is the TorchScript exporter's one job in kdlib. The example batch is padded and the written file
+    must match PyTorch on it, as with :func:`export_onnx`. ORT has no fusion for MPNet's attention (its
+    relative position bias is not BERT's pattern): an MPNet file gets the LayerNorm and GELU fusions only,
+    with a warning (:func:`_warn_unfused_attention`).
     """
     path = Path(path)
-    names = model_input_names(model, tokenizer)
+    inputs = _example_inputs(model, tokenizer)
     eager = copy.deepcopy(model).to("cpu").eval()
     eager.set_attn_implementation("eager")  # the pattern the fusions look for
-    encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
-    inputs = {n: encoded[n].to(torch.long) for n in names}
-    metadata = {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: eager.config.model_type}
     heads = attention_heads(eager.config)
     with atomic_path(path, suffix=".tmp.onnx") as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         raw = Path(work) / "raw.onnx"
-        _export_torchscript(eager, inputs, raw, None, metadata)
-        with warnings.catch_warnings(), _quiet_ort_logging():
-            warnings.simplefilter("ignore")
+        _export_torchscript(eager, inputs, raw, None, _export_metadata(eager))
+        with _quiet():
             fused = optimize_model(
                 str(raw),
                 model_type="bert",  # BERT's fusions also match DistilBERT's blocks
@@ -440,11 +410,8 @@ def _warn_unfused_attention(fused_operators: dict[str, int], model_type: str) ->
 
 
 class _NamedOutputs(torch.nn.Module):
-    """The graph's outputs, :data:`ONNX_OUTPUTS`: logits and features (:func:`logits_and_features`).
-
-    Named parameters, so that the dynamo exporter can match ``dynamic_shapes`` to them; the legacy
-    exporter passes inputs positionally, in :data:`FORWARD_ORDER` (:func:`_positional`).
-    """
+    """The graph's outputs, :data:`ONNX_OUTPUTS` (:func:`logits_and_features`), from named inputs that the
+    dynamo exporter matches ``dynamic_shapes`` to (the legacy exporter passes them in this order)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -460,32 +427,18 @@ class _NamedOutputs(torch.nn.Module):
         return logits_and_features(self.model, {k: v for k, v in given.items() if v is not None})
 
 
-FORWARD_ORDER = ("input_ids", "attention_mask", "token_type_ids")  # _NamedOutputs.forward's parameters
-
-
-def _positional(inputs: dict) -> dict:
-    """``inputs`` in :data:`FORWARD_ORDER`, for the legacy exporter's positional call."""
-    names = [n for n in FORWARD_ORDER if n in inputs]
-    if names != list(FORWARD_ORDER[: len(names)]):
-        raise ValueError(f"The legacy ONNX exporter needs inputs in the order {FORWARD_ORDER}; got {list(inputs)}.")
-    return {n: inputs[n] for n in names}
-
-
-def _set_metadata(proto, metadata: dict) -> None:
-    kept = [p for p in proto.metadata_props if p.key not in metadata]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set ``metadata``'s keys in the ``metadata_props`` of the ONNX file at ``path``, keeping its other keys."""
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props} | metadata)
+    onnx.save(proto, str(path))
 
 
 def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: float = 1e-3) -> None:
     """Refuse a file whose logits or features differ from PyTorch's: a wrong graph must not replace a good one."""
     model.eval()  # an exporter may have restored some module's training mode (dropout on)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1  # a two-text batch: threads would only add start-up cost
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    # One thread: a two-text batch, where threads would only add start-up cost.
+    session = ort.InferenceSession(str(onnx_path), session_options(1), providers=["CPUExecutionProvider"])
     got = session.run(list(ONNX_OUTPUTS), {n: v.numpy() for n, v in inputs.items()})
     with torch.inference_mode():
         expected = [t.float().numpy() for t in logits_and_features(model, inputs)]
@@ -572,22 +525,18 @@ class OnnxPredictor(Predictor):
         self.exposes_features = "features" in outputs  # graphs kdlib exported; older files have logits only
         self._encoder = _lean_encoder(tokenizer, max_length)
 
-    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Token ids straight from the ``tokenizers`` encoder into numpy: no torch, no Python
-        BatchEncoding on the single-query path (the same ids as the tokenizer call, tested)."""
-        if self._encoder is None:
-            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="np"))
-        encodings = self._encoder.encode_batch(texts)
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-
     def feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The session's inputs for ``texts`` (what :meth:`logits` passes to ``session.run``)."""
-        encoded = self._encode(list(texts))
+        """The session's inputs for ``texts`` (what :meth:`logits` passes to ``session.run``). With a fast
+        tokenizer, token ids go straight from the ``tokenizers`` encoder into numpy: no torch, no Python
+        BatchEncoding on the single-query path (the same ids as the tokenizer call, tested)."""
+        texts = list(texts)
+        if self._encoder is None:
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="np")
+        else:
+            encodings = self._encoder.encode_batch(texts)
+            encoded = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                       "token_type_ids": [e.type_ids for e in encodings]}
         feed = {}
         for name in self.input_names:
             if name in encoded:
@@ -642,31 +591,23 @@ def quantize_onnx_int8(
 ) -> Path:
     """Quantise an fp32 ONNX file with ONNX Runtime's dynamic quantisation (8-bit weights).
 
-    What gets quantised:
-
-    * ``MatMul`` with a constant weight (every encoder projection and feed-forward layer) becomes
-      ``MatMulInteger`` with int8 weights (``QInt8``, symmetric, one scale per output channel with
-      ``per_channel``), activations quantised to uint8 at run time; activation x activation
-      MatMuls (attention scores) stay fp32 (``MatMulConstBOnly``).
-    * ``Gather`` on an fp32 table (word / position / token-type embeddings) with
-      ``quantize_embeddings``: the table is stored in 8 bits (ORT treats it like an activation:
-      uint8, one scale per table) and dequantised after the lookup. For a small encoder the
-      word-embedding matrix is a large share of the weights, so without it the file shrinks far
-      less than 4x.
+    * ``MatMul`` with a constant weight becomes ``MatMulInteger``: int8 weights (``QInt8``, symmetric,
+      one scale per output channel with ``per_channel``, which keeps the logits closer to fp32's),
+      activations quantised to uint8 at run time; activation x activation MatMuls (attention scores)
+      stay fp32 (``MatMulConstBOnly``).
+    * ``Gather`` on an fp32 table (the embeddings), with ``quantize_embeddings``: the table is stored in
+      8 bits and dequantised after the lookup. A small encoder's word embeddings are a large share of its
+      weights, so without this the file shrinks far less than 4x.
     * ``quantize_attention``: ORT's fused ``Attention`` nodes (:func:`export_onnx_fused`) become
-      ``QAttention`` with int8 Q/K/V weights, so the attention projections run int8 kernels too.
-    * ``Gemm`` (the 2-D pooler / classifier layers in the exported graph) is not quantised:
-      ORT's dynamic (IntegerOps) mode has no Gemm kernel; they hold a few thousand weights.
+      ``QAttention`` with int8 Q/K/V weights.
+    * ``Gemm`` (the 2-D pooler / classifier) stays fp32: ORT's dynamic mode has no Gemm kernel.
 
-    ``per_channel`` is on by default: one scale per output channel follows each row's range, so
-    the logits stay closer to fp32's for a few more bytes of scales. The graph is first run
-    through ``quant_pre_process`` (shape inference + ORT optimisation), as ORT recommends; if that
-    fails the raw graph is quantised instead, with a warning. The label metadata is carried over
-    and ``kdlib.quantization=int8`` added, so :class:`OnnxPredictor` reports the int8 backend.
+    The graph first goes through ``quant_pre_process`` (shape inference + ORT optimisation), as ORT
+    recommends (:func:`_preprocess`). The label metadata is carried over and ``kdlib.quantization=int8``
+    added, so :class:`OnnxPredictor` reports the int8 backend.
     """
     src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: the quantiser runs in a work folder
-    metadata = onnx_metadata(src)
-    metadata[QUANTIZATION_KEY] = "int8"
+    metadata = onnx_metadata(src) | {QUANTIZATION_KEY: "int8"}
     ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
     if quantize_attention:
         ops.append("Attention")
@@ -675,31 +616,25 @@ def quantize_onnx_int8(
         tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work,
     ):
         source = _preprocess(src, Path(work) / "pre.onnx")
-        with warnings.catch_warnings(), _quiet_ort_logging(), contextlib.chdir(work):
-            warnings.simplefilter("ignore")
+        with _quiet(work):
             ort_quantization.quantize_dynamic(
                 source, tmp, op_types_to_quantize=ops, per_channel=per_channel,
                 weight_type=ort_quantization.QuantType.QInt8,
                 # Fused contrib ops (Attention ...) have no inferred output types: they are float.
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
-        proto = onnx.load(str(tmp))
-        _set_metadata(proto, metadata)
-        onnx.save(proto, str(tmp))
+        _add_metadata(tmp, metadata)
     return dst
 
 
 def _preprocess(src: Path, out: Path) -> Path:
-    """``quant_pre_process`` with symbolic shapes, else without them, else the graph as exported.
-
-    Run inside the work folder: when symbolic shape inference fails, ORT dumps
-    ``sym_shape_infer_temp.onnx`` (and external-data files) into the current directory.
-    """
+    """``quant_pre_process`` with symbolic shapes, else without them, else (with a warning) the graph as
+    exported. Run inside the work folder: when symbolic shape inference fails, ORT dumps
+    ``sym_shape_infer_temp.onnx`` (and external-data files) into the current directory."""
     error: Exception | None = None
     for options in ({"auto_merge": True}, {"skip_symbolic_shape": True}):
         try:
-            with warnings.catch_warnings(), _quiet_ort_logging(), contextlib.chdir(out.parent):
-                warnings.simplefilter("ignore")
+            with _quiet(out.parent):
                 quant_pre_process(str(src), str(out), **options)
             return out
         except Exception as err:  # pre-processing is an optimisation: try less of it
@@ -713,16 +648,20 @@ def _preprocess(src: Path, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_ort_logging() -> Iterator[None]:
-    """ORT's quantiser logs advice through the root logger; keep it out of notebooks' output."""
-    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.level, logging.ERROR))
+def _quiet(cwd: str | os.PathLike | None = None, *, all_warnings: bool = True) -> Iterator[None]:
+    """Keep the exporters' and ORT's chatter out of notebooks' output: warnings caught (with ``all_warnings``,
+    ignored) and the root and ``torch.onnx`` loggers at ERROR (ORT's quantiser logs advice through the root
+    logger). In ``cwd`` when given, for tools that write side files into the working directory."""
+    levels = {logger: logger.level for logger in (logging.getLogger(), logging.getLogger("torch.onnx"))}
+    for logger, level in levels.items():
+        logger.setLevel(max(level, logging.ERROR))
     try:
-        yield
+        with warnings.catch_warnings(), contextlib.chdir(cwd) if cwd else contextlib.nullcontext():
+            if all_warnings:
+                warnings.simplefilter("ignore")
+            yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
+        for logger, level in levels.items():
             logger.setLevel(level)
 
 
@@ -774,22 +713,19 @@ def build_variants(
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}.")
     out_dir = Path(out_dir)
     fp32_path, int8_path = out_dir / "model.onnx", out_dir / "model-int8.onnx"
+    onnx_predictor = functools.partial(OnnxPredictor, tokenizer=tokenizer, threads=threads, max_length=max_length)
     result: dict[str, Predictor] = {}
     if "int8" in variants:
         result[f"{prefix}-int8"] = torch_int8_predictor(model, tokenizer, max_length=max_length)
     if "onnx" in variants or "onnx-int8" in variants:
         export_onnx(model, tokenizer, fp32_path)
     if "onnx" in variants:
-        result[f"{prefix}-onnx"] = OnnxPredictor(fp32_path, tokenizer, threads=threads, max_length=max_length)
+        result[f"{prefix}-onnx"] = onnx_predictor(fp32_path)
     if "onnx-int8" in variants:
         quantize_onnx_int8(fp32_path, int8_path)
-        result[f"{prefix}-onnx-int8"] = OnnxPredictor(
-            int8_path, tokenizer, threads=threads, max_length=max_length
-        )
+        result[f"{prefix}-onnx-int8"] = onnx_predictor(int8_path)
     if "onnx-fused-int8" in variants:
         fused_path, fused_int8_path = out_dir / "model-fused.onnx", out_dir / "model-fused-int8.onnx"
         quantize_onnx_int8(export_onnx_fused(model, tokenizer, fused_path), fused_int8_path, quantize_attention=True)
-        result[f"{prefix}-onnx-fused-int8"] = OnnxPredictor(
-            fused_int8_path, tokenizer, threads=threads, max_length=max_length
-        )
+        result[f"{prefix}-onnx-fused-int8"] = onnx_predictor(fused_int8_path)
     return result

@@ -1,8 +1,7 @@
-"""Where kdlib's files are, and how they are written: the project root every relative path is taken
-from, and the atomic writes every output goes through.
+"""The project root every relative path is taken from, and the atomic writes every output goes through.
 
-The lowest layer of kdlib: it imports no other kdlib module and no heavy library, so the run
-configuration (which finds its profiles under the project root) stays light.
+The lowest layer of kdlib: no other kdlib module and no heavy library, so the run configuration (which
+finds its profiles under the project root) stays light.
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` (a file, or a folder with ``directory=True``) that replaces
-    ``path`` only if the block succeeds.
+    ``path`` only if the block succeeds; on any error it is removed and ``path`` keeps its content.
 
-    For every writer in kdlib: records, tables, figures, ONNX files and saved models. On any error
-    the temporary path is removed and ``path`` keeps its earlier content. The temporary file or
-    folder is created with ``O_EXCL`` / ``mkdir`` and the default modes, so the process umask gives
-    it the usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed
-    over a non-empty one, so the old one steps aside first and is put back if the swap fails.
+    Every writer in kdlib goes through it (records, tables, figures, ONNX files, saved models). The
+    temporary file or folder is created exclusively with the default modes, so the umask gives it the
+    usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed over a
+    non-empty one, so the old one steps aside first and is put back if the swap fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: boo
     if directory:
         tmp.mkdir()
     else:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        tmp.touch(exist_ok=False)  # O_CREAT | O_EXCL, mode 0o666 less the umask
     try:
         yield tmp
         if directory:
@@ -63,7 +61,7 @@ def _normal_modes(folder: Path) -> None:
     """Give every file a writer left in ``folder`` the mode a new file gets here (some libraries
     write through mkstemp, whose 0600 would otherwise survive), read off a fresh file, not the umask."""
     probe = folder / f".probe.{uuid.uuid4().hex[:8]}"
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    probe.touch(exist_ok=False)
     mode = probe.stat().st_mode & 0o777
     probe.unlink()
     for file in folder.rglob("*"):

@@ -234,8 +234,8 @@ def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrain
         order = torch.tensor([checkpoint_labels.index(name) for name in data_labels])
         head = classifier_layer(model)
         with torch.no_grad():
-            head.weight.copy_(head.weight[order].clone())
-            head.bias.copy_(head.bias[order].clone())
+            head.weight.copy_(head.weight[order])
+            head.bias.copy_(head.bias[order])
     model.config.update(_label_maps(data_labels))
     return model
 
@@ -252,10 +252,9 @@ def load_classifier(
     config = AutoConfig.from_pretrained(path)
     torch.manual_seed(seed)
     if getattr(config, PRUNED_HEADS_KEY, None):
-        return align_labels(_load_pruned(path), labels)
+        return align_labels(_load_pruned(path, config), labels)
     if has_classification_head(config):
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        return align_labels(model, labels)
+        return align_labels(AutoModelForSequenceClassification.from_pretrained(path), labels)
     return AutoModelForSequenceClassification.from_pretrained(path, **_label_maps(labels))
 
 
@@ -280,12 +279,10 @@ def tokenizer_difference(teacher: PreTrainedTokenizerBase, student: PreTrainedTo
     lower-casing), or None when they share a vocabulary and so give every text the same token ids."""
     teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
     if teacher_vocab != student_vocab:
-        differing = sorted(t for t in set(teacher_vocab) ^ set(student_vocab))[:10]
-        moved = sorted(
-            t for t in set(teacher_vocab) & set(student_vocab) if teacher_vocab[t] != student_vocab[t]
-        )[:10]
+        differing = sorted(teacher_vocab.keys() ^ student_vocab.keys())[:10]
+        moved = sorted(t for t in teacher_vocab.keys() & student_vocab.keys() if teacher_vocab[t] != student_vocab[t])
         return (f"vocab sizes {len(teacher_vocab)} vs {len(student_vocab)}; tokens in only one: {differing}; "
-                f"tokens with other ids: {moved}")
+                f"tokens with other ids: {moved[:10]}")
     if getattr(teacher, "do_lower_case", None) != getattr(student, "do_lower_case", None):
         return "they disagree on lower-casing (do_lower_case)"
     return None
@@ -299,15 +296,13 @@ def share_vocabulary(teacher: PreTrainedTokenizerBase, student: PreTrainedTokeni
 def check_tokenizers_compatible(
     teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, settings: object | None = None
 ) -> bool:
-    """Whether teacher and student share a vocabulary, and a refusal of what needs them to.
+    """Whether teacher and student share a vocabulary (True: the same token ids feed both models).
 
-    True: the same token ids feed both models. False: distillation still works from the teacher's
-    logits, cached per example from the teacher's own tokens of the text (``teacher_tokenizer=`` of
-    :func:`kdlib.train.train_model`), while the student trains on its own. What needs one sequence of
-    tokens in both models is refused then, before any work, when ``settings`` (a run configuration or
-    training arguments) asks for it: ``hidden_weight`` > 0 (hidden states compared token by token),
-    ``cache_teacher_logits=False`` (the teacher run on the student's batch) and a search (``n_trials``
-    > 0, whose space includes ``hidden_weight``) raise :class:`TokenizerMismatchError` naming each fix.
+    Without one, distillation still works from teacher logits cached from the teacher's own tokens
+    (``teacher_tokenizer=`` of :func:`kdlib.train.train_model`), but what needs one token sequence in
+    both models is refused before any work: ``settings`` (a run configuration or training arguments)
+    with ``hidden_weight`` > 0, ``cache_teacher_logits=False`` or ``n_trials`` > 0 (the search space
+    includes ``hidden_weight``) raises :class:`TokenizerMismatchError` naming each fix.
     """
     difference = tokenizer_difference(teacher, student)
     if difference is None:
@@ -335,10 +330,10 @@ def check_tokenizers_compatible(
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    modules = dict(model.named_modules())
     for prefix in ("bert.encoder.layer", "distilbert.transformer.layer", "mpnet.encoder.layer"):
-        module = model.get_submodule(prefix) if _has_submodule(model, prefix) else None
-        if isinstance(module, torch.nn.ModuleList):
-            return prefix, module
+        if isinstance(modules.get(prefix), torch.nn.ModuleList):
+            return prefix, modules[prefix]
     raise TypeError(
         f"Cannot find the transformer layers of {type(model).__name__}; expected BERT, DistilBERT or MPNet."
     )
@@ -390,24 +385,15 @@ def shrink_layers(
     return model
 
 
-def _load_pruned(path: str) -> PreTrainedModel:
-    """A structurally pruned classifier from its folder: the architecture its config describes, with every
-    layer cut to the saved head count, then the saved weights (all of them, strictly)."""
-    config = AutoConfig.from_pretrained(path)
+def _load_pruned(path: str, config: PretrainedConfig) -> PreTrainedModel:
+    """A structurally pruned classifier from its folder and ``config``: the architecture the config describes,
+    with every layer cut to the saved head count, then the saved weights (all of them, strictly)."""
     model = AutoModelForSequenceClassification.from_config(config)
     layers = _layer_list(model)[1]
     kept = range(getattr(config, PRUNED_HEADS_KEY))
     shrink_layers(model, [kept] * len(layers), [range(config.intermediate_size)] * len(layers))
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
     return model.eval()
-
-
-def _has_submodule(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
@@ -424,11 +410,11 @@ def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
 def student_from_teacher(
     teacher: PreTrainedModel, keep_layers: Sequence[int] | None = None
 ) -> PreTrainedModel:
-    """A shallower copy of the teacher, DistilBERT-style: embeddings, head and the chosen layers.
+    """A shallower copy of the teacher: embeddings, head and the chosen layers.
 
-    Sanh et al. (2019) initialise DistilBERT from every other layer of BERT (layers 0, 2, 4, 7, 9
-    and 11); starting from the teacher's own weights converges much faster than from scratch.
-    MPNet's relative position bias belongs to its encoder, not to a layer, so every student keeps it.
+    Starting from the teacher's own weights, as DistilBERT starts from BERT's (Sanh et al., 2019),
+    converges much faster than from scratch. MPNet's relative position bias belongs to its encoder,
+    not to a layer, so every student keeps it.
     """
     prefix, layers = _layer_list(teacher)
     keep = list(keep_layers) if keep_layers is not None else default_keep_layers(len(layers))
@@ -522,8 +508,6 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
-
-
 
 
 def save_model(

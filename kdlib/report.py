@@ -5,10 +5,10 @@ atomically (:func:`kdlib.io.atomic_path`), so a crash mid-write keeps the previo
 a new run gets its own folder and never touches another run's.
 
 The Hugging Face model card (``README.md``) of a trained student or fine-tuned teacher is built
-with huggingface_hub's ``ModelCard`` / ``ModelCardData`` / ``EvalResult`` (as setfit does), so the
-front matter is what the Hub expects: a ``model-index`` with the test results kdlib measured,
-``base_model`` only when it is a real Hub id, ``datasets`` only when the data came from the Hub.
-The body follows the reference's card: description, hyperparameters, the per-epoch table, versions.
+with huggingface_hub's ``ModelCard`` / ``ModelCardData`` / ``EvalResult``, so the front matter is
+what the Hub expects: a ``model-index`` with the test results kdlib measured, ``base_model`` only
+when it is a real Hub id, ``datasets`` only when the data came from the Hub. The body holds the
+description, hyperparameters, the per-epoch table and the library versions.
 """
 
 from __future__ import annotations
@@ -33,27 +33,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Columns of the comparison table, in order (README and notebook 03 describe each).
 TABLE_COLUMNS = [
-    "run",
-    "variant",
-    "accuracy",
-    "in_scope_accuracy",
-    "oos_recall",
-    "oos_precision",
-    "oos_score",
-    *OOS_KEYS,
-    "loses_more_oos",
-    "size_mb",
-    "num_parameters",
-    "time_avg_ms",
-    "time_std_ms",
-    "time_p50_ms",
-    "time_p95_ms",
-    "throughput_qps",
-    "speedup_vs_baseline",
-    "throughput_vs_baseline",
-    "size_ratio_vs_baseline",
-    "threads",
-    "test_rows",
+    "run", "variant", "accuracy", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS,
+    "loses_more_oos", "size_mb", "num_parameters", "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms",
+    "throughput_qps", "speedup_vs_baseline", "throughput_vs_baseline", "size_ratio_vs_baseline", "threads", "test_rows",
 ]
 # The OOS view of the comparison table (notebook 03): n/a where the data has no OOS label.
 OOS_TABLE_COLUMNS = [
@@ -79,11 +61,6 @@ def _json_safe(value):
     return value
 
 
-def record_path(results_dir: str | os.PathLike, run: str, variant: str) -> Path:
-    """Where a variant's benchmark record lives: ``results_dir/<run>/<variant>.json`` (names checked)."""
-    return Path(results_dir) / _check_name(run, "Run name") / f"{_check_name(variant, 'Variant name')}.json"
-
-
 def portable_ref(ref: str | None) -> str | None:
     """A model path inside the project, relative to it (records are committed and shared)."""
     if not ref or not os.path.isabs(ref):
@@ -107,7 +84,8 @@ def save_record(
     if "model_ref" in record:
         record["model_ref"] = portable_ref(record["model_ref"])
     text = json.dumps(record, indent=2, sort_keys=True, default=str)
-    return atomic_write_text(record_path(results_dir, run, variant), text + "\n")
+    path = Path(results_dir) / _check_name(run, "Run name") / f"{_check_name(variant, 'Variant name')}.json"
+    return atomic_write_text(path, text + "\n")
 
 
 def save_benchmark(
@@ -179,15 +157,10 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
     ``loses_more_oos``: the variant's OOS recall with threshold fell further below the baseline's
     than its in-scope accuracy with threshold did (None without OOS figures).
     """
-    rows = []
-    for record in records:
-        row = {column: record.get(column) for column in TABLE_COLUMNS}
-        row["threads"] = (record.get("env") or {}).get("threads")
-        rows.append(row)
+    rows = [{**{c: r.get(c) for c in TABLE_COLUMNS}, "threads": (r.get("env") or {}).get("threads")} for r in records]
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "oos_score", "loses_more_oos")]
-    for column in numeric:
-        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
     table["loses_more_oos"] = table["loses_more_oos"].astype(object)
     for _run, group in table.groupby("run", sort=False):
         base = group[group["variant"] == baseline]
@@ -213,7 +186,6 @@ def oos_table(table: pd.DataFrame) -> pd.DataFrame:
     """The OOS columns of a :func:`comparison_table`: "n/a" where the data has no OOS label, threshold
     "none" where no threshold met the rule on validation."""
     view = table[OOS_TABLE_COLUMNS].astype(object)
-    # With OOS figures but no threshold meeting the rule on validation, the threshold is "none".
     view.loc[view["oos_auroc"].notna() & view["threshold"].isna(), "threshold"] = "none"
     return view.where(view.notna(), NOT_APPLICABLE)
 
@@ -245,24 +217,10 @@ def write_table(table: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path
 # What a notebook shows of a benchmark: quality figures are deterministic for a fixed model and
 # data; speed figures vary run to run (nbval ignores the cell that shows them).
 QUALITY_COLUMNS = [
-    "accuracy",
-    "in_scope_accuracy",
-    "oos_recall",
-    "oos_precision",
-    "macro_f1",
-    *OOS_KEYS,
-    "size_mb",
-    "num_parameters",
+    "accuracy", "in_scope_accuracy", "oos_recall", "oos_precision", "macro_f1", *OOS_KEYS, "size_mb", "num_parameters",
 ]
 SPEED_COLUMNS = [
-    "time_avg_ms",
-    "time_std_ms",
-    "time_p50_ms",
-    "time_p95_ms",
-    "time_p99_ms",
-    "throughput_qps",
-    "threads",
-    "cpu",
+    "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms", "time_p99_ms", "throughput_qps", "threads", "cpu",
     "torch_version",
 ]
 
@@ -484,17 +442,6 @@ CARD_METRICS = (
 )
 
 
-def _pruning_sentence(config) -> str:
-    """The model card's line on structured pruning (empty when the run does not prune)."""
-    from kdlib.prune import is_pruning  # torch, as above
-
-    if not is_pruning(config):
-        return ""
-    return (f" Then structurally pruned to {config.heads_keep:g} of each layer's attention heads and "
-            f"{config.ffn_keep:g} of its FFN neurons and distilled again for {config.prune_epochs} epochs (the "
-            "hyperparameters and table below are this recovery's); kdlib.load_classifier restores its pruned shapes.")
-
-
 def write_student_card(config, distilled, record: dict, *, teacher: str | os.PathLike, out_dir: str | os.PathLike,
                        base_dir: str | os.PathLike | None = None) -> CardFile:
     """Notebook 02's model card of the distilled student, written into ``out_dir``: named after the run, the
@@ -502,11 +449,16 @@ def write_student_card(config, distilled, record: dict, *, teacher: str | os.Pat
     start from (the teacher's layers, or the pretrained ``student``), ``teacher``, the training's
     hyperparameters and per-epoch table (``distilled``, a :class:`kdlib.train.TrainResult`) and the test
     results of the student's benchmark ``record``."""
-    # models loads torch, and notebook 03 imports report before its parameter check
+    # models and prune load torch, and notebook 03 imports report before its parameter check
     from kdlib.models import num_layers
+    from kdlib.prune import is_pruning
 
     start = config.student if config.student_init != "teacher_layers" else (config.teacher_model or config.teacher)
     args = distilled.trainer.args
+    pruning = (f" Then structurally pruned to {config.heads_keep:g} of each layer's attention heads and "
+               f"{config.ffn_keep:g} of its FFN neurons and distilled again for {config.prune_epochs} epochs (the "
+               "hyperparameters and table below are this recovery's); kdlib.load_classifier restores its pruned "
+               "shapes.") if is_pruning(config) else ""
     path = write_model_card(
         out_dir,
         model_name=f"{config.run_name}-distilled-student",
@@ -514,7 +466,7 @@ def write_student_card(config, distilled, record: dict, *, teacher: str | os.Pat
         base_model=base_model_id(start),
         teacher=portable_ref(str(teacher)),
         description=f"A {config.student_init} student with {num_layers(distilled.model)} layers, distilled with "
-                    f"alpha={args.alpha}, T={args.temperature}." + _pruning_sentence(config),
+                    f"alpha={args.alpha}, T={args.temperature}." + pruning,
         hyperparameters=training_hyperparameters(distilled),
         epoch_table=distilled.epoch_table,
         test_metrics={key: record[key] for key in CARD_METRICS if record.get(key) is not None},

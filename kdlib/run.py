@@ -8,11 +8,10 @@
 The parameters are validated (kdlib.config), then :func:`check_run` checks what can be known before
 any work (``output_dir`` can be written, the data has at least two labels, ``keep_layers`` fits the
 teacher's depth); a refusal names the parameter or file and the fix. Notebooks run with papermill's
-engine ``kdlib`` (:mod:`kdlib.engine`). Relative paths given with
-``-p`` or ``$KDLIB_DATA`` are taken from the directory the command runs in. Executed notebooks go to
-``<output_dir>/notebooks/<run_name>/``; a failing cell stops the run with the notebook, cell and
-error named, and the partly executed notebook stays there to inspect. A rerun resumes training
-from the last checkpoint of the same settings.
+engine ``kdlib`` (:mod:`kdlib.engine`). Relative paths given with ``-p`` or ``$KDLIB_DATA`` are taken
+from the directory the command runs in. Executed notebooks go to ``<output_dir>/notebooks/<run_name>/``;
+a failing cell stops the run with the notebook, cell and error named, and the partly executed notebook
+stays there to inspect. A rerun resumes training from the last checkpoint of the same settings.
 """
 
 from __future__ import annotations
@@ -64,16 +63,15 @@ def notebook_parameters(notebook: Path, params: dict) -> dict:
 
 
 class _CtrlC:
-    """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (it stops with
-    KeyboardInterrupt and papermill saves the partly executed notebook), or, between cells, stops the
-    run before the next one; a second stops this process at once.
+    """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (papermill saves the
+    partly executed notebook), or, between cells, stops the run before the next one; a second stops
+    this process at once.
 
-    The kernel runs in a session of its own, so the terminal's Ctrl-C reaches only this process;
-    jupyter_client's recorded process group can be ours, so the signal goes to the kernel's pid alone.
-    An interrupt that reaches the kernel after its cell ended but before it replied is lost with the
-    reply, so when no reply comes within ``grace`` seconds the second Ctrl-C is sent for the user.
-    The handler is installed only in the main thread of a process that handles SIGINT (one started in
-    the background inherits it ignored); anywhere else Ctrl-C keeps its usual effect.
+    The kernel runs in a session of its own, so the signal is sent to the kernel's pid alone
+    (jupyter_client's recorded process group can be ours). An interrupt that arrives after a cell ended
+    but before it replied is lost, so without a reply within ``grace`` seconds the second Ctrl-C is
+    sent for the user. Installed only in the main thread of a process that handles SIGINT (a background
+    process inherits it ignored); anywhere else Ctrl-C keeps its usual effect.
     """
 
     grace = 60.0
@@ -140,26 +138,12 @@ def _watch_cells(
     client.on_cell_executed = ctrl_c.replied
 
 
-def _print_new_lines(path: Path, offset: int, log: Callable[[str], None] | None) -> int:
-    """Print the complete lines written to ``path`` since ``offset``; returns the new offset."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        return offset
-    end = text.rfind("\n") + 1
-    if log is not None and end > offset:
-        for line in text[offset:end].splitlines():
-            log(line)
-    return max(offset, end)
-
-
 @contextlib.contextmanager
 def _training_progress(path: Path, log: Callable[[str], None] | None):
     """Training in the kernel writes its progress lines to ``path`` (``$KDLIB_PROGRESS_FILE``) and a
-    thread prints them here twice a second, so they reach the terminal and never the stored notebook
-    (a kernel's own stderr is captured into the notebook). Yields ``flush``, which prints the lines
-    written so far (before the next cell's line, so they stay under the cell that wrote them). The file
-    is removed afterwards."""
+    thread prints them here twice a second: they reach the terminal, not the stored notebook (which
+    captures the kernel's stderr). Yields ``flush``, which prints the complete lines written so far
+    (called before the next cell's line, so they stay under their cell). The file is removed afterwards."""
     os.environ.setdefault("KDLIB_PROGRESS", "console")
     path.write_text("")
     os.environ["KDLIB_PROGRESS_FILE"] = str(path)
@@ -169,7 +153,15 @@ def _training_progress(path: Path, log: Callable[[str], None] | None):
     def flush() -> None:
         nonlocal offset
         with lock:
-            offset = _print_new_lines(path, offset, log)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError:
+                return
+            end = text.rfind("\n") + 1
+            if log is not None:
+                for line in text[offset:end].splitlines():
+                    log(line)
+            offset = max(offset, end)
 
     def tail() -> None:
         while not stop.wait(0.5):
@@ -310,24 +302,17 @@ def absolute_paths(overrides: dict[str, Any], cwd: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=os.environ.get("KDLIB_PROFILE", DEFAULT_PROFILE))
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--help-params", action="store_true", help="list every parameter with its default")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: python3)")
-    parser.add_argument(
-        "--into",
-        default=None,
-        help="folder for the executed notebooks (default: <output_dir>/notebooks/<run_name>)",
-    )
-    parser.add_argument(
-        "--update-notebooks",
-        action="store_true",
-        help="copy the executed notebooks over notebooks/ (to commit a real run's outputs as course material)",
-    )
+    parser.add_argument("--into", default=None,
+                        help="folder for the executed notebooks (default: <output_dir>/notebooks/<run_name>)")
+    parser.add_argument("--update-notebooks", action="store_true",
+                        help="copy the executed notebooks over notebooks/ (to commit a real run's outputs as "
+                        "course material)")
     args = parser.parse_args(argv)
     if args.help_params:
         print(parameter_help())
@@ -424,9 +409,7 @@ def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: ar
     executed_dir = Path(args.into).resolve() if args.into else paths.notebooks_dir
     root = project_root()
     selected = [
-        root / "notebooks" / f"{nb}.ipynb"
-        for nb in NOTEBOOKS
-        if not args.only or any(nb.startswith(p) for p in args.only)
+        root / "notebooks" / f"{nb}.ipynb" for nb in NOTEBOOKS if not args.only or nb.startswith(tuple(args.only))
     ]
     # kdlib.data imports datasets (a second or more): a command refused for its parameters answers without it.
     from kdlib.data import DataError

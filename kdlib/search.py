@@ -63,37 +63,36 @@ def suggest_hyperparameters(trial) -> dict:
     }
 
 
-def _trial_seeded_tpe(seed: int):
+class _TrialSeededTPE(optuna.samplers.BaseSampler):
     """Optuna's TPE sampler whose random draws for trial ``n`` are seeded by ``seed + n``.
 
-    Workers sharing a study are all given the run's seed; one seeded sampler per worker would make
-    them draw the same start-up trials (seen: two workers trained identical students). Seeding by
-    the trial number keeps draws distinct and reproducible, whichever worker runs a trial.
+    Workers sharing a study are all given the run's seed: one seeded sampler per worker would make them
+    draw the same start-up trials, while seeding by the trial number keeps draws distinct and
+    reproducible, whichever worker runs a trial.
     """
-    class TrialSeededTPE(optuna.samplers.BaseSampler):
-        def __init__(self) -> None:
-            self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
 
-        def _tpe(self, trial) -> optuna.samplers.TPESampler:
-            return self._by_trial.setdefault(trial.number, optuna.samplers.TPESampler(seed=seed + trial.number))
+    def __init__(self, seed: int) -> None:
+        self._seed = seed
+        self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
 
-        def infer_relative_search_space(self, study, trial):
-            return self._tpe(trial).infer_relative_search_space(study, trial)
+    def _tpe(self, trial) -> optuna.samplers.TPESampler:
+        return self._by_trial.setdefault(trial.number, optuna.samplers.TPESampler(seed=self._seed + trial.number))
 
-        def sample_relative(self, study, trial, search_space):
-            return self._tpe(trial).sample_relative(study, trial, search_space)
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe(trial).infer_relative_search_space(study, trial)
 
-        def sample_independent(self, study, trial, param_name, param_distribution):
-            return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe(trial).sample_relative(study, trial, search_space)
 
-        def before_trial(self, study, trial) -> None:
-            self._tpe(trial).before_trial(study, trial)
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
-        def after_trial(self, study, trial, state, values) -> None:
-            self._tpe(trial).after_trial(study, trial, state, values)
-            self._by_trial.pop(trial.number, None)
+    def before_trial(self, study, trial) -> None:
+        self._tpe(trial).before_trial(study, trial)
 
-    return TrialSeededTPE()
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
 
 
 def open_study(
@@ -114,25 +113,16 @@ def open_study(
     if "://" not in text:
         Path(text).parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(text))
-    create = functools.partial(
-        optuna.create_study,
-        study_name=study_name,
-        storage=storage,
-        directions=list(directions),
-        load_if_exists=True,
-        sampler=_trial_seeded_tpe(seed),
-        # a trial whose validation accuracy after an epoch is below the median of earlier trials' at
-        # that epoch stops there (after 3 complete trials; Optuna cannot prune multi-objective studies)
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
-    )
-    for attempt in range(4):
+    # the median pruner (module docstring) starts after 3 complete trials; Optuna cannot prune multi-objective studies
+    pruner, sampler = optuna.pruners.MedianPruner(n_startup_trials=3), _TrialSeededTPE(seed)
+    for attempt in range(5):
         try:
-            return create()
+            return optuna.create_study(study_name=study_name, storage=storage, directions=list(directions),
+                                       load_if_exists=True, sampler=sampler, pruner=pruner)
         except Exception as err:  # workers starting together race to create a new database's tables
-            if type(err).__module__.split(".")[0] != "sqlalchemy":
+            if attempt == 4 or type(err).__module__.split(".")[0] != "sqlalchemy":
                 raise
             time.sleep(0.5 * (attempt + 1))
-    return create()  # the last try: its error, if any, is the caller's
 
 
 def run_study(study, objective, n_trials: int) -> None:
@@ -218,21 +208,15 @@ def hyperparameter_search(
     space=suggest_hyperparameters,
     latency=None,
 ) -> dict:
-    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters. The public
-    entry point of a search under the book's name (:func:`search_from_config` calls it for a run).
+    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters (``{}`` when
+    ``n_trials`` is 0). The public entry point of a search (:func:`search_from_config` calls it for a run).
 
-    The study lives in ``storage`` (:func:`open_study`: a journal file or a database URL), so an
-    interrupted search resumes, and several workers given the same storage share one search
-    (:func:`run_study`). Each trial trains with :func:`kdlib.train.student_arguments` of ``config`` and
-    the parameters of ``space`` that are its settings (:data:`kdlib.train.STUDENT_SETTINGS`: epochs,
-    alpha, ...); ``make_student(**extra)`` returns a fresh student for each trial, given the others
-    (``student_layers`` of :func:`search_layers`). A trial whose validation accuracy after an epoch is
-    below the median of earlier trials' stops there (Optuna's ``MedianPruner``).
-
-    ``latency(model) -> ms``: also minimise the trained student's measured latency (Optuna
-    multi-objective, study ``distillation-latency``, no pruning); the choice is then the fastest
-    trial of the Pareto front within one point of the front's best accuracy
-    (:func:`choose_from_front`). ``n_trials = 0`` skips the search and returns ``{}``.
+    The study lives in ``storage`` (:func:`open_study`), so an interrupted search resumes and workers given
+    the same storage share it (:func:`run_study`). Each trial trains with
+    :func:`kdlib.train.student_arguments` of ``config`` and the parameters of ``space`` that are
+    :data:`kdlib.train.STUDENT_SETTINGS`; ``make_student(**others)`` gets the rest (``student_layers`` of
+    :func:`search_layers`) and returns a fresh student. ``latency(model) -> ms`` adds a second objective,
+    to minimise (study ``distillation-latency``, no pruning), and the choice is :func:`choose_from_front`'s.
     """
     if n_trials <= 0:
         return {}

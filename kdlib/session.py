@@ -1,9 +1,9 @@
 """The session a notebook or script runs in: seeds, threads, the device, quiet library logs, and the
 facts about the machine a figure depends on (library versions, CPU, commit: :func:`env_fingerprint`).
 
-No other kdlib module is imported here (only the package's version). torch, transformers and datasets
-load inside the functions that use them: a notebook's first cell imports :func:`prepare_session`
-together with :func:`kdlib.config_from_notebook`, whose parameter check runs before any of them load.
+torch, transformers and datasets load inside the functions that use them: a notebook's first cell
+imports :func:`prepare_session` with :func:`kdlib.config_from_notebook`, whose parameter check runs
+before any of them load.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdlib import __version__
+from kdlib.flops import CPUINFO, parse_cpuinfo
 
 if TYPE_CHECKING:
     import torch
+
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a figure depends on: recorded with results and in model cards."""
@@ -30,12 +32,10 @@ def library_versions() -> dict[str, str]:
 def cpu_model() -> str:
     """The CPU's model name (latency figures mean little without it)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = CPUINFO.read_text(errors="replace")
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        text = ""
+    return parse_cpuinfo(text)["model_name"] or platform.processor() or platform.machine()
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:

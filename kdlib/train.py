@@ -4,33 +4,26 @@ The student minimises
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
 
-plus, when ``hidden_weight`` > 0, ``hidden_weight * MSE`` between the student's hidden states and
-the teacher's at mapped depths (TinyBERT / PKD style, :func:`hidden_state_loss`). The KL term uses
-batch-mean reduction (``nn.KLDivLoss(reduction="batchmean")`` in the reference) and the ``T**2``
-factor keeps its gradients on the same scale as the CE term's when the temperature changes (Hinton
-et al., 2015). ``alpha = 1`` is plain fine-tuning, which is how notebook 01 fine-tunes the teacher
-with the same code.
+plus, when ``hidden_weight`` > 0, ``hidden_weight * MSE`` between the student's hidden states and the
+teacher's at mapped depths (TinyBERT / PKD style, :func:`hidden_state_loss`). The KL term is a batch mean
+and ``T**2`` keeps its gradients on the CE term's scale whatever the temperature (Hinton et al., 2015).
+``alpha = 1`` is plain fine-tuning: notebook 01 fine-tunes the teacher with the same code.
 
 As in the book, the loss's settings are fields of the Trainer's arguments,
-:class:`DistillationTrainingArguments`, which :func:`teacher_arguments` and :func:`student_arguments`
-build from a run configuration, and :class:`DistillationTrainer` reads them; :func:`train_model` is
-the one call that trains (checkpoints keyed by the settings, resumed, locked).
+:class:`DistillationTrainingArguments` (built from a run configuration by :func:`teacher_arguments` and
+:func:`student_arguments`), which :class:`DistillationTrainer` reads; :func:`train_model` is the one call
+that trains (checkpoints keyed by the settings, resumed, locked). Beyond the reference:
 
-Two departures from the reference, both tested:
-
-* **Cached teacher logits.** The teacher is frozen, so its logits for a training example never
-  change. :func:`add_teacher_logits` computes them once, batched, in eval mode, and stores them as a
-  ``teacher_logits`` column; the loss then reads them from the batch instead of running the
-  teacher at every step of every epoch. ``cache_teacher_logits=False`` keeps the online teacher.
-* **Exact under gradient accumulation and several processes.** With transformers 5 the Trainer
-  passes ``num_items_in_batch`` (the number of labelled examples in the whole accumulated batch);
-  the loss is then a sum over examples divided by it, so one batch of 8 and two accumulated
-  batches of 4 give the same gradient.
-
-One addition, off by default: ``augment_copies`` noisy copies of every training query (words dropped
-and swapped, :func:`add_noisy_copies`), with the teacher's logits computed on them too, in the spirit of
-TinyBERT's data augmentation. And a student of another vocabulary (``teacher=(teacher, its tokenizer)``):
-the teacher's logits are cached from its own tokens of each text while the student trains on its own.
+* **Cached teacher logits**: the frozen teacher's logits are computed once, batched, in eval mode
+  (:func:`add_teacher_logits`) and read from a ``teacher_logits`` column; ``cache_teacher_logits=False``
+  runs the teacher at every step.
+* **Exact under gradient accumulation and several processes**: the loss is a sum over examples divided
+  by the Trainer's ``num_items_in_batch``, so one batch of 8 and two accumulated batches of 4 give the
+  same gradient.
+* ``augment_copies`` noisy copies of every training query (:func:`add_noisy_copies`, after TinyBERT's
+  data augmentation), off by default.
+* A student of another vocabulary (``teacher=(teacher, its tokenizer)``): the teacher's logits are
+  cached from its own tokens of each text while the student trains on its own.
 """
 
 from __future__ import annotations
@@ -69,6 +62,7 @@ from transformers import (
 )
 from transformers.modelcard import parse_log_history
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_in_notebook
 
 from kdlib.config import RunConfig, validate
 from kdlib.models import (
@@ -244,17 +238,15 @@ class DistillationTrainingArguments(TrainingArguments):
         }
 
 
-def _check_arguments(args) -> None:
-    """Refuse arguments of another kind: the loss reads alpha, temperature and hidden_weight from them."""
+def _check_arguments(args, teacher, *, name: str, cached: bool) -> None:
+    """Refuse arguments of another kind (the loss reads alpha, temperature and hidden_weight from them) and
+    settings that need a teacher when ``teacher`` (the parameter ``name``) is None (``cached``: its logits
+    may be in the data)."""
     if not isinstance(args, DistillationTrainingArguments):
         raise TypeError(
             f"args must be a kdlib DistillationTrainingArguments (alpha, temperature, hidden_weight), not "
             f"{type(args).__name__}: build them with student_arguments(config, output_dir) or teacher_arguments."
         )
-
-
-def _check_teacher(args: DistillationTrainingArguments, teacher, *, name: str, cached: bool) -> None:
-    """Refuse settings that need a teacher when ``teacher`` is None (``cached``: its logits may be in the data)."""
     if args.hidden_weight > 0 and teacher is None:
         raise ValueError(
             f"hidden_weight={args.hidden_weight} > 0 matches the teacher's hidden states, which cached logits do "
@@ -274,14 +266,11 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args, teacher_model: PreTrainedModel | None = None, **kwargs):
         arguments = kwargs.get("args", args[1] if len(args) > 1 else None)
-        _check_arguments(arguments)
-        _check_teacher(arguments, teacher_model, name="teacher_model", cached=True)
+        _check_arguments(arguments, teacher_model, name="teacher_model", cached=True)
         super().__init__(*args, **kwargs)
         self.teacher = teacher_model
         if self.teacher is not None:
-            self.teacher.to(self.args.device).eval()
-            for param in self.teacher.parameters():
-                param.requires_grad_(False)
+            self.teacher.to(self.args.device).eval().requires_grad_(False)
         # Ask the Trainer to count labelled examples per accumulated batch for every model type.
         self.model_accepts_loss_kwargs = True
 
@@ -293,31 +282,20 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        cached = inputs.pop(TEACHER_LOGITS, None)
+        teacher_logits, hidden_states = inputs.pop(TEACHER_LOGITS, None), None
         with_hidden = self.args.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=with_hidden)
-        teacher_logits, hidden_states = cached, None
         if self.teacher is not None and (self.args.alpha < 1.0 or with_hidden):
             with torch.no_grad():
                 teacher_outputs = self.teacher(**forward_inputs(self.teacher, inputs), output_hidden_states=with_hidden)
             teacher_logits = teacher_outputs.logits
             if with_hidden:
                 hidden_states = (outputs.hidden_states, teacher_outputs.hidden_states, inputs["attention_mask"])
-        if num_items_in_batch is not None:
-            num_items_in_batch = (
-                num_items_in_batch.to(outputs.logits.device)
-                if torch.is_tensor(num_items_in_batch)
-                else num_items_in_batch
-            )
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(outputs.logits.device)
         loss = distillation_loss(
-            outputs.logits,
-            teacher_logits,
-            labels,
-            alpha=self.args.alpha,
-            temperature=self.args.temperature,
-            num_items_in_batch=num_items_in_batch,
-            hidden_weight=self.args.hidden_weight,
-            hidden_states=hidden_states,
+            outputs.logits, teacher_logits, labels, alpha=self.args.alpha, temperature=self.args.temperature,
+            num_items_in_batch=num_items_in_batch, hidden_weight=self.args.hidden_weight, hidden_states=hidden_states,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch is summed over processes while DDP averages gradients.
@@ -366,10 +344,8 @@ def add_noisy_copies(
     """``data`` with ``copies`` noisy copies of every training query appended to its train split:
     each word dropped with probability ``drop`` (one kept if all would go) and, in copies of 3+ words,
     one adjacent pair swapped with probability ``swap`` (``random.Random(seed)``: the same copies every
-    run). A copy keeps its query's label, and the teacher's cached logits are computed on it, so the
-    student learns a fragment both ways (TinyBERT augments with masked-LM and GloVe word replacements and
-    teacher labels only; here a copy keeps its gold label too, so both terms of the loss see it).
-    ``copies = 0`` returns ``data``."""
+    run). A copy keeps its query's label and gets the teacher's cached logits, so both terms of the loss
+    see it. ``copies = 0`` returns ``data``."""
     check_setting("augment_copies", copies)
     if copies == 0:
         return data
@@ -393,12 +369,12 @@ def teacher_logits_for(
     teacher.eval()
     device = next(teacher.parameters()).device
     collator = DataCollatorWithPadding(tokenizer)
-    model_inputs = [c for c in MODEL_INPUT_NAMES if c in dataset.column_names]
+    inputs = dataset.select_columns([c for c in MODEL_INPUT_NAMES if c in dataset.column_names])
     order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     out = np.zeros((len(dataset), teacher.config.num_labels), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = collator([{c: dataset[int(i)][c] for c in model_inputs} for i in rows])
+        batch = collator([inputs[int(i)] for i in rows])
         logits = teacher(**forward_inputs(teacher, {k: v.to(device) for k, v in batch.items()})).logits
         out[rows] = logits.float().cpu().numpy()
     return out
@@ -427,7 +403,7 @@ def add_teacher_logits(
                                  "it was tokenised from.")
             source = tokenize_dataset(texts, tokenizer, max_length=max_length)
         logits = teacher_logits_for(teacher, source, tokenizer, batch_size=batch_size)
-        return data.add_column(TEACHER_LOGITS, [row.tolist() for row in logits])
+        return data.add_column(TEACHER_LOGITS, logits.tolist())
     return DatasetDict(
         {
             name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size, max_length=max_length,
@@ -458,9 +434,20 @@ def prepare_datasets(
     tokenized = tokenize_dataset(data, tokenizer, max_length=max_length)
     if teacher is None:
         return tokenized
+    return _with_teacher_logits(tokenized, data, teacher, tokenizer, teacher_tokenizer, max_length=max_length)
+
+
+def _with_teacher_logits(
+    tokenized: DatasetDict, data: DatasetDict, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None, *, max_length: int, augment_copies: int = 0, seed: int = 0,
+) -> DatasetDict:
+    """``tokenized`` (``data`` with ``augment_copies`` noisy copies, tokenised by ``tokenizer``) with the teacher's
+    cached logits: of the same tokens when ``teacher_tokenizer`` is None or shares the vocabulary, else of the
+    teacher's own tokens of each text (the copies made again: seeded, they are the same)."""
     if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
         return add_teacher_logits(tokenized, teacher, tokenizer)
-    return add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=data, max_length=max_length)
+    texts = add_noisy_copies(data, augment_copies, seed=seed)
+    return add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=texts, max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,33 +636,38 @@ def train_model(
 ) -> TrainResult:
     """Train the classifier ``model`` on ``data`` (text + ClassLabel label) with ``args``: fine-tuning
     with ``alpha=1`` and no ``teacher`` (notebook 01's teacher), distillation from ``teacher`` otherwise
-    (the loss of :class:`DistillationTrainer`). Returns the trained model, the per-epoch table and the
-    Trainer (:class:`TrainResult`).
+    (the loss of :class:`DistillationTrainer`). Returns a :class:`TrainResult`.
 
     Checkpoints are written every epoch under ``args.output_dir/<key>`` (:func:`checkpoint_key`: the
     run's ``fingerprint``, the arguments and the starting weights); with ``args.resume`` a call with the
     same key resumes from the last good one, anything else starts in a fresh folder. A second process
     training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on the same
     ``data``) skips tokenising and the teacher-logit cache when several runs share them. ``trainer_class``
-    builds the Trainer: :class:`DistillationTrainer`, a subclass of it (another loss term, say), or a
-    ``functools.partial`` of one with more keyword arguments (the search's pruning callback).
+    builds the Trainer: :class:`DistillationTrainer`, a subclass of it, or a ``functools.partial`` of one.
 
     ``teacher=(teacher, teacher_tokenizer)``: the teacher with its own tokenizer, for a student of another
     vocabulary (a teacher alone reads the student's ``tokenizer``; a student that embeds another number of
     token ids is then refused). Across vocabularies the teacher's logits are cached from its own tokens of
-    each text and the student trains on its own; ``hidden_weight`` > 0 and ``cache_teacher_logits=False``
-    need one sequence of tokens in both models and are refused before any work
-    (:func:`kdlib.models.check_tokenizers_compatible`). With a shared vocabulary the pair trains exactly as
-    the teacher alone does.
+    each text; what needs one sequence of tokens in both models (``hidden_weight`` > 0,
+    ``cache_teacher_logits=False``) is refused before any work (:func:`kdlib.models.check_tokenizers_compatible`).
+    With a shared vocabulary the pair trains exactly as the teacher alone does.
     """
-    teacher, teacher_tokenizer = _teacher_and_tokenizer(teacher)
-    _check_training(args, data, teacher, prepared, model=model, tokenizer=tokenizer,
-                    teacher_tokenizer=teacher_tokenizer)
+    teacher_tokenizer = None
+    if isinstance(teacher, tuple):
+        if len(teacher) != 2:
+            raise TypeError(
+                f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items."
+            )
+        teacher, teacher_tokenizer = teacher
+    _check_training(args, data, model, tokenizer, teacher, teacher_tokenizer, prepared)
     set_seed(args.seed)
     output_dir = Path(args.output_dir) / checkpoint_key(args, model, fingerprint)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _training_lock(output_dir):
-        last_checkpoint = _resume_point(output_dir, args.resume)
+        last_checkpoint = last_good_checkpoint(output_dir) if args.resume else None
+        if not args.resume:  # start over: the folder's earlier checkpoints go
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
         datasets, online_teacher = _training_data(args, data, tokenizer, teacher, prepared, teacher_tokenizer)
         trainer = _trainer(trainer_class, model, tokenizer, replace(args, output_dir=str(output_dir)), datasets,
                            online_teacher)
@@ -688,28 +680,17 @@ def train_model(
                        checkpoint_dir=output_dir)
 
 
-def _teacher_and_tokenizer(teacher) -> tuple[PreTrainedModel | None, PreTrainedTokenizerBase | None]:
-    """``train_model``'s ``teacher``: a model (None: it reads the student's tokens) or a (model, tokenizer) pair."""
-    if not isinstance(teacher, tuple):
-        return teacher, None
-    if len(teacher) != 2:
-        raise TypeError(f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items.")
-    return teacher
-
-
 def _check_training(
-    args, data: DatasetDict, teacher: PreTrainedModel | None, prepared: DatasetDict | None, *,
-    model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    args, data: DatasetDict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None, teacher_tokenizer: PreTrainedTokenizerBase | None, prepared: DatasetDict | None,
 ) -> None:
     """What :func:`train_model` refuses before any folder is touched: arguments of another kind, a
     distillation without a teacher, settings that need the teacher to read the student's tokens when it
     cannot, and a ``prepared`` that is not this data's with these arguments."""
-    _check_arguments(args)
-    _check_teacher(args, teacher, name="teacher", cached=False)
-    if teacher is not None and teacher_tokenizer is not None and tokenizer is not None:
+    _check_arguments(args, teacher, name="teacher", cached=False)
+    if teacher is not None and teacher_tokenizer is not None:
         check_tokenizers_compatible(teacher_tokenizer, tokenizer, args)  # across vocabularies: refuses what needs one
-    elif teacher is not None and model is not None and (args.alpha < 1.0 or args.hidden_weight > 0):
+    elif teacher is not None and (args.alpha < 1.0 or args.hidden_weight > 0):
         sizes = (_embedded_tokens(teacher), _embedded_tokens(model))
         if None not in sizes and sizes[0] != sizes[1]:
             raise ValueError(
@@ -752,16 +733,6 @@ def _training_lock(output_dir: Path):
         lock.release()
 
 
-def _resume_point(output_dir: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from (:func:`last_good_checkpoint`); without ``resume``, none, and the
-    folder's earlier checkpoints are deleted."""
-    if resume:
-        return last_good_checkpoint(output_dir)
-    for checkpoint in output_dir.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
-    return None
-
-
 def _embedded_tokens(model: torch.nn.Module) -> int | None:
     """How many token ids a model's input embedding holds (None for a model without one)."""
     try:
@@ -783,12 +754,8 @@ def _training_data(
     if args.hidden_weight > 0 or (args.alpha < 1.0 and not args.cache_teacher_logits):
         return tokenized, teacher  # hidden states are too large to cache; the teacher runs at each step
     if args.alpha < 1.0 and TEACHER_LOGITS not in tokenized["train"].column_names:
-        if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
-            tokenized = add_teacher_logits(tokenized, teacher, tokenizer)
-        else:  # the texts behind each row, noisy copies included (add_noisy_copies is seeded: the same copies)
-            texts = add_noisy_copies(data, args.augment_copies, seed=args.seed)
-            tokenized = add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=texts,
-                                           max_length=args.max_length)
+        tokenized = _with_teacher_logits(tokenized, data, teacher, tokenizer, teacher_tokenizer,
+                                         max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
     return tokenized, None
 
 
@@ -819,19 +786,14 @@ PROGRESS_FILE_ENV = "KDLIB_PROGRESS_FILE"  # set by the runner: a kernel's own s
 
 
 def progress_mode() -> str:
-    """How training reports progress: ``$KDLIB_PROGRESS`` (notebook | console | off), else a bar in an
-    interactive notebook and periodic lines anywhere else. The runner sets ``console`` for the
-    notebooks it executes (their lines reach its terminal, not the stored notebook)."""
+    """How training reports progress: ``$KDLIB_PROGRESS`` (notebook | console | off), else a bar in a
+    notebook kernel (``transformers``' ``is_in_notebook``, which picks the Trainer's notebook bar too) and
+    periodic lines anywhere else. The runner sets ``console`` for the notebooks it executes (their lines
+    reach its terminal, not the stored notebook)."""
     mode = os.environ.get(PROGRESS_ENV, "").strip().lower()
     if mode in {"notebook", "console", "off"}:
         return mode
-    try:
-        from IPython import get_ipython
-
-        shell = type(get_ipython()).__name__
-    except ImportError:
-        shell = ""
-    return "notebook" if shell == "ZMQInteractiveShell" else "console"
+    return "notebook" if is_in_notebook() else "console"
 
 
 def _duration(seconds: float) -> str:
@@ -856,9 +818,8 @@ class ProgressLines(TrainerCallback):
         done = state.global_step - self.first_step
         left = state.max_steps - state.global_step
         eta = f" · ~{_duration((now - self.start) / done * left)} left" if done > 0 and left > 0 else ""
-        epochs = args.num_train_epochs
-        line = (f"[train] epoch {state.epoch or 0:.1f}/{epochs:g} · step {state.global_step}/{state.max_steps} · "
-                f"{_duration(now - self.start)} elapsed{eta}")
+        line = (f"[train] epoch {state.epoch or 0:.1f}/{args.num_train_epochs:g} · step {state.global_step}/"
+                f"{state.max_steps} · {_duration(now - self.start)} elapsed{eta}")
         target = os.environ.get(PROGRESS_FILE_ENV)
         if self.stream is None and target:
             with open(target, "a", encoding="utf-8") as handle:
