@@ -226,11 +226,11 @@ def comparison_table(rows: list[dict[str, str]], columns: Sequence[tuple]) -> li
     return table(headers, body)
 
 
-def result_records(root: Path, run: str = RUN) -> list[tuple[str, dict]]:
-    folder = root / "outputs" / "results" / run
+def result_records(root: Path) -> list[tuple[str, dict]]:
+    folder = root / "outputs" / "results" / RUN
     paths = sorted(folder.glob("*.json"))
     if not paths:
-        raise DocsError(f"outputs/results/{run}/ has no result records.")
+        raise DocsError(f"outputs/results/{RUN}/ has no result records.")
     return [(rel(root, p), json.loads(p.read_text(encoding="utf-8"))) for p in paths]
 
 
@@ -371,11 +371,12 @@ def base_scale_section(root: Path, machines: Machines) -> list[str]:
               f"Notebooks 01–03 of the `{BASE_RUN}` profile (executed copies: "
               f"`outputs/notebooks/{BASE_RUN}/`), each variant benchmarked by its notebook:", ""]
     lines += comparison_table(rows, MAIN_COLUMNS)
-    lines += ["", *notebook_durations(root, BASE_RUN), ""]
+    threads = fmt(number(rows[0].get("threads")), 0)
+    lines += ["", *notebook_durations(root, BASE_RUN, threads), ""]
     return lines + epoch_tables(root, BASE_RUN)
 
 
-def notebook_durations(root: Path, run: str) -> list[str]:
+def notebook_durations(root: Path, run: str, threads: str) -> list[str]:
     """Wall time of each executed notebook of a run, from the duration papermill records in it."""
     cells = []
     for path in sorted((root / "outputs" / "notebooks" / run).glob("0*.ipynb")):
@@ -383,7 +384,7 @@ def notebook_durations(root: Path, run: str) -> list[str]:
         if meta.get("duration") is not None:
             minutes, seconds = divmod(round(meta["duration"]), 60)
             cells.append(f"{path.stem} {minutes} min {seconds:02d} s")
-    return ["Wall time of each notebook (2 threads): " + ", ".join(cells) + "."] if cells else []
+    return [f"Wall time of each notebook ({threads} threads): " + ", ".join(cells) + "."] if cells else []
 
 
 def latency_table(data: dict) -> list[str]:
