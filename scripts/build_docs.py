@@ -373,7 +373,60 @@ def base_scale_section(root: Path, machines: Machines) -> list[str]:
     lines += comparison_table(rows, MAIN_COLUMNS)
     threads = fmt(number(rows[0].get("threads")), 0)
     lines += ["", *notebook_durations(root, BASE_RUN, threads), ""]
-    return lines + epoch_tables(root, BASE_RUN)
+    return lines + epoch_tables(root, BASE_RUN) + cross_vocabulary_section(root)
+
+
+CROSS_RUN = "base-minilm"
+CROSS_NAME = "minilm-l6"  # the cross-vocabulary student's rows in the latency record
+CROSS_LATENCY = "latency-cross-vocabulary.json"
+
+
+def cross_vocabulary_section(root: Path) -> list[str]:
+    """The pretrained MiniLM-L6 distilled from the MPNet teacher, beside the default run's teacher and student;
+    empty until that run's student record is committed."""
+    if not (root / "outputs" / "results" / CROSS_RUN / "student.json").is_file():
+        return []
+    records = {
+        "`base` teacher: all-mpnet-base-v2 fine-tuned (notebook 01)": f"outputs/results/{BASE_RUN}/teacher.json",
+        f"`{CROSS_RUN}` student: pretrained all-MiniLM-L6-v2 distilled from that teacher":
+            f"outputs/results/{CROSS_RUN}/student.json",
+        f"`{RUN}` teacher: all-MiniLM-L6-v2 fine-tuned on its own (notebook 01)": f"outputs/results/{RUN}/teacher.json",
+        f"`{RUN}` student: the `{RUN}` teacher cut in depth, distilled from it (notebook 02)":
+            f"outputs/results/{RUN}/student.json",
+    }
+    body = []
+    for name, path in records.items():
+        rec = read_json(root, path)
+        body.append([name, fmt(rec.get("accuracy"), 4), fmt(rec.get("threshold_accuracy"), 4),
+                     count(rec.get("num_parameters")), fmt(rec.get("size_mb"), 1), f"`{path}`"])
+    lines = [
+        "### Across vocabularies: a MiniLM-L6 student of the MPNet teacher",
+        "",
+        "Does a larger teacher make a better small model? The pretrained all-MiniLM-L6-v2 (its own tokenizer and "
+        "vocabulary) learns from the `base` teacher's logits, cached once per query with the teacher's tokenizer "
+        "(notebook 02 with `student_init: pretrained`; the hidden-state term is refused across vocabularies). "
+        "Test split:",
+        "",
+        *table(["model", "test acc.", "thresholded acc.", "parameters", "MB", "record"], body),
+        "",
+        f"`{CROSS_RUN}` runs notebook 02 alone, on the default profile's recipe, after `make run PROFILE={BASE_RUN}` "
+        f"(02's summary reads the run's teacher record, hence the copy): `mkdir -p outputs/results/{CROSS_RUN} && cp "
+        f"outputs/results/{BASE_RUN}/teacher.json outputs/results/{CROSS_RUN}/ && .venv/bin/python -m kdlib.run "
+        f"--profile {RUN} --only 02 -p run_name {CROSS_RUN} -p teacher_model outputs/models/{BASE_RUN}/teacher "
+        "-p student_init pretrained -p student all-MiniLM-L6-v2`. Its student, per epoch (validation split):",
+        "",
+    ]
+    epochs = root / "outputs" / "tables" / CROSS_RUN / "student_epochs.md"
+    if not epochs.is_file():
+        raise DocsError(f"outputs/tables/{CROSS_RUN}/student_epochs.md: missing.")
+    lines += epochs.read_text(encoding="utf-8").strip().splitlines() + [""]
+    timing = f"outputs/benchmarks/{BASE_RUN}/{CROSS_LATENCY}"
+    if (root / timing).is_file():
+        data = read_json(root, timing)
+        command = f"benchmarks/latency.py --run {BASE_RUN} --student {CROSS_NAME}=outputs/models/{CROSS_RUN}/student"
+        lines += [f"Timed in one process beside the `base` teacher's pipeline and its 6-layer student's variants "
+                  f"(`{command}`; `{timing}`: {benchmark_caption(data)}):", "", *latency_table(data), ""]
+    return lines
 
 
 def notebook_durations(root: Path, run: str, threads: str) -> list[str]:

@@ -80,6 +80,18 @@ def test_check_names_a_stale_recipe_page(build_docs, tmp_path, capsys):
     ]
 
 
+def test_cross_vocabulary_section_reads_its_student_record_and_is_left_out_without_it(build_docs, tmp_path):
+    root = copy_sources(tmp_path)
+    record = root / "outputs" / "results" / "base-minilm" / "student.json"
+    data = json.loads(record.read_text(encoding="utf-8"))
+    section = "\n".join(build_docs.cross_vocabulary_section(root))
+    assert f"| {data['accuracy']:.4f} | {data['threshold_accuracy']:.4f} |" in section
+    record.write_text(json.dumps({**data, "accuracy": 0.12345}), encoding="utf-8")
+    assert "| 0.1235 |" in "\n".join(build_docs.cross_vocabulary_section(root))
+    record.unlink()
+    assert build_docs.cross_vocabulary_section(root) == []
+
+
 def test_check_as_a_command_exits_non_zero(tmp_path):
     root = copy_sources(tmp_path)
     (root / "docs" / "results.md").write_text("edited by hand\n", encoding="utf-8")
