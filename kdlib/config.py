@@ -1,10 +1,11 @@
 """The run configuration: one validated schema, the single source of every default.
 
-:class:`RunConfig`'s field defaults are the base profile (the ``minilm`` run); ``configs/<profile>.yaml``
-holds only what a profile changes; command-line ``-p`` values and notebook parameters override the
-profile. :func:`load_config` merges the three and validates the result before any work: unknown names
-(with a did-you-mean), types (``"1e-3"`` from a command line is a float, ``"two"`` is refused), ranges,
-and run names that are safe folder names. The runner and every notebook's first code cell call it, so
+:class:`RunConfig`'s field defaults hold for any teacher and data; ``configs/<profile>.yaml`` holds only
+what a profile changes (the default ``minilm`` profile: which of its teacher's six layers the student
+keeps); command-line ``-p`` values and notebook parameters override the profile. :func:`load_config`
+merges the three and validates the result before any work: unknown names (with a did-you-mean), types
+(``"1e-3"`` from a command line is a float, ``"two"`` is refused), ranges, and run names that are safe
+folder names. The runner and every notebook's first code cell call it, so
 papermill, ``make run`` and JupyterLab get the same checks.
 
 :meth:`RunConfig.fingerprint` keys a training run (its checkpoints and result records) by the settings
@@ -66,7 +67,7 @@ Rows = Annotated[int | None, BeforeValidator(_not_bool), Field(ge=1)]
 
 
 class RunConfig(BaseModel):
-    """Every parameter of a run, with the default profile's values as defaults.
+    """Every parameter of a run, with the values that hold for any teacher and data as defaults.
 
     Notebook 01 uses the data, session and teacher fields; 02 the data, session and student
     fields; 03 the comparison fields. Field descriptions are what ``--help-params`` prints.
@@ -397,8 +398,14 @@ def parse_cli_value(name: str, text: str) -> Any:
     return value
 
 
-def parameter_help() -> str:
-    """Every parameter with its default and description, for ``--help-params``."""
-    return "\n".join(f"  {name:<28} {field.default!r:<24} {field.description or ''}"
-                     for name, field in RunConfig.model_fields.items())
+def parameter_help(profile: str | os.PathLike = DEFAULT_PROFILE) -> str:
+    """Every parameter with its value in ``profile`` and its description, for ``--help-params``; a value
+    the profile changes is marked with the default it replaces."""
+    changes = load_profile(profile)
+    lines = []
+    for name, field in RunConfig.model_fields.items():
+        changed = name in changes and changes[name] != field.default
+        value = f"{changes[name]!r} (default {field.default!r})" if changed else repr(field.default)
+        lines.append(f"  {name:<28} {value:<24} {field.description or ''}")
+    return "\n".join(lines)
 

@@ -314,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy the executed notebooks over notebooks/ (to commit a real run's outputs as "
                         "course material)")
     args = parser.parse_args(argv)
+    profile = str(profile_path(args.profile)) if args.profile.endswith((".yaml", ".yml")) else args.profile
     if args.help_params:
-        print(parameter_help())
+        try:
+            print(parameter_help(profile))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
 
     cwd = Path.cwd()
@@ -325,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KDLIB_DATA"] = str((cwd / Path(data_env).expanduser()).resolve())
     try:
         overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, cwd)
-        profile = str(profile_path(args.profile)) if args.profile.endswith((".yaml", ".yml")) else args.profile
         config = load_config(profile, **overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

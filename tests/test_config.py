@@ -62,9 +62,11 @@ def test_notebook_parameters_are_config_fields_left_to_the_profile(notebook):
     assert "|" not in "".join(cell["source"]), f"{notebook.name}: a '|' in its parameters cell"
 
 
-def test_the_default_profile_is_the_schema_defaults():
-    assert load_config("minilm") == RunConfig()
-    assert load_profile("minilm") == {"run_name": "minilm"}
+def test_the_default_profile_is_the_schema_defaults_with_its_students_layers():
+    # keep_layers is the one choice that depends on the teacher (6 layers): the schema's default fits any depth.
+    assert load_profile("minilm") == {"run_name": "minilm", "keep_layers": [1, 2, 3, 5]}
+    assert load_config("minilm") == RunConfig(keep_layers=[1, 2, 3, 5])
+    assert RunConfig().keep_layers is None
 
 
 def test_book_profile_is_the_reference_setup():

@@ -167,6 +167,14 @@ def test_help_params_lists_every_parameter(capsys):
     assert main(["--help-params"]) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in RunConfig.model_fields)
+    # The default profile's own value is shown, with the default it replaces.
+    keep = next(line for line in printed.splitlines() if line.split()[0] == "keep_layers")
+    assert "[1, 2, 3, 5] (default None)" in keep
+    assert main(["--help-params", "--profile", "smoke"]) == 0
+    smoke = capsys.readouterr().out
+    assert "'tiny-bert' (default" in next(line for line in smoke.splitlines() if line.split()[0] == "teacher")
+    assert main(["--help-params", "--profile", "no-such-profile"]) == 2
+    assert "no-such-profile" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_with_one_line_and_keeps_the_partial_notebook(tmp_path):
