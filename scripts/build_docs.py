@@ -423,9 +423,11 @@ def cross_vocabulary_section(root: Path) -> list[str]:
     timing = f"outputs/benchmarks/{BASE_RUN}/{CROSS_LATENCY}"
     if (root / timing).is_file():
         data = read_json(root, timing)
-        command = f"benchmarks/latency.py --run {BASE_RUN} --student {CROSS_NAME}=outputs/models/{CROSS_RUN}/student"
+        command = (f".venv/bin/python -m benchmarks.latency --run {BASE_RUN} --repeats {data.get('repeats')} --threads "
+                   f"{data.get('env', {}).get('threads')} --no-openvino --student "
+                   f"{CROSS_NAME}=outputs/models/{CROSS_RUN}/student --out {timing}")
         lines += [f"Timed in one process beside the `base` teacher's pipeline and its 6-layer student's variants "
-                  f"(`{command}`; `{timing}`: {benchmark_caption(data)}):", "", *latency_table(data), ""]
+                  f"with `{command}`. {benchmark_caption(data)}", "", *latency_table(data), ""]
     return lines
 
 
