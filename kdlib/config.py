@@ -59,6 +59,16 @@ def _text(value: Any) -> Any:
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
+def _layer_choice(value: Any) -> Any:
+    # One message for either form of keep_layers, instead of one per branch of the union.
+    if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, list) and value and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in value) and len(set(value)) == len(value):
+        return value
+    raise ValueError("must be a layer count >= 1 (e.g. 4) or a list of distinct layer indices >= 0 (e.g. [1, 3, 5])")
+
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 Text = Annotated[str, BeforeValidator(_text)]
@@ -111,8 +121,10 @@ class RunConfig(BaseModel):
         "teacher_layers", description="teacher_layers (DistilBERT-style) | pretrained | config"
     )
     student: Text | None = Field(None, description="model reference for the pretrained / config inits")
-    keep_layers: list[Int] | None = Field(
-        None, description="teacher layers the student keeps; None: every other one, ending with the last"
+    keep_layers: Annotated[list[int] | int | None, BeforeValidator(_layer_choice)] = Field(
+        None,
+        description="teacher layers the student keeps: how many (evenly spaced, ending with the last) or which "
+        "(a list of indices); None: half of them",
     )
     alpha: Float = Field(0.5, ge=0, le=1, description="weight of the hard-label cross-entropy, in [0, 1]")
     temperature: Float = Field(2.0, gt=0, allow_inf_nan=False, description="softmax temperature of the KL term, > 0")
@@ -176,13 +188,6 @@ class RunConfig(BaseModel):
     highlight: Slug | None = Field(
         None, description="variant drawn highlighted in 03's figures; None: the recommended one (kdlib.recommend)"
     )
-
-    @field_validator("keep_layers")
-    @classmethod
-    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) < 0 or len(set(value)) != len(value)):
-            raise ValueError(f"must be distinct layer indices >= 0, at least one (got {value})")
-        return value
 
     @field_validator("variants")
     @classmethod

@@ -404,20 +404,24 @@ def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
     output (DistilBERT's own initialisation keeps BERT's last layer too).
     """
     keep = keep or max(1, num_layers // 2)
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"keep_layers = {keep}: a student keeps 1 to {num_layers} of the teacher's layers.")
     return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
 
 
 def student_from_teacher(
-    teacher: PreTrainedModel, keep_layers: Sequence[int] | None = None
+    teacher: PreTrainedModel, keep_layers: Sequence[int] | int | None = None
 ) -> PreTrainedModel:
-    """A shallower copy of the teacher: embeddings, head and the chosen layers.
+    """A shallower copy of the teacher: embeddings, head and the layers ``keep_layers`` names, or that
+    many of them spaced by :func:`default_keep_layers` (half of them when None).
 
     Starting from the teacher's own weights, as DistilBERT starts from BERT's (Sanh et al., 2019),
     converges much faster than from scratch. MPNet's relative position bias belongs to its encoder,
     not to a layer, so every student keeps it.
     """
     prefix, layers = _layer_list(teacher)
-    keep = list(keep_layers) if keep_layers is not None else default_keep_layers(len(layers))
+    keep = (default_keep_layers(len(layers), keep_layers) if keep_layers is None or isinstance(keep_layers, int)
+            else list(keep_layers))
     bad = [i for i in keep if not 0 <= i < len(layers)]
     if not keep or bad or len(set(keep)) != len(keep):
         raise ValueError(f"keep_layers must be distinct indices in [0, {len(layers) - 1}], got {keep}.")
@@ -456,7 +460,7 @@ def init_student(
     teacher: PreTrainedModel,
     labels: Sequence[str],
     student_ref: str | None = None,
-    keep_layers: Sequence[int] | None = None,
+    keep_layers: Sequence[int] | int | None = None,
     seed: int = 42,
 ) -> PreTrainedModel:
     """Build the student by one of :data:`STUDENT_INITS` (teacher_layers, pretrained, config)."""

@@ -358,7 +358,7 @@ def _check_writable(folder: Path, *, param: str, given: object) -> None:
 
 def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
     """What can be known before any work, checked before any work, for the ``notebooks`` about to run:
-    ``output_dir`` can be written, the teacher has the layers ``keep_layers`` names (read from its
+    ``output_dir`` can be written, the teacher has the layers ``keep_layers`` names or counts (read from its
     config, no weights loaded), and the data loads with at least two labels. Raises
     :class:`ConfigError`, :class:`kdlib.data.DataError` or :class:`kdlib.models.ModelReferenceError`,
     each naming the parameter or file and the fix; nothing is written."""
@@ -373,12 +373,18 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
         param = "teacher_model" if config.teacher_model else "teacher"
         teacher = getattr(config, param)
         depth = reference_num_layers(teacher, param=param)
-        missing = [i for i in config.keep_layers if i >= depth]
+        keep = config.keep_layers
+        if isinstance(keep, int) and keep > depth:
+            raise ConfigError(
+                f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, so a student "
+                f"keeps at most {depth}. Choose a count from 1 to {depth}, or leave keep_layers unset (half)."
+            )
+        missing = [] if isinstance(keep, int) else [i for i in keep if i >= depth]
         if missing:
             raise ConfigError(
-                f"keep_layers = {config.keep_layers}: the teacher ({param} = {teacher!r}) has {depth} layers, "
+                f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, "
                 f"numbered 0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} "
-                f"(e.g. -p keep_layers \"{default_keep_layers(depth)}\"), or leave keep_layers unset."
+                f"(e.g. -p keep_layers \"{default_keep_layers(depth)}\"), a count, or leave keep_layers unset."
             )
     if distils and config.heads_keep < 1:
         _check_heads_keep(config)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdlib.config import load_config
 from kdlib.recommend import recommendation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,8 +338,16 @@ def book_table(base: dict, default: dict) -> list[str]:
             cells.append(step_cell(row.get("size_mb"), row.get("p50_ms"), row.get("accuracy"),
                                    row.get("speedup_vs_teacher")))
         body.append([step] + cells)
-    return table(["step", "the book: BERT-base → DistilBERT (mean)", "`base`: MPNet-base → 6 of its 12 layers (p50)",
-                  "`minilm` (default): MiniLM-L6 → 4 of its 6 layers (p50)"], body)
+    return table(["step", "the book: BERT-base → DistilBERT (mean)",
+                  f"`base`: MPNet-base → {kept_layers(BASE_RUN, 12)} (p50)",
+                  f"`minilm` (default): MiniLM-L6 → {kept_layers(RUN, 6)} (p50)"], body)
+
+
+def kept_layers(profile: str, teacher_layers: int) -> str:
+    """How many of its teacher's ``teacher_layers`` layers the profile's student keeps, e.g. "4 of its 6 layers"."""
+    keep = load_config(profile).keep_layers
+    count = len(keep) if isinstance(keep, list) else keep or max(1, teacher_layers // 2)
+    return f"{count} of its {teacher_layers} layers"
 
 
 def base_scale_section(root: Path, machines: Machines) -> list[str]:
@@ -354,9 +363,10 @@ def base_scale_section(root: Path, machines: Machines) -> list[str]:
         "",
         "The book compresses a 110M-parameter BERT-base teacher into DistilBERT. The `base` profile "
         "(`make run PROFILE=base`) does the same offline with a 110M-parameter MPNet teacher from PyPI "
-        "(`all-mpnet-base-v2`), fine-tuned on CLINC150 in notebook 01 and distilled into 6 of its 12 layers in "
-        "notebook 02. Each cell: test accuracy · latency of one query · size on disk · speed-up over its own "
-        "teacher. The book's figures are its printed ones (mean latency, its CPU); kdlib's come from "
+        "(`all-mpnet-base-v2`), fine-tuned on CLINC150 in notebook 01 and distilled into "
+        f"{kept_layers(BASE_RUN, 12)} in notebook 02. Each cell: test accuracy · latency of one query · "
+        "size on disk · speed-up over its own teacher. The book's figures are its printed ones (mean latency, "
+        "its CPU); kdlib's come from "
         "`benchmarks/latency.py`, every variant of one profile timed in one process (p50).",
         "",
         *book_table(base, default),

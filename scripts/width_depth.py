@@ -82,7 +82,6 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
         TorchPredictor,
         build_variants,
         data_digest,
-        default_keep_layers,
         label_names,
         load_classifier,
         load_tokenizer,
@@ -109,14 +108,11 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
     record.setdefault("candidates", {})
     for name, (layers, ffn, head) in candidates.items():
         start = time.perf_counter()
-        # the default depth keeps keep_layers unset, as notebook 02 does, so its distillation is the run's own
-        keep = None if default_keep_layers(depth) == default_keep_layers(depth, layers) else default_keep_layers(
-            depth, layers)
-        candidate = load_config(profile, **{**config.model_dump(exclude_defaults=True), "keep_layers": keep,
+        candidate = load_config(profile, **{**config.model_dump(exclude_defaults=True), "keep_layers": layers,
                                                     "ffn_keep": ffn, "heads_keep": head})
         fingerprint = candidate.fingerprint(STUDENT_FIELDS, data_digest(data), teacher=digest)
         train_args = student_arguments(candidate, paths.checkpoints_dir / "student")
-        model = student_from_teacher(teacher, default_keep_layers(depth, layers))
+        model = student_from_teacher(teacher, layers)
         if layers < depth:
             model = train_model(model, tokenizer, data, train_args, teacher=teacher, fingerprint=fingerprint).model
         if ffn < 1 or head < 1:

@@ -63,10 +63,11 @@ def test_notebook_parameters_are_config_fields_left_to_the_profile(notebook):
 
 
 def test_the_default_profile_is_the_schema_defaults_with_its_students_layers():
-    # keep_layers is the one choice that depends on the teacher (6 layers): the schema's default fits any depth.
-    assert load_profile("minilm") == {"run_name": "minilm", "keep_layers": [1, 2, 3, 5]}
-    assert load_config("minilm") == RunConfig(keep_layers=[1, 2, 3, 5])
+    # A count, not a list of indices: the profile fits a teacher of any depth (layers 1, 2, 3, 5 of 6).
+    assert load_profile("minilm") == {"run_name": "minilm", "keep_layers": 4}
+    assert load_config("minilm") == RunConfig(keep_layers=4)
     assert RunConfig().keep_layers is None
+    assert load_config("minilm", keep_layers=[0, 5]).keep_layers == [0, 5]  # a list names the layers instead
 
 
 def test_book_profile_is_the_reference_setup():
@@ -105,8 +106,12 @@ def test_unknown_profile_names_the_available_ones():
         ({"learning_rate": "fast"}, "learning_rate = 'fast'"),
         ({"batch_size": 0}, "batch_size = 0: Input should be greater than or equal to 1"),
         ({"max_train_rows": 0}, "max_train_rows = 0: Input should be greater than or equal to 1"),
-        ({"keep_layers": [1, 1]}, "keep_layers = [1, 1]: must be distinct layer indices"),
-        ({"keep_layers": []}, "keep_layers = []: must be distinct layer indices"),
+        ({"keep_layers": [1, 1]}, "keep_layers = [1, 1]: must be a layer count >= 1 (e.g. 4) or a list of distinct"),
+        ({"keep_layers": []}, "keep_layers = []: must be a layer count"),
+        ({"keep_layers": 0}, "keep_layers = 0: must be a layer count"),
+        ({"keep_layers": True}, "keep_layers = True: must be a layer count"),
+        ({"keep_layers": 2.5}, "keep_layers = 2.5: must be a layer count"),
+        ({"keep_layers": ["one", "three"]}, "keep_layers = ['one', 'three']: must be a layer count"),
         ({"variants": ["onnx", "tflite"]}, "variants.1"),
         ({"run_name": "../../x"}, "run_name = '../../x': must be a plain name: letters, digits"),
         ({"run_name": ""}, "run_name = '': must be a plain name"),

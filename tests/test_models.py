@@ -394,6 +394,10 @@ def test_default_keep_layers():
     # the last layer, which the classification head was trained on, is always kept
     assert all(default_keep_layers(n, k)[-1] == n - 1 for n in range(1, 13) for k in range(1, n + 1))
     assert all(len(default_keep_layers(n, k)) == k for n in range(1, 13) for k in range(1, n + 1))
+    assert default_keep_layers(6, 4) == [1, 2, 3, 5]  # the minilm profile's student
+    for too_many in (7, -1):
+        with pytest.raises(ValueError, match=f"keep_layers = {too_many}: a student keeps 1 to 6"):
+            default_keep_layers(6, too_many)
 
 
 @pytest.mark.parametrize("kind", ["tiny-bert", "tiny-distilbert"])
@@ -443,7 +447,7 @@ def test_student_differs_only_by_missing_layers(kind, tiny_labels, keep):
     assert not torch.allclose(hidden_of(student), hidden_of(teacher), atol=1e-3)
 
 
-@pytest.mark.parametrize("keep", [[4], [-1], [0, 0], [], [0, 1, 2, 3, 4]])
+@pytest.mark.parametrize("keep", [[4], [-1], [0, 0], [], [0, 1, 2, 3, 4], 5])
 def test_bad_keep_layers(tiny_labels, keep):
     teacher = make_tiny_model("tiny-bert", tiny_labels, num_layers=4)
     with pytest.raises(ValueError, match="keep_layers"):
@@ -462,6 +466,8 @@ def test_init_student_teacher_layers(tiny_labels):
     assert_copied(teacher, student, [1, 3], LAYER_PREFIX["tiny-bert"])
     custom = init_student("teacher_layers", teacher=teacher, labels=tiny_labels, keep_layers=[3])
     assert_copied(teacher, custom, [3], LAYER_PREFIX["tiny-bert"])
+    counted = init_student("teacher_layers", teacher=teacher, labels=tiny_labels, keep_layers=3)  # how many
+    assert_copied(teacher, counted, [0, 2, 3], LAYER_PREFIX["tiny-bert"])
 
 
 def test_init_student_pretrained(tiny_labels, saved_ckpt):

@@ -44,7 +44,7 @@ def test_recipe_is_reproducible(recipe, setup):
 def test_recipe_rejects_malformed_layers_before_any_work(recipe, capsys):
     with pytest.raises(SystemExit):
         recipe.main(["student", "-p", "teacher_model", "x", "-p", "keep_layers", "[one, three]"])
-    assert "keep_layers.0" in capsys.readouterr().err
+    assert "keep_layers = ['one', 'three']: must be a layer count" in capsys.readouterr().err
 
 
 def test_oos_scores_script_reports_each_score_on_validation_and_test(load_script, setup, tmp_path):

@@ -169,7 +169,7 @@ def test_help_params_lists_every_parameter(capsys):
     assert all(name in printed for name in RunConfig.model_fields)
     # The default profile's own value is shown, with the default it replaces.
     keep = next(line for line in printed.splitlines() if line.split()[0] == "keep_layers")
-    assert "[1, 2, 3, 5] (default None)" in keep
+    assert "4 (default None)" in keep
     assert main(["--help-params", "--profile", "smoke"]) == 0
     smoke = capsys.readouterr().out
     assert "'tiny-bert' (default" in next(line for line in smoke.splitlines() if line.split()[0] == "teacher")
@@ -283,6 +283,15 @@ def test_keep_layers_deeper_than_the_teacher_is_refused_before_training(earlier_
     result = _cli("-p", "keep_layers", "[0, 9]", "-p", "output_dir", str(earlier_output))
     assert result.returncode != 0
     assert "keep_layers = [0, 9]" in result.stderr and "has 2 layers" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _listing(earlier_output) == before
+
+
+def test_a_layer_count_above_the_teachers_depth_is_refused_before_training(earlier_output):
+    before = _listing(earlier_output)
+    result = _cli("-p", "keep_layers", "3", "-p", "output_dir", str(earlier_output))
+    assert result.returncode != 0
+    assert "keep_layers = 3" in result.stderr and "has 2 layers, so a student keeps at most 2" in result.stderr
     assert "Traceback" not in result.stderr
     assert _listing(earlier_output) == before
 
