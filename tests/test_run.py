@@ -278,20 +278,15 @@ def test_data_with_a_single_label_is_refused_before_training(tmp_path, earlier_o
     assert _listing(earlier_output) == before
 
 
-def test_keep_layers_deeper_than_the_teacher_is_refused_before_training(earlier_output):
+@pytest.mark.parametrize(("keep", "expected"), [
+    ("[0, 9]", "keep_layers = [0, 9]: the teacher (teacher = 'tiny-bert') has 2 layers, numbered 0 to 1"),
+    ("3", "keep_layers = 3: the teacher (teacher = 'tiny-bert') has 2 layers, so a student keeps at most 2"),
+])
+def test_keep_layers_deeper_than_the_teacher_is_refused_before_training(earlier_output, keep, expected):
     before = _listing(earlier_output)
-    result = _cli("-p", "keep_layers", "[0, 9]", "-p", "output_dir", str(earlier_output))
+    result = _cli("-p", "keep_layers", keep, "-p", "output_dir", str(earlier_output))
     assert result.returncode != 0
-    assert "keep_layers = [0, 9]" in result.stderr and "has 2 layers" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert _listing(earlier_output) == before
-
-
-def test_a_layer_count_above_the_teachers_depth_is_refused_before_training(earlier_output):
-    before = _listing(earlier_output)
-    result = _cli("-p", "keep_layers", "3", "-p", "output_dir", str(earlier_output))
-    assert result.returncode != 0
-    assert "keep_layers = 3" in result.stderr and "has 2 layers, so a student keeps at most 2" in result.stderr
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert _listing(earlier_output) == before
 
