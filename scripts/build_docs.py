@@ -691,7 +691,8 @@ def rules_tables(root: Path, record: dict) -> list[str]:
     return lines
 
 
-WIDTH_DEPTH_COLUMNS = ("candidate", "layers", "heads kept", "FFN neurons kept", "parameters", "validation acc.",
+WIDTH_DEPTH_COLUMNS = ("candidate", "layers", "heads kept", "FFN neurons kept", "recovery epochs", "parameters",
+                       "validation acc.",
                        "test acc.", "fused int8 validation acc.", "fused int8 test acc.",
                        "fused int8 thresholded test acc.", "fused int8 p50 (ms)", "speed-up", "FLOP share of int8 peak")
 
@@ -712,12 +713,20 @@ def width_depth_tables(root: Path, spec: dict) -> list[str]:
         timed = timings.get(f"{spec.get('aliases', {}).get(name, name)}-onnx-fused-int8", {})  # the run's own: student
         label = f"**{name}**" if name == spec.get("chosen") else name
         body.append([label, str(row["layers"]), f"{row['attention_heads']} ({fmt(row['heads_keep'])})",
-                     f"{count(row['intermediate_size'])} ({fmt(row['ffn_keep'])})", count(row["parameters"]),
+                     f"{count(row['intermediate_size'])} ({fmt(row['ffn_keep'])})",
+                     recovery_epochs(row, found), count(row["parameters"]),
                      fmt(torch_row["validation_accuracy"], 4), fmt(torch_row["test_accuracy"], 4),
                      fmt(fused["validation_accuracy"], 4), fmt(fused["test_accuracy"], 4),
                      fmt(fused["test_threshold_accuracy"], 4), fmt(timed.get("p50_ms"), 2),
                      fmt(timed.get("speedup_vs_teacher"), 1, "×"), fmt(timed.get("int8_peak_share"), 3)])
     return lines + table(WIDTH_DEPTH_COLUMNS, body) + [""]
+
+
+def recovery_epochs(row: dict, found: dict) -> str:
+    """The epochs of distillation that recovered a pruned candidate (its own, else the record's ``prune_epochs``)."""
+    if row["ffn_keep"] == 1 and row["heads_keep"] == 1:
+        return DASH
+    return str(row.get("prune_epochs", found.get("prune_epochs")))
 
 
 def recipe_section(root: Path, relative: str, record: dict, machines: Machines) -> list[str]:

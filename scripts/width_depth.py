@@ -14,7 +14,8 @@ them all in one process (each with its fused ONNX int8 variant):
     .venv/bin/python -m benchmarks.latency --run minilm --student 2=outputs/models/minilm/width_depth/2 ...
 
 Trainings resume from their checkpoints and the record is rewritten after each candidate, so an
-interrupted run loses at most one candidate's work. Writes ``outputs/benchmarks/<run>/width_depth.json``.
+interrupted run loses at most one candidate's work. Writes ``outputs/benchmarks/<run>/width_depth.json``
+(``--out``: another record, e.g. for candidates of other settings such as ``-p prune_epochs 6``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("candidates", nargs="*", default=list(DEFAULT_CANDIDATES), metavar="LxFxH")
     parser.add_argument("--run", default="minilm", help="the profile and run whose teacher (notebook 01) is used")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--out", type=Path, help="the record to write (and resume); default "
+                        "outputs/benchmarks/<run>/width_depth.json")
     args = parser.parse_args(argv)
     try:
         overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
         candidates = {text: parse_candidate(text, depth, heads) for text in args.candidates}
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
-    return run(args.run, config, paths, candidates, depth)
+    record_path = args.out or project_root() / "outputs" / "benchmarks" / config.run_name / "width_depth.json"
+    return run(args.run, config, paths, candidates, depth, record_path)
 
 
-def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, float, float]], depth: int) -> dict:
+def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, float, float]], depth: int,
+        record_path: Path) -> dict:
     """Train, prune and measure every candidate; returns (and writes) the record."""
     from kdlib import (
         STUDENT_FIELDS,
@@ -103,7 +108,6 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
     teacher = load_classifier(paths.teacher_dir, labels, param="teacher_model")
     tokenizer = load_tokenizer(paths.teacher_dir, param="teacher_model")
     digest = weights_digest(teacher)
-    record_path = project_root() / "outputs" / "benchmarks" / config.run_name / "width_depth.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record.setdefault("candidates", {})
     for name, (layers, ffn, head) in candidates.items():
@@ -129,6 +133,7 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
             "intermediate_size": model.config.intermediate_size,
             "attention_heads": getattr(model.config, "pruned_attention_heads", model.config.num_attention_heads),
             **measured, "seconds": round(time.perf_counter() - start, 1),
+            **({"prune_epochs": config.prune_epochs} if ffn < 1 or head < 1 else {}),
         }
         record.update(run=config.run_name, prune_epochs=config.prune_epochs, epochs=config.epochs,
                       machine={k: env_fingerprint()[k] for k in ("threads", "cpu", "torch_version")})

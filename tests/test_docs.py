@@ -230,3 +230,21 @@ def test_recipe_page_shows_the_threshold_rules_record_with_the_chosen_rule_in_bo
     assert "| **in_scope_drop 0.01** | 2500 | 0.9412 | 0.810 | 0.9301 | 0.9433 | 0.786 | 0.9147 |" in page
     assert "| flag_rate 0.05 | 2500 |" in page
     assert "**Decision.** Kept." in page
+
+
+def test_width_depth_table_gives_each_pruned_candidate_its_recovery_epochs(build_docs, tmp_path):
+    measured = {"validation_accuracy": 0.94, "test_accuracy": 0.85, "test_threshold_accuracy": 0.91}
+
+    def candidate(ffn, heads, **extra):
+        return {"layers": 3, "ffn_keep": ffn, "heads_keep": heads, "parameters": 1000, "intermediate_size": 768,
+                "attention_heads": 6, "torch": measured, "student-onnx-fused-int8": measured, **extra}
+
+    record = {"prune_epochs": 3, "candidates": {"3": candidate(1.0, 1.0), "3x0.5x1": candidate(0.5, 1.0),
+                                                "3x0.5x0.5": candidate(0.5, 0.5, prune_epochs=6)}}
+    (tmp_path / "width_depth.json").write_text(json.dumps(record))
+    lines = build_docs.width_depth_tables(tmp_path, {"file": "width_depth.json"})
+    header = next(line for line in lines if line.startswith("| candidate"))
+    column = [cell.strip() for cell in header.strip("|").split("|")].index("recovery epochs")
+    epochs = {cells[0]: cells[column] for line in lines if line.startswith("| 3")
+              for cells in [[cell.strip() for cell in line.strip("|").split("|")]]}
+    assert epochs == {"3": "—", "3x0.5x1": "3", "3x0.5x0.5": "6"}  # its own, else the record's; none unpruned
