@@ -37,7 +37,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "config": ["RunConfig", "ConfigError", "load_config", "config_from_notebook", "TEACHER_FIELDS", "STUDENT_FIELDS"],
+    "config": [
+        "RunConfig", "ConfigError", "load_config", "config_from_notebook", "TEACHER_FIELDS", "STUDENT_FIELDS",
+        "default_keep_layers",
+    ],
     "io": ["project_root"],
     "paths": ["RunPaths"],
     "session": ["prepare_session"],
@@ -47,7 +50,7 @@ _EXPORTS = {
     ],
     "models": [
         "load_tokenizer", "load_classifier", "needs_fine_tuning", "init_student", "check_tokenizers_compatible",
-        "share_vocabulary", "save_model", "num_layers", "weights_digest", "default_keep_layers",
+        "share_vocabulary", "save_model", "num_layers", "weights_digest",
     ],
     "train": [
         "DistillationTrainer", "DistillationTrainingArguments", "teacher_arguments", "student_arguments", "train_model",

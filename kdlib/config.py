@@ -257,6 +257,19 @@ class RunConfig(BaseModel):
         return subsample(data, limits, seed=self.seed)
 
 
+def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
+    """Evenly spaced layer indices counted back from the last one, half of them by default
+    (6 -> [1, 3, 5], 12 -> [1, 3, ..., 11]).
+
+    The last layer is always kept: the teacher's pooler and classifier are fine-tuned on its
+    output (DistilBERT's own initialisation keeps BERT's last layer too).
+    """
+    keep = keep or max(1, num_layers // 2)
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"keep_layers = {keep}: a student keeps 1 to {num_layers} of the teacher's layers.")
+    return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
+
+
 def kept_count(share: float, total: int, param: str) -> int:
     """How many of ``total`` heads or neurons a layer keeps at the share ``share`` (``heads_keep``, ``ffn_keep``):
     at least one, or a clear error. The one place the shares are turned into counts."""

@@ -37,6 +37,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import prune_linear_layer
 
+from kdlib.config import default_keep_layers
 from kdlib.io import atomic_path
 from kdlib.packaged import MPNET_ALIASES, mpnet_path
 
@@ -394,19 +395,6 @@ def _load_pruned(path: str, config: PretrainedConfig) -> PreTrainedModel:
     shrink_layers(model, [kept] * len(layers), [range(config.intermediate_size)] * len(layers))
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
     return model.eval()
-
-
-def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
-    """Evenly spaced layer indices counted back from the last one, half of them by default
-    (6 -> [1, 3, 5], 12 -> [1, 3, ..., 11]).
-
-    The last layer is always kept: the teacher's pooler and classifier are fine-tuned on its
-    output (DistilBERT's own initialisation keeps BERT's last layer too).
-    """
-    keep = keep or max(1, num_layers // 2)
-    if not 1 <= keep <= num_layers:
-        raise ValueError(f"keep_layers = {keep}: a student keeps 1 to {num_layers} of the teacher's layers.")
-    return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
 
 
 def student_from_teacher(

@@ -35,6 +35,7 @@ from kdlib.config import (
     OVERRIDES,
     ConfigError,
     RunConfig,
+    default_keep_layers,
     kept_count,
     load_config,
     parameter_help,
@@ -367,7 +368,7 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
     distils = any(name.startswith("02") for name in notebooks)
     if distils and config.student_init == "teacher_layers" and config.keep_layers is not None:
         # kdlib.models imports torch and transformers (seconds): only a run that names its layers waits for them.
-        from kdlib.models import default_keep_layers, reference_num_layers
+        from kdlib.models import reference_num_layers
 
         # 02 distils from teacher_model, else from the copy of `teacher` that 01 fine-tunes (the same depth).
         param = "teacher_model" if config.teacher_model else "teacher"

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from kdlib.benchmark import time_pipeline
 from kdlib.config import RunConfig
 from kdlib.inference import TorchPredictor
-from kdlib.models import default_keep_layers, init_student, num_layers
+from kdlib.models import init_student, num_layers
 from kdlib.paths import RunPaths
 from kdlib.report import write_table
 from kdlib.train import (
@@ -255,13 +255,11 @@ def student_factory(
     """``make_student(student_layers=None)``: a fresh student of the run's ``student_init`` per call.
 
     Without ``student_layers`` it keeps the run's ``keep_layers``; a depth that the latency search
-    draws keeps that many teacher layers, spaced as :func:`kdlib.models.default_keep_layers` spaces them.
+    draws keeps that many teacher layers, spaced as :func:`kdlib.config.default_keep_layers` spaces them.
     """
 
     def make_student(student_layers: int | None = None) -> PreTrainedModel:
-        keep = config.keep_layers
-        if student_layers is not None:
-            keep = default_keep_layers(num_layers(teacher), student_layers)
+        keep = config.keep_layers if student_layers is None else student_layers
         return init_student(config.student_init, teacher=teacher, labels=labels, student_ref=config.student,
                             keep_layers=keep, seed=config.seed)
 

@@ -159,7 +159,7 @@ def distillation_loss(
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """For each student hidden state (embeddings, then each layer) the teacher hidden state it is
     pulled towards: evenly spaced depths ending at the last (PKD-Skip; 3 of 6 -> [0, 2, 4, 6]), the
-    depths of the layers :func:`kdlib.models.default_keep_layers` copies into the student."""
+    depths of the layers :func:`kdlib.config.default_keep_layers` copies into the student."""
     return [0] + [round((j + 1) * teacher_layers / student_layers) for j in range(student_layers)]
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdlib.config import load_config
+from kdlib.config import default_keep_layers, load_config
 from kdlib.recommend import recommendation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +346,7 @@ def book_table(base: dict, default: dict) -> list[str]:
 def kept_layers(profile: str, teacher_layers: int) -> str:
     """How many of its teacher's ``teacher_layers`` layers the profile's student keeps, e.g. "4 of its 6 layers"."""
     keep = load_config(profile).keep_layers
-    count = len(keep) if isinstance(keep, list) else keep or max(1, teacher_layers // 2)
+    count = len(keep if isinstance(keep, list) else default_keep_layers(teacher_layers, keep))
     return f"{count} of its {teacher_layers} layers"
 
 

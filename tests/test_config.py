@@ -16,6 +16,7 @@ from kdlib.config import (
     ConfigError,
     RunConfig,
     config_from_notebook,
+    default_keep_layers,
     load_config,
     load_profile,
     parse_cli_value,
@@ -245,3 +246,18 @@ def test_search_storage_is_a_journal_path_or_a_database_url():
     assert load_config(search_storage="sqlite:///search.db").search_storage == "sqlite:///search.db"
     with pytest.raises(ConfigError, match="search_storage.*scheme 'redis'"):
         load_config(search_storage="redis://localhost/0")
+
+
+def test_default_keep_layers():
+    assert default_keep_layers(6) == [1, 3, 5]
+    assert default_keep_layers(12) == [1, 3, 5, 7, 9, 11]
+    assert default_keep_layers(4) == [1, 3]
+    assert default_keep_layers(1) == [0]
+    assert default_keep_layers(6, 2) == [2, 5]
+    # the last layer, which the classification head was trained on, is always kept
+    assert all(default_keep_layers(n, k)[-1] == n - 1 for n in range(1, 13) for k in range(1, n + 1))
+    assert all(len(default_keep_layers(n, k)) == k for n in range(1, 13) for k in range(1, n + 1))
+    assert default_keep_layers(6, 4) == [1, 2, 3, 5]  # the minilm profile's student
+    for too_many in (7, -1):
+        with pytest.raises(ValueError, match=f"keep_layers = {too_many}: a student keeps 1 to 6"):
+            default_keep_layers(6, too_many)

@@ -27,7 +27,6 @@ from kdlib.models import (
     ModelReferenceError,
     TokenizerMismatchError,
     check_tokenizers_compatible,
-    default_keep_layers,
     forward_inputs,
     has_classification_head,
     init_student,
@@ -383,21 +382,6 @@ def assert_copied(teacher, student, keep, prefix):
             source = key
         assert torch.equal(value, t_state[source]), key
         assert value.data_ptr() != t_state[source].data_ptr(), f"{key} shares memory with the teacher"
-
-
-def test_default_keep_layers():
-    assert default_keep_layers(6) == [1, 3, 5]
-    assert default_keep_layers(12) == [1, 3, 5, 7, 9, 11]
-    assert default_keep_layers(4) == [1, 3]
-    assert default_keep_layers(1) == [0]
-    assert default_keep_layers(6, 2) == [2, 5]
-    # the last layer, which the classification head was trained on, is always kept
-    assert all(default_keep_layers(n, k)[-1] == n - 1 for n in range(1, 13) for k in range(1, n + 1))
-    assert all(len(default_keep_layers(n, k)) == k for n in range(1, 13) for k in range(1, n + 1))
-    assert default_keep_layers(6, 4) == [1, 2, 3, 5]  # the minilm profile's student
-    for too_many in (7, -1):
-        with pytest.raises(ValueError, match=f"keep_layers = {too_many}: a student keeps 1 to 6"):
-            default_keep_layers(6, too_many)
 
 
 @pytest.mark.parametrize("kind", ["tiny-bert", "tiny-distilbert"])

@@ -181,4 +181,4 @@ def test_the_makefile_installs_an_extra_for_its_profile_and_on_request_only():
 def test_the_base_profile_distils_the_mpnet_teacher_into_half_its_layers():
     config = load_config("base")
     assert config.teacher == "all-mpnet-base-v2" and config.student_init == "teacher_layers"
-    assert config.keep_layers is None  # DistilBERT's rule: 6 of 12 (kdlib.models.default_keep_layers)
+    assert config.keep_layers is None  # DistilBERT's rule: 6 of 12 (kdlib.config.default_keep_layers)

@@ -153,7 +153,8 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(setup, tmp_path):
 def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
     """Two objectives: validation accuracy up, latency down, over the student's depth too. The latency
     here is a stand-in clock (the student's layer count), so the front can be checked by hand."""
-    from kdlib.models import default_keep_layers, num_layers
+    from kdlib.config import default_keep_layers
+    from kdlib.models import num_layers
     from kdlib.search import choose_from_front, search_layers, search_trials
 
     data, tokenizer, teacher = setup
@@ -188,8 +189,8 @@ def test_accuracy_and_latency_search_keeps_the_pareto_front(setup, tmp_path):
 def test_student_factory_keeps_the_runs_layers_or_a_drawn_depth():
     """Without a depth the student keeps the run's ``keep_layers``; a depth that the latency search draws
     keeps that many teacher layers, spaced as the default spaces them (notebook 02 and recipe.py share it)."""
-    from kdlib.config import load_config
-    from kdlib.models import default_keep_layers, num_layers
+    from kdlib.config import default_keep_layers, load_config
+    from kdlib.models import num_layers
     from kdlib.search import student_factory
 
     teacher = make_tiny_model("tiny-bert", LABELS, num_layers=4)
