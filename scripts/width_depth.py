@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -73,14 +74,37 @@ def main(argv: list[str] | None = None) -> dict:
         depth = reference_num_layers(paths.teacher_dir)
         heads = reference_num_heads(paths.teacher_dir)
         candidates = {text: parse_candidate(text, depth, heads) for text in args.candidates}
+        record_path = args.out or project_root() / "outputs" / "benchmarks" / config.run_name / "width_depth.json"
+        record = read_record(record_path)
     except ConfigError as err:
         parser.exit(2, f"error: {err}\n")
-    record_path = args.out or project_root() / "outputs" / "benchmarks" / config.run_name / "width_depth.json"
-    return run(args.run, config, paths, candidates, depth, record_path)
+    return run(args.run, config, paths, candidates, depth, record_path, record)
+
+
+def read_record(path: Path) -> dict:
+    """The record to resume (empty when ``path`` does not exist yet), checked before any training: an
+    existing file must be a record of this script, and its folder (or nearest existing parent) writable."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=folder))  # as root, os.access says yes to /proc
+    except OSError as err:
+        raise ConfigError(f"--out {path}: cannot write into {folder} ({err.strerror or err}); choose a file in a "
+                          "folder you can write to.") from None
+    if not path.exists():
+        return {"candidates": {}}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--out {path}: not a record of this script ({err}); choose a new file.") from None
+    if not isinstance(record, dict) or not isinstance(record.get("candidates"), dict):
+        raise ConfigError(f"--out {path}: not a record of this script (no 'candidates' mapping); choose a new file.")
+    return record
 
 
 def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, float, float]], depth: int,
-        record_path: Path) -> dict:
+        record_path: Path, record: dict) -> dict:
     """Train, prune and measure every candidate; returns (and writes) the record."""
     from kdlib import (
         STUDENT_FIELDS,
@@ -108,8 +132,6 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
     teacher = load_classifier(paths.teacher_dir, labels, param="teacher_model")
     tokenizer = load_tokenizer(paths.teacher_dir, param="teacher_model")
     digest = weights_digest(teacher)
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.setdefault("candidates", {})
     for name, (layers, ffn, head) in candidates.items():
         start = time.perf_counter()
         candidate = load_config(profile, **{**config.model_dump(exclude_defaults=True), "keep_layers": layers,
