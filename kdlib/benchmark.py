@@ -1,10 +1,7 @@
 """Accuracy, size and latency of a classifier, under the reference study's names and a little more.
 
-The reference (*NLP with Transformers*, ch. 8) reports test accuracy, the saved state dict's size in MB
-and the mean / std of single-query ``pipeline`` latency; :class:`PerformanceBenchmark` keeps those keys
-(``accuracy``, ``size_mb``, ``time_avg_ms``, ``time_std_ms``) and adds batched, length-sorted inference
-for accuracy (the same predictions), in-scope accuracy, OOS recall / precision and macro-F1, OOS detection
-metrics, latency percentiles, batch throughput and an environment fingerprint for every figure.
+:class:`PerformanceBenchmark` keeps the keys of *NLP with Transformers*, ch. 8 (``accuracy``, ``size_mb``,
+``time_avg_ms``, ``time_std_ms``) and adds OOS metrics, latency percentiles, throughput and the environment.
 """
 
 from __future__ import annotations
@@ -32,13 +29,8 @@ from kdlib.session import env_fingerprint
 Clock = Callable[[], float]
 
 
-# ---------------------------------------------------------------------------------------------
-# Accuracy
-# ---------------------------------------------------------------------------------------------
-
-
 def _sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
-    """Indices of ``texts`` in batches of ``batch_size``, shortest texts first (little padding waste)."""
+    """Indices of ``texts`` in batches, shortest texts first (little padding waste)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
@@ -54,11 +46,9 @@ def predict_labels(predictor: Predictor, texts: Sequence[str], batch_size: int =
 
 
 @torch.inference_mode()
-def predict_logits(
-    predictor: Predictor, texts: Sequence[str], batch_size: int = 64, *, features: bool = False
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Logits ``(len(texts), len(predictor.labels))`` in input order, from length-sorted batches;
-    with ``features=True`` also the predictor's features (:meth:`Predictor.logits_and_features`)."""
+def predict_logits(predictor: Predictor, texts: Sequence[str], batch_size: int = 64, *,
+                   features: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Logits in input order from length-sorted batches; with ``features=True`` also the predictor's features."""
     out = np.zeros((len(texts), len(predictor.labels)), dtype=np.float32)
     found = None
     for chunk in _sorted_batches(texts, batch_size):
@@ -75,15 +65,12 @@ def predict_logits(
 
 def _check_split(dataset: object, what: str) -> None:
     if not isinstance(dataset, Dataset):
-        raise TypeError(
-            f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
-            f"got {type(dataset).__name__}."
-        )
+        raise TypeError(f"{what} must be a datasets.Dataset with `text` and `label` columns (e.g. data['test']), "
+                        f"got {type(dataset).__name__}.")
 
 
-def _check_inputs(
-    dataset: object, validation: object, train: object, oos_score: str, oos_label: str | None = OOS_LABEL
-) -> bool:
+def _check_inputs(dataset: object, validation: object, train: object, oos_score: str,
+                  oos_label: str | None = OOS_LABEL) -> bool:
     """Refuse wrong splits before any work; True when the data has an OOS label."""
     _check_split(dataset, "dataset")
     for split, what in ((validation, "validation"), (train, "train")):
@@ -91,16 +78,13 @@ def _check_inputs(
             _check_split(split, what)
     has_oos = oos_label is not None and oos_label in dataset.features["label"].names
     if has_oos and oos_score == FEATURE_SCORE and train is None:
-        raise ValueError(
-            "oos_score='mahalanobis' is fit on the training split: pass `train=` (e.g. data['train']), "
-            "or choose oos_score='energy'."
-        )
+        raise ValueError("oos_score='mahalanobis' is fit on the training split: pass `train=` (e.g. data['train']), "
+                         "or choose oos_score='energy'.")
     return has_oos
 
 
 def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
-    """The split's gold labels as indices into the predictor's labels (matched by name); a label the
-    model cannot predict is refused. Splits are type-checked by :func:`_check_inputs` first."""
+    """The split's gold labels as indices into the predictor's labels (by name); unknown labels are refused."""
     names = dataset.features["label"].names
     unknown = sorted(set(names) - set(predictor.labels))
     if unknown:
@@ -111,8 +95,7 @@ def _gold_ids(predictor: Predictor, dataset: Dataset, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitOutputs:
-    """One pass of a predictor over a split: its logits, gold label ids (indices into the predictor's
-    labels) and, with OOS data, one OOS score per query."""
+    """One pass of a predictor over a split: logits, gold label ids and, with OOS data, OOS scores."""
 
     logits: np.ndarray
     gold: np.ndarray
@@ -125,8 +108,7 @@ class SplitOutputs:
 
 @dataclass(frozen=True)
 class ScoredSplits:
-    """What :func:`score_splits` returns: the outputs per split, the OOS score used (None without an
-    OOS label) and the OOS label's index among the predictor's labels."""
+    """The outputs per split, the OOS score used (None without an OOS label) and the OOS label's index."""
 
     outputs: dict[str, SplitOutputs]
     method: str | None
@@ -134,26 +116,20 @@ class ScoredSplits:
 
 
 def score_splits(
-    predictor: Predictor,
-    splits: dict[str, Dataset],
-    *,
-    train: Dataset | None = None,
-    oos_score: str = RunConfig.model_fields["oos_score"].default,
-    oos_label: str | None = OOS_LABEL,
+    predictor: Predictor, splits: dict[str, Dataset], *, train: Dataset | None = None,
+    oos_score: str = RunConfig.model_fields["oos_score"].default, oos_label: str | None = OOS_LABEL,
     batch_size: int = 64,
 ) -> ScoredSplits:
-    """Logits and OOS scores of ``predictor`` on every split of ``splits`` (``{"test": ..., ...}``), one pass
-    each; ``oos_score="mahalanobis"`` is fit on ``train`` first. Every split's labels are checked
-    against the model's before the first pass over any of them."""
+    """Logits and OOS scores of ``predictor`` on every split (``{"test": ..., ...}``), one pass each;
+    ``oos_score="mahalanobis"`` is fit on ``train`` first. All labels are checked before the first pass."""
     first, *others = splits
     has_oos = _check_inputs(splits[first], splits.get("validation"), train, oos_score, oos_label)
     for what in others:
         _check_split(splits[what], what)
     golds = {what: _gold_ids(predictor, split, what) for what, split in splits.items()}
     train_gold = _gold_ids(predictor, train, "train") if train is not None else None
-    method = oos_score
-    if method == FEATURE_SCORE and not predictor.exposes_features:
-        method = oos.FALLBACK_SCORE  # e.g. an ONNX file exported elsewhere: logits only
+    # A predictor without features (e.g. an ONNX file exported elsewhere) falls back to a logit score.
+    method = oos.FALLBACK_SCORE if oos_score == FEATURE_SCORE and not predictor.exposes_features else oos_score
     oos_index = predictor.labels.index(oos_label) if has_oos else None
     scorer = None
     if has_oos and method == FEATURE_SCORE:
@@ -172,35 +148,23 @@ def score_splits(
 
 
 class Quality(NamedTuple):
-    """What :func:`measure_quality` returns: the split's quality and OOS ``metrics``, and with an OOS
-    label the split's OOS scores for :func:`kdlib.plots.plot_oos_scores` (``oos_detail``:
-    ``{"scores", "is_oos", "threshold", "method"}``; None without an OOS label)."""
+    """The split's quality and OOS ``metrics``, and with an OOS label its OOS scores for
+    :func:`kdlib.plots.plot_oos_scores` (``oos_detail``: ``{"scores", "is_oos", "threshold", "method"}``)."""
 
     metrics: dict
     oos_detail: dict | None
 
 
 def measure_quality(
-    predictor: Predictor,
-    dataset: Dataset,
-    *,
-    batch_size: int = 64,
-    oos_label: str | None = OOS_LABEL,
-    validation: Dataset | None = None,
-    train: Dataset | None = None,
-    oos_score: str = RunConfig.model_fields["oos_score"].default,
-    threshold: ThresholdRule | None = None,
+    predictor: Predictor, dataset: Dataset, *, batch_size: int = 64, oos_label: str | None = OOS_LABEL,
+    validation: Dataset | None = None, train: Dataset | None = None,
+    oos_score: str = RunConfig.model_fields["oos_score"].default, threshold: ThresholdRule | None = None,
 ) -> Quality:
-    """The :class:`Quality` of ``predictor`` on one ``(text, label: ClassLabel)`` split (gold and predicted
-    matched by name): accuracy and macro-F1, plus, when the data has an OOS label, the CLINC150 in-scope
-    accuracy and OOS recall / precision, and this split's OOS scores for plotting.
-
-    With an OOS label, also the keys of :data:`kdlib.oos.OOS_KEYS`: the ``oos_score``'s AUROC / FPR95 and,
-    with ``validation``, the metrics of the threshold ``threshold`` (:class:`kdlib.oos.ThresholdRule`; None:
-    the run default) chooses on it, ``threshold_missed`` saying why when the rule admits none. Without an
-    OOS label these keys are None. ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor
-    without features is scored by ``energy`` instead, and the record's ``oos_score`` says which was used.
-    """
+    """The :class:`Quality` of ``predictor`` on one ``(text, label: ClassLabel)`` split: accuracy and macro-F1,
+    and with an OOS label the CLINC150 in-scope accuracy, OOS recall / precision and :data:`kdlib.oos.OOS_KEYS`
+    (None without one): the ``oos_score``'s AUROC / FPR95 and, with ``validation``, the metrics of the threshold
+    ``threshold`` chooses on it. ``"mahalanobis"`` is fit on ``train``; a predictor without features is scored by
+    ``energy``, and the record's ``oos_score`` says so."""
     splits = {"dataset": dataset} if validation is None else {"dataset": dataset, "validation": validation}
     scored = score_splits(predictor, splits, train=train, oos_score=oos_score, oos_label=oos_label,
                           batch_size=batch_size)
@@ -208,8 +172,7 @@ def measure_quality(
     labels = np.asarray(predictor.labels, dtype=object)
     metrics = classification_metrics(list(labels[test.gold]), list(labels[test.predicted]),
                                      oos_label if oos_index is not None else None)
-    metrics.update({key: None for key in oos.OOS_KEYS})
-    metrics.update(oos_score=scored.method, threshold_rule=None, threshold_missed=None)
+    metrics.update(dict.fromkeys(oos.OOS_KEYS), oos_score=scored.method, threshold_rule=None, threshold_missed=None)
     if oos_index is None:
         return Quality(metrics, None)
     is_oos = test.gold == oos_index
@@ -226,42 +189,22 @@ def measure_quality(
     return Quality(metrics, detail)
 
 
-# ---------------------------------------------------------------------------------------------
-# Size
-# ---------------------------------------------------------------------------------------------
-
-
 def compute_size(predictor: Predictor) -> dict:
     """Size in MB (bytes / 2**20) of the saved weights, and the parameter count when known."""
     size = predictor.size_bytes()
     return {"size_mb": size / 2**20, "size_bytes": size, "num_parameters": predictor.num_parameters()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Latency and throughput
-# ---------------------------------------------------------------------------------------------
-
-
 def latency_stats(latencies_ms: Sequence[float]) -> dict:
     """Mean and standard deviation (the reference's ``np.std``) plus p50 / p95 / p99, in ms."""
     values = np.asarray(latencies_ms, dtype=float)
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
-    return {
-        "time_avg_ms": float(values.mean()),
-        "time_std_ms": float(values.std()),
-        "time_p50_ms": float(p50),
-        "time_p95_ms": float(p95),
-        "time_p99_ms": float(p99),
-        "latency_queries": int(values.size),
-    }
+    return {"time_avg_ms": float(values.mean()), "time_std_ms": float(values.std()), "time_p50_ms": float(p50),
+            "time_p95_ms": float(p95), "time_p99_ms": float(p99), "latency_queries": int(values.size)}
 
 
 def time_pipeline(
-    predictor: Callable[[str], object],
-    queries: Sequence[str],
-    *,
-    warmup: int = 10,
-    clock: Clock = time.perf_counter,
+    predictor: Callable[[str], object], queries: Sequence[str], *, warmup: int = 10, clock: Clock = time.perf_counter
 ) -> dict:
     """Time one call per query (tokenisation included), after ``warmup`` untimed calls."""
     if not queries:
@@ -276,9 +219,8 @@ def time_pipeline(
     return latency_stats(latencies)
 
 
-def time_throughput(
-    predictor: Predictor, texts: Sequence[str], *, batch_size: int = 32, clock: Clock = time.perf_counter
-) -> dict:
+def time_throughput(predictor: Predictor, texts: Sequence[str], *, batch_size: int = 32,
+                    clock: Clock = time.perf_counter) -> dict:
     """Queries per second when ``texts`` are sent in batches of ``batch_size``."""
     texts = list(texts)
     predictor.logits(texts[:batch_size])  # warm-up
@@ -286,21 +228,13 @@ def time_throughput(
     for i in range(0, len(texts), batch_size):
         predictor.logits(texts[i : i + batch_size])
     elapsed = clock() - start
-    return {
-        "throughput_qps": len(texts) / elapsed if elapsed > 0 else float("inf"),
-        "throughput_batch_size": batch_size,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Where a figure was measured
-# ---------------------------------------------------------------------------------------------
+    qps = len(texts) / elapsed if elapsed > 0 else float("inf")
+    return {"throughput_qps": qps, "throughput_batch_size": batch_size}
 
 
 class OtherProcesses:
-    """The share of the CPU that other processes used between entering and leaving the block
-    (``/proc/stat`` minus this process's own CPU time): torch's threads slow down many times over when
-    another process holds the cores, so benchmark scripts refuse to store figures timed beside one."""
+    """The share of the CPU other processes used while the block ran (``/proc/stat`` minus this process): torch's
+    threads slow down many times over beside a busy process, so benchmark scripts refuse figures timed beside one."""
 
     share: float = 0.0
 
@@ -325,11 +259,6 @@ class OtherProcesses:
         return (sum(fields) - fields[3] - fields[4]) / ticks, own.ru_utime + own.ru_stime  # all but idle, iowait
 
 
-# ---------------------------------------------------------------------------------------------
-# The benchmark
-# ---------------------------------------------------------------------------------------------
-
-
 def _whole_number(value: object, name: str, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"BenchmarkOptions.{name} must be a whole number >= {least}, got {value!r}.")
@@ -337,22 +266,14 @@ def _whole_number(value: object, name: str, least: int) -> None:
 
 @dataclass(frozen=True)
 class BenchmarkOptions:
-    """How :class:`PerformanceBenchmark` measures; every setting a run configuration also has takes its
-    default from :class:`~kdlib.config.RunConfig` (:meth:`from_config` takes a run's values).
+    """How :class:`PerformanceBenchmark` measures; settings a run configuration also has default to
+    :class:`~kdlib.config.RunConfig`'s (:meth:`from_config` takes a run's). A bad setting is refused here.
 
-    Attributes:
-        oos_score: ``"mahalanobis"`` (:class:`kdlib.oos.MahalanobisScore`, fit on the data's ``train``
-            split; ``energy`` for a predictor without features), ``"energy"`` or ``"msp"``
-            (:func:`kdlib.oos.oos_scores`).
-        threshold: how the OOS threshold is chosen on the ``validation`` split (:class:`kdlib.oos.ThresholdRule`).
-        n_latency_queries: single-query calls timed (the first queries of the test split).
-        warmup: untimed calls before timing.
-        batch_size: batch size of the accuracy pass (length-sorted, no gradients).
-        throughput_batch_size: batch size of the throughput measurement.
-        threads: torch threads while measuring (None: the session's).
-        clock: the timer, replaceable in tests.
-
-    A bad setting is refused here, when the options are built, before any model runs.
+    ``oos_score``: ``"mahalanobis"`` (fit on the data's ``train`` split; ``energy`` for a predictor without
+    features), ``"energy"`` or ``"msp"``; ``threshold``: the rule that chooses the OOS threshold on ``validation``;
+    ``n_latency_queries`` single-query calls are timed after ``warmup`` untimed ones; ``batch_size`` and
+    ``throughput_batch_size`` batch the accuracy pass and the throughput measurement; ``threads``: torch threads
+    while measuring (None: the session's); ``clock``: the timer, replaceable in tests.
     """
 
     oos_score: str = RunConfig.model_fields["oos_score"].default
@@ -387,10 +308,9 @@ class BenchmarkOptions:
 
 @dataclass(frozen=True, eq=False)
 class BenchmarkResult(Mapping):
-    """What :meth:`PerformanceBenchmark.run_benchmark` returns: ``{name: metrics}`` as a read-only mapping,
-    as the reference returns it (:func:`kdlib.save_benchmark` and :func:`kdlib.summary_frame` take it;
-    ``dict(result)`` gives a dict to add other variants' results to), and the test split's OOS scores
-    for :func:`kdlib.plots.plot_oos_scores` (``oos_detail``: None when the data has no OOS label)."""
+    """What :meth:`PerformanceBenchmark.run_benchmark` returns: ``{name: metrics}`` as a read-only mapping, as
+    the reference returns it (``dict(result)`` gives a dict to add other variants' results to), and the test
+    split's OOS scores for :func:`kdlib.plots.plot_oos_scores` (``oos_detail``: None without an OOS label)."""
 
     name: str
     metrics: dict
@@ -409,24 +329,20 @@ class BenchmarkResult(Mapping):
 
 
 def _benchmark_splits(data: object, oos_score: str) -> tuple[Dataset, Dataset | None, Dataset | None]:
-    """The test, validation and (for ``oos_score="mahalanobis"``) train splits of ``data``, checked before
-    any work; validation and train are None when the data has none or the score does not use them."""
+    """The test, validation and (for ``"mahalanobis"``) train splits of ``data``, checked; None where unused."""
     if isinstance(data, Dataset) or not isinstance(data, Mapping):
         hint = ": pass the whole DatasetDict (e.g. data), not one of its splits" if isinstance(data, Dataset) else ""
-        raise TypeError(
-            "data must be a datasets.DatasetDict with a 'test' split (and 'validation' for the OOS threshold, 'train' "
-            f"for oos_score='mahalanobis'), got {type(data).__name__}{hint}."
-        )
+        raise TypeError("data must be a datasets.DatasetDict with a 'test' split (and 'validation' for the OOS "
+                        f"threshold, 'train' for oos_score='mahalanobis'), got {type(data).__name__}{hint}.")
     if "test" not in data:
         raise ValueError(f"data has no 'test' split (it has {sorted(data)}): the benchmark measures the test split.")
     test, validation = data["test"], data.get("validation")
     _check_split(test, "data['test']")
     train = data.get("train") if oos_score == FEATURE_SCORE else None
     if train is None and oos_score == FEATURE_SCORE and OOS_LABEL in test.features["label"].names:
-        raise ValueError(
-            f"oos_score='mahalanobis' is fit on the training split, and data has no 'train' split (it has "
-            f"{sorted(data)}): pass data with its 'train' split, or BenchmarkOptions(oos_score='energy')."
-        )
+        raise ValueError(f"oos_score='mahalanobis' is fit on the training split, and data has no 'train' split "
+                         f"(it has {sorted(data)}): pass data with its 'train' split, or "
+                         "BenchmarkOptions(oos_score='energy').")
     _check_inputs(test, validation, train, oos_score)
     return test, validation, train
 
@@ -434,29 +350,15 @@ def _benchmark_splits(data: object, oos_score: str) -> tuple[Dataset, Dataset | 
 class PerformanceBenchmark:
     """Accuracy, size and latency of one model variant, under the reference study's names.
 
-    Parameters:
-        model: a :class:`~kdlib.inference.Predictor` (any variant: fp32, int8, ONNX Runtime) or a
-            ``transformers`` model, which is wrapped together with ``tokenizer``.
-        data: a ``datasets.DatasetDict`` of ``text`` and a ``label`` ClassLabel: its ``test`` split is
-            measured, its ``validation`` split (if any) chooses the OOS threshold, and its ``train`` split
-            fits ``oos_score="mahalanobis"`` (needed only for that score).
-        name: the variant's name, the key of :meth:`run_benchmark`'s result.
-        options: how to measure (:class:`BenchmarkOptions`; None: its defaults, which are
-            :class:`~kdlib.config.RunConfig`'s; a run's: ``BenchmarkOptions.from_config(config)``).
-        tokenizer: needed only with a ``transformers`` model.
-
-    Every argument is checked here, before any model runs. :meth:`run_benchmark` returns one
-    :class:`BenchmarkResult` and changes nothing on the benchmark: a second call measures again.
+    ``model`` is a :class:`~kdlib.inference.Predictor` or a ``transformers`` model (wrapped with ``tokenizer``);
+    ``data`` a ``datasets.DatasetDict`` of ``text`` and a ``label`` ClassLabel: ``test`` is measured, ``validation``
+    (if any) chooses the OOS threshold, ``train`` fits ``oos_score="mahalanobis"``. Every argument is checked here,
+    before any model runs; :meth:`run_benchmark` changes nothing, so a second call measures again.
     """
 
     def __init__(
-        self,
-        model,
-        data: Mapping[str, Dataset],
-        name: str = "baseline",
-        options: BenchmarkOptions | None = None,
-        *,
-        tokenizer=None,
+        self, model, data: Mapping[str, Dataset], name: str = "baseline", options: BenchmarkOptions | None = None,
+        *, tokenizer=None,
     ) -> None:
         options = BenchmarkOptions() if options is None else options
         if not isinstance(options, BenchmarkOptions):
@@ -465,43 +367,35 @@ class PerformanceBenchmark:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be the variant's name, a non-empty string, got {name!r}.")
         self.test, self.validation, self.train = _benchmark_splits(data, options.oos_score)
-        if isinstance(model, Predictor):
-            self.predictor = model
-        else:
-            if tokenizer is None:
-                raise ValueError("Pass `tokenizer=` with a transformers model (or pass a Predictor).")
-            self.predictor = TorchPredictor(model, tokenizer)
+        if not isinstance(model, Predictor) and tokenizer is None:
+            raise ValueError("Pass `tokenizer=` with a transformers model (or pass a Predictor).")
+        self.predictor = model if isinstance(model, Predictor) else TorchPredictor(model, tokenizer)
         self.name = name
         self.options = options
 
     def compute_accuracy(self) -> Quality:
-        """The test split's :class:`Quality` (:func:`measure_quality`: accuracy and more, the OOS metrics with
-        the threshold chosen on validation, and the test OOS scores); the book's name for the step."""
-        return measure_quality(
-            self.predictor, self.test, batch_size=self.options.batch_size, validation=self.validation,
-            train=self.train, oos_score=self.options.oos_score, threshold=self.options.threshold,
-        )
+        """The test split's :class:`Quality` (:func:`measure_quality`); the book's name for the step."""
+        options = self.options
+        return measure_quality(self.predictor, self.test, batch_size=options.batch_size, validation=self.validation,
+                               train=self.train, oos_score=options.oos_score, threshold=options.threshold)
 
     def compute_size(self) -> dict:
         """Size of the saved weights in MB and bytes, and the parameter count (:func:`compute_size`)."""
         return compute_size(self.predictor)
 
     def time_pipeline(self) -> dict:
-        """Single-query latency (:func:`time_pipeline`: mean, std and percentiles in ms, tokenisation included)
-        over the first ``n_latency_queries`` test texts, after ``warmup`` untimed calls."""
+        """Single-query latency (:func:`time_pipeline`) over the first ``n_latency_queries`` test texts."""
         queries = self.test["text"][: self.options.n_latency_queries]
         return time_pipeline(self.predictor, queries, warmup=self.options.warmup, clock=self.options.clock)
 
     def time_throughput(self) -> dict:
-        """Batched throughput (:func:`time_throughput`: queries per second and the batch size) over the first
-        512 test texts in batches of ``throughput_batch_size``."""
+        """Batched throughput (:func:`time_throughput`) over the first 512 test texts."""
         return time_throughput(self.predictor, self.test["text"][:512],
                                batch_size=self.options.throughput_batch_size, clock=self.options.clock)
 
     def run_benchmark(self) -> BenchmarkResult:
-        """One :class:`BenchmarkResult`, ``{name: metrics}`` like the reference: quality and OOS
-        (:meth:`compute_accuracy`), size, latency, throughput, the split sizes, the predictor and the
-        environment fingerprint, with the test OOS scores as ``oos_detail``. Torch's thread count is restored."""
+        """One :class:`BenchmarkResult`: quality and OOS, size, latency, throughput, split sizes, the predictor and
+        the environment fingerprint, with the test OOS scores as ``oos_detail``. Torch's thread count is restored."""
         previous_threads = torch.get_num_threads()
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
@@ -509,8 +403,7 @@ class PerformanceBenchmark:
             quality = self.compute_accuracy()
             metrics = {
                 **quality.metrics, **self.compute_size(), **self.time_pipeline(), **self.time_throughput(),
-                "test_rows": len(self.test),
-                "validation_rows": len(self.validation or []),
+                "test_rows": len(self.test), "validation_rows": len(self.validation or []),
                 "predictor": self.predictor.describe(),
                 "env": env_fingerprint(getattr(self.predictor, "device", None) and str(self.predictor.device)),
             }
@@ -520,8 +413,8 @@ class PerformanceBenchmark:
 
 
 def median_of_repeats(fn: Callable[[], object], repeats: int = 3, clock: Clock = time.perf_counter) -> dict:
-    """Run ``fn`` ``repeats`` times; the median and every wall time in seconds (the median is the figure to
-    report on a noisy shared machine), and the last result."""
+    """Run ``fn`` ``repeats`` times: the median wall time in seconds (the figure to report on a noisy machine),
+    every wall time, and the last result."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
     seconds, result = [], None

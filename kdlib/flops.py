@@ -1,19 +1,12 @@
 """How far a variant is from the machine's limit: the matrix-product arithmetic of one query, and the
 int8 peak of the CPU that runs it.
 
-* :func:`matmul_flops` counts ``2 * m * n * k`` for every matrix product of a transformer classifier:
-  each ``Linear`` of every encoder layer over the query's tokens, the attention score (``Q K^T``) and
-  context (``P V``) products, and the pooler / classifier over the one vector they see. The sizes come
-  from the modules (``query.out_features``, the FFN's ``out_features``), not from the config, so a
-  structurally pruned model whose layers are narrower than ``config.hidden_size`` /
-  ``config.intermediate_size`` is counted as it runs. Bias additions, softmax, LayerNorm and GELU are
-  not matrix products and are not counted.
-* :func:`int8_peak` turns ``/proc/cpuinfo`` (ISA flags, clock) and a core count into int8 operations
-  per second (one multiply-accumulate = 2 operations), from the table :data:`INT8_ISAS`, each entry
-  with the assumption it rests on; :func:`machine_int8_peak` reads this machine's files.
-* :func:`share_of_peak` is FLOPs / latency / peak: the share of the peak a query's arithmetic reached.
-
-Pure functions on text and numbers, except :func:`matmul_flops`, which walks a ``torch`` module.
+* :func:`matmul_flops` counts ``2 * m * n * k`` for every matrix product of a transformer classifier, with
+  sizes read from the modules, not the config, so a structurally pruned model is counted as it runs (bias,
+  softmax, LayerNorm and GELU are not matrix products);
+* :func:`int8_peak` turns ``/proc/cpuinfo`` and a core count into int8 operations per second (a
+  multiply-accumulate is 2), each ISA of :data:`INT8_ISAS` with the assumption it rests on;
+* :func:`share_of_peak` is FLOPs / latency / peak.
 """
 
 from __future__ import annotations
@@ -33,14 +26,8 @@ VALUE_NAMES = ("value", "v_lin", "v", "v_proj")
 FFN_NAMES = ("intermediate.dense", "ffn.lin1", "mlp.fc1", "fc1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Matrix-product FLOPs of one query
-# ---------------------------------------------------------------------------------------------
-
-
 def _linears(module: Any, prefix: str = "") -> Iterator[tuple[str, int, int]]:
-    """``(name, in_features, out_features)`` of every linear layer under ``module``: ``nn.Linear`` and the
-    quantised linear modules alike (anything with integer ``in_features`` / ``out_features``)."""
+    """``(name, in_features, out_features)`` of every linear layer under ``module``, quantised ones included."""
     for name, child in module.named_modules(prefix=prefix):
         n_in, n_out = getattr(child, "in_features", None), getattr(child, "out_features", None)
         if isinstance(n_in, int) and isinstance(n_out, int):
@@ -48,24 +35,19 @@ def _linears(module: Any, prefix: str = "") -> Iterator[tuple[str, int, int]]:
 
 
 def encoder_layers(model: Any) -> tuple[str, list]:
-    """``(name, layers)``: the ``ModuleList`` of the model's transformer layers, found as the module list
-    holding the most linear layers (``bert.encoder.layer``, ``distilbert.transformer.layer`` ...)."""
+    """``(name, layers)``: the model's transformer layers, the ``ModuleList`` holding the most linear layers."""
     import torch  # only a model count needs torch: the peak arithmetic runs without it
 
-    best: tuple[int, str, list] = (0, "", [])
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module):
-            count = sum(1 for _ in _linears(module))
-            if count > best[0]:
-                best = (count, name, list(module))
-    if not best[0]:
+    candidates = ((sum(1 for _ in _linears(module)), name, list(module)) for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.ModuleList) and len(module))
+    count, name, layers = max(candidates, key=lambda c: c[0], default=(0, "", []))
+    if not count:
         raise TypeError(f"{type(model).__name__} has no list of layers with linear layers: not a transformer encoder.")
-    return best[1], best[2]
+    return name, layers
 
 
 def _find(layer: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
-    """``(owner, linear)`` for the first of ``names`` (a dotted path or an attribute name anywhere in the
-    layer) that is a linear layer of ``layer``."""
+    """``(owner, linear)`` for the first of ``names`` (a dotted path or attribute name) that is a linear layer."""
     modules = dict(layer.named_modules())
     for wanted in names:
         for path, module in modules.items():
@@ -77,8 +59,8 @@ def _find(layer: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
 
 
 def layer_shape(layer: Any, default_head_size: int | None) -> dict:
-    """What one layer's arithmetic depends on, read from its modules: attention width (the query
-    projection's ``out_features``), value width, heads, head size, intermediate size, and its linears."""
+    """What one layer's arithmetic depends on, read from its modules: attention and value widths, heads, head
+    size, intermediate size, and its linears."""
     query, value = _find(layer, QUERY_NAMES), _find(layer, VALUE_NAMES)
     if query is None or value is None:
         raise TypeError(f"{type(layer).__name__} has no query / value projection named one of "
@@ -96,14 +78,9 @@ def layer_shape(layer: Any, default_head_size: int | None) -> dict:
 
 
 def matmul_flops(model: Any, tokens: float) -> dict:
-    """Matrix-product FLOPs (``2 * m * n * k`` each) of one query of ``tokens`` tokens through ``model``.
-
-    Per layer: every linear layer over ``tokens`` rows, the score product ``Q K^T`` (``2 * T^2 *
-    attention_width``) and the context product ``P V`` (``2 * T^2 * value_width``). Linear layers outside
-    the layer list (pooler, classifier) count one row: they see the one pooled vector. ``tokens`` may be a
-    mean over queries (the score products are then those of the mean length). Returns ``total`` and its
-    parts (``linear``, ``attention``, ``head``) and each layer's sizes (``layers``).
-    """
+    """Matrix-product FLOPs of one query of ``tokens`` tokens (possibly a mean) through ``model``: per layer every
+    linear over ``tokens`` rows plus ``Q K^T`` and ``P V`` (``2 * T^2`` times the attention / value width); the
+    linears outside the layers (pooler, classifier) see one row. Returns ``total``, its parts and ``layers``."""
     if not tokens > 0:
         raise ValueError(f"tokens must be > 0, got {tokens!r}.")
     prefix, layers = encoder_layers(model)
@@ -115,25 +92,15 @@ def matmul_flops(model: Any, tokens: float) -> dict:
     attention = sum(2 * tokens**2 * (s["attention_width"] + s["value_width"]) for s in shapes)
     in_layers = prefix + "."
     head = sum(2 * n_in * n_out for name, n_in, n_out in _linears(model) if not name.startswith(in_layers))
-    return {
-        "total": float(linear + attention + head),
-        "linear": float(linear),
-        "attention": float(attention),
-        "head": float(head),
-        "tokens": float(tokens),
-        "layers": [{k: v for k, v in s.items() if k != "linears"} for s in shapes],
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# The machine's int8 peak
-# ---------------------------------------------------------------------------------------------
+    return {"total": float(linear + attention + head), "linear": float(linear), "attention": float(attention),
+            "head": float(head), "tokens": float(tokens),
+            "layers": [{k: v for k, v in s.items() if k != "linears"} for s in shapes]}
 
 
 @dataclass(frozen=True)
 class Int8Isa:
-    """One row of the peak table: the ISA, the cpuinfo flags it needs, int8 operations per cycle per core
-    (a multiply-accumulate counts 2) and the assumption behind that number."""
+    """One row of the peak table: the ISA, the cpuinfo flags it needs, int8 operations per cycle per core and
+    the assumption behind that number."""
 
     name: str
     flags: frozenset[str]
@@ -192,8 +159,8 @@ def parse_cpuinfo(text: str) -> dict:
 
 
 def max_clock_mhz(cpuinfo_text: str, cpufreq_max_khz: str | None = None) -> tuple[float | None, str]:
-    """``(MHz, source)``: the kernel's ``cpuinfo_max_freq`` (kHz) where given, else cpuinfo's ``cpu MHz``
-    (the clock the kernel reports, which a turbo clock may exceed), else ``(None, reason)``."""
+    """``(MHz, source)``: cpufreq's ``cpuinfo_max_freq`` (kHz) where given, else cpuinfo's ``cpu MHz``, else
+    ``(None, reason)``."""
     if cpufreq_max_khz and cpufreq_max_khz.strip().isdigit() and int(cpufreq_max_khz) > 0:
         return int(cpufreq_max_khz) / 1000, "cpufreq cpuinfo_max_freq"
     mhz = parse_cpuinfo(cpuinfo_text)["cpu_mhz"]
@@ -208,12 +175,9 @@ def int8_isa(flags: frozenset[str] | set[str]) -> Int8Isa | None:
 
 
 def int8_peak(cpuinfo_text: str, cores: int, cpufreq_max_khz: str | None = None) -> dict:
-    """The int8 peak of ``cores`` cores of the CPU ``cpuinfo_text`` describes, with its assumption.
-
-    ``peak_gops`` = ops per cycle per core x clock x cores (None where the ISA or the clock is unknown,
-    with the reason in ``assumption``). With AMX, the headline figure is the AVX-512 VNNI peak
-    (:data:`AMX_NOTE` says why) and ``amx_peak_gops`` the AMX one.
-    """
+    """The int8 peak of ``cores`` cores of the CPU ``cpuinfo_text`` describes, with its assumption: ``peak_gops``
+    = ops per cycle per core x clock x cores (None, with the reason, where the ISA or clock is unknown). With AMX
+    the headline is the AVX-512 VNNI peak (:data:`AMX_NOTE` says why) and ``amx_peak_gops`` the AMX one."""
     if not (isinstance(cores, int) and cores >= 1):
         raise ValueError(f"cores must be a whole number >= 1 (the timing threads), got {cores!r}.")
     info = parse_cpuinfo(cpuinfo_text)

@@ -1,21 +1,10 @@
 """Predictors and their faster variants: one interface for PyTorch, int8 and ONNX Runtime models.
 
-:class:`~kdlib.benchmark.PerformanceBenchmark` only talks to a :class:`Predictor`, so every variant of
-a model is measured by the same code. A predictor has ``labels`` (in output order), ``logits(texts)``
-(tokenisation included), ``__call__`` (pipeline-style ``[{"label", "score"}]``), ``size_bytes()`` /
-``num_parameters()`` and ``describe()`` (backend, dtype, threads ... for result records).
-
-Distillation shrinks the architecture; the variants shrink the representation and the runtime:
-
-* ``int8`` - PyTorch dynamic quantisation: every ``nn.Linear``'s weights in int8, activations quantised
-  on the fly. No calibration and no export; the embeddings stay fp32, so the file shrinks less than 4x.
-* ``onnx`` - the fp32 model run by ONNX Runtime: the same predictions (to float rounding), fused
-  operators and no Python dispatch per op, which matters most for single short queries.
-* ``onnx-int8`` / ``onnx-fused-int8`` - the ONNX graph (plain, or with ORT's transformer fusions)
-  quantised by ONNX Runtime, embedding tables included: both gains, and the smallest file.
-
-Every file is written beside its target and moved into place (:func:`kdlib.io.atomic_path`), so an
-interrupted export never leaves a half-written model where a good one was.
+:class:`~kdlib.benchmark.PerformanceBenchmark` only talks to a :class:`Predictor`, so every variant is measured by
+the same code. ``int8`` is PyTorch dynamic quantisation (``nn.Linear`` weights only); ``onnx`` the fp32 model run by
+ONNX Runtime (fused operators, no Python dispatch per op); ``onnx-int8`` / ``onnx-fused-int8`` the ONNX graph (plain,
+or with ORT's transformer fusions) quantised by ONNX Runtime, embedding tables included: the smallest file.
+Every file is written beside its target and moved into place (:func:`kdlib.io.atomic_path`).
 """
 
 from __future__ import annotations
@@ -50,6 +39,12 @@ from kdlib.models import MODEL_INPUT_NAMES, attention_heads, forward_inputs, mod
 from kdlib.session import pick_device
 
 DEFAULT_MAX_LENGTH = 128
+LABELS_KEY = "kdlib.labels"
+QUANTIZATION_KEY = "kdlib.quantization"
+MODEL_TYPE_KEY = "kdlib.model_type"
+ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
+# Unequal lengths: the example batch has padding, and no dimension is 0 or 1 (torch.export would fix it).
+_EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the export")
 
 
 class Predictor:
@@ -82,8 +77,7 @@ class Predictor:
         """Pipeline-style output: the top label and its probability for each text."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         probs = softmax(self.logits(batch), axis=-1)
-        best = probs.argmax(axis=-1)
-        return [{"label": self.labels[i], "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
+        return [{"label": self.labels[i], "score": float(p[i])} for i, p in zip(probs.argmax(-1), probs, strict=True)]
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         """Label names for a batch of texts."""
@@ -91,8 +85,7 @@ class Predictor:
 
 
 def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``hidden`` over each text's real tokens: the features of the Mahalanobis OOS score
-    (the same computation in PyTorch and inside every exported ONNX graph)."""
+    """The mean of ``hidden`` over each text's real tokens: the Mahalanobis OOS score's features."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
@@ -107,7 +100,7 @@ def logits_and_features(model: torch.nn.Module, inputs: dict) -> tuple[torch.Ten
 
 
 def state_dict_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())`` to ``model.pt``: the size figure of the reference study
+    """Bytes of ``torch.save(model.state_dict())`` to ``model.pt``, the reference study's size figure
     (a file, not a buffer: torch names the archive's records after the file)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pt")
@@ -121,15 +114,9 @@ class TorchPredictor(Predictor):
     exposes_features = True
 
     def __init__(
-        self,
-        model: PreTrainedModel | torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        labels: Sequence[str] | None = None,
-        device: str | torch.device | None = None,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        backend: str = "pytorch",
-        num_parameters: int | None = None,
+        self, model: PreTrainedModel | torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
+        labels: Sequence[str] | None = None, device: str | torch.device | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH, backend: str = "pytorch", num_parameters: int | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
@@ -154,10 +141,8 @@ class TorchPredictor(Predictor):
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
     def _inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tokenised batch, padded and truncated, as the model's forward takes it."""
-        encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
         return forward_inputs(self.model, encoded)
 
     def size_bytes(self) -> int:
@@ -169,16 +154,14 @@ class TorchPredictor(Predictor):
         return sum(p.numel() for p in self.model.parameters())  # what PreTrainedModel.num_parameters() counts
 
     def describe(self) -> dict:
-        if self.backend.endswith("int8"):
-            dtype = "int8 linear layers, float32 embeddings"
-        else:
-            dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        dtype = ("int8 linear layers, float32 embeddings" if self.backend.endswith("int8")
+                 else str(next(self.model.parameters()).dtype).replace("torch.", ""))
         return {"backend": self.backend, "device": str(self.device), "dtype": dtype}
 
 
 class PipelinePredictor(Predictor):
-    """The reference way: a ``transformers`` text-classification pipeline, one query per call; the
-    speed benchmarks' baseline, so kdlib's figures are compared with the book's in the same process."""
+    """The reference way: a ``transformers`` text-classification pipeline, one query per call (the speed
+    benchmarks' baseline, so kdlib's figures are compared with the book's in the same process)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, device: str | None = None):
         self.model = model.eval()
@@ -212,31 +195,9 @@ class PipelinePredictor(Predictor):
         return {"backend": "transformers-pipeline", "device": str(self.device)}
 
 
-# =============================================================================================
-# Optimised variants
-# =============================================================================================
-
-LABELS_KEY = "kdlib.labels"
-QUANTIZATION_KEY = "kdlib.quantization"
-MODEL_TYPE_KEY = "kdlib.model_type"
-ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
-# Texts of different lengths, so the example batch has padding (attention mask with zeros) and
-# neither dimension is 0 or 1, which torch.export would specialise to a constant.
-_EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the export")
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch dynamic quantisation
-# ---------------------------------------------------------------------------------------------
-
-
 def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 copy of ``model``: ``nn.Linear`` weights in int8, activations quantised per batch.
-
-    Works on a deep copy moved to the CPU (quantised kernels are CPU-only), so the caller's fp32 model
-    stays usable for training or as the parity reference. ``torch.ao.quantization``'s deprecation
-    warnings are silenced: there is nothing the caller can do about them.
-    """
+    """An int8 copy of ``model`` on the CPU (``nn.Linear`` weights in int8, activations quantised per batch);
+    the caller's fp32 model stays usable. torch's deprecation warnings are silenced: the caller cannot act on them."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated.*")
@@ -248,21 +209,13 @@ def torch_int8_predictor(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_length: int = DEFAULT_MAX_LENGTH
 ) -> TorchPredictor:
     """The int8 model behind the common interface (on the CPU, the only device it runs on)."""
-    return TorchPredictor(
-        quantize_dynamic_int8(model), tokenizer, labels=model_labels(model), device="cpu",
-        max_length=max_length, backend="pytorch-int8",
-        num_parameters=model.num_parameters(),  # same weights, stored as int8
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX export
-# ---------------------------------------------------------------------------------------------
+    return TorchPredictor(quantize_dynamic_int8(model), tokenizer, labels=model_labels(model), device="cpu",
+                          max_length=max_length, backend="pytorch-int8", num_parameters=model.num_parameters())
 
 
 def _example_inputs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    """The padded example batch as the graph's int64 inputs: the tokenizer outputs ``model.forward`` takes,
-    in the tokenizer's order (DistilBERT takes no ``token_type_ids``, so its graph must not declare them)."""
+    """The padded example batch as int64 tensors: the tokenizer outputs ``model.forward`` takes, in the
+    tokenizer's order (DistilBERT takes no ``token_type_ids``, so its graph must not declare them)."""
     produced = getattr(tokenizer, "model_input_names", None) or MODEL_INPUT_NAMES
     names = list(forward_inputs(model, dict.fromkeys(produced)))
     if "input_ids" not in names:
@@ -272,34 +225,22 @@ def _example_inputs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) 
 
 
 def _export_metadata(model: torch.nn.Module) -> dict[str, str]:
-    """What every exported file carries in its ``metadata_props``: the label names (JSON) and model type."""
+    """The ``metadata_props`` of every exported file: the label names (JSON) and the model type."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     return {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: str(model_type)}
 
 
 def export_onnx(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    path: str | os.PathLike,
-    *,
-    opset: int | None = None,
-    check: bool = True,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike, *,
+    opset: int | None = None, check: bool = True,
 ) -> Path:
     """Export a BERT / DistilBERT sequence classifier to one self-contained ONNX file.
 
-    Inputs are the tokenizer outputs the model's ``forward`` takes (int64, axes ``batch`` and
-    ``sequence`` dynamic); outputs are ``logits`` (``batch`` x labels) and ``features`` (:func:`mean_pooled`,
-    for the Mahalanobis OOS score). The label names go into the file's ``metadata_props`` (key
-    ``kdlib.labels``, JSON), so :class:`OnnxPredictor` can be rebuilt from the file and a tokenizer alone.
-
-    The dynamo exporter (``torch.export``) traces the model symbolically, so the attention-mask code's
-    Python branches on tensor values stay general; the legacy TorchScript tracer would freeze them to
-    the example's path. If dynamo fails (an op some architecture uses), the legacy exporter runs once
-    instead, with a warning, on a padded example so the general masking path is the one traced.
-
-    All weights are stored inside the one file (protobuf caps it at 2 GB), so its size is the model's.
-    With ``check``, ONNX Runtime runs the written file on the padded example and its logits and
-    features must match PyTorch's (max abs diff 1e-3) before it replaces anything at ``path``.
+    Inputs are the tokenizer outputs ``forward`` takes (int64, ``batch`` and ``sequence`` axes dynamic); outputs
+    are ``logits`` and ``features`` (:func:`mean_pooled`); the label names go into ``metadata_props``
+    (``kdlib.labels``, JSON). The dynamo exporter keeps the attention mask's Python branches general; if it
+    fails, the legacy TorchScript exporter runs once, with a warning, on a padded example. With ``check``, ONNX
+    Runtime must match PyTorch on that example (max abs diff 1e-3) before the file replaces anything at ``path``.
     """
     path = Path(path)
     inputs = _example_inputs(model, tokenizer)
@@ -322,32 +263,25 @@ def export_onnx(
     return path
 
 
-def _export_dynamo(
-    model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
-) -> None:
+def _export_dynamo(model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict) -> None:
     dynamic = {n: {0: "batch", 1: "sequence"} for n in inputs}
     with _quiet(all_warnings=False):
         # Harmless: all inputs share the batch / sequence axes, so torch keeps one name for each.
         warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
-        program = torch.onnx.export(
-            _NamedOutputs(model).eval(), (), kwargs=inputs, dynamo=True, dynamic_shapes=dynamic,
-            input_names=list(inputs), output_names=list(ONNX_OUTPUTS), opset_version=opset, optimize=True,
-            verbose=False,
-        )
+        program = torch.onnx.export(_NamedOutputs(model).eval(), (), kwargs=inputs, dynamo=True,
+                                    dynamic_shapes=dynamic, input_names=list(inputs), output_names=list(ONNX_OUTPUTS),
+                                    opset_version=opset, optimize=True, verbose=False)
     if program is None:
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program.")
-    # Node metadata holds debugging aids (stack traces with local paths, FX node dumps): several
-    # times the weights of a tiny model, and nothing a deployed file should carry.
+    # Node metadata (stack traces with local paths, FX dumps) can outweigh a tiny model's weights: drop it.
     for node in program.model.graph.all_nodes():
         node.metadata_props.clear()
     program.model.metadata_props.update(metadata)
     program.save(out, external_data=False)
 
 
-def _export_torchscript(
-    model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict
-) -> None:
+def _export_torchscript(model: torch.nn.Module, inputs: dict, out: Path, opset: int | None, metadata: dict) -> None:
     # The legacy exporter passes inputs positionally, in _NamedOutputs.forward's order.
     names = [n for n in MODEL_INPUT_NAMES if n in inputs]
     if names != list(MODEL_INPUT_NAMES[: len(names)]):
@@ -355,40 +289,29 @@ def _export_torchscript(
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {n: {0: "batch"} for n in ONNX_OUTPUTS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _NamedOutputs(model).eval(), tuple(inputs[n] for n in names), str(out), dynamo=False,
-            input_names=names, output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
-            opset_version=opset or 17, do_constant_folding=True,
-        )
+        torch.onnx.export(_NamedOutputs(model).eval(), tuple(inputs[n] for n in names), str(out), dynamo=False,
+                          input_names=names, output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+                          opset_version=opset or 17, do_constant_folding=True)
     _add_metadata(out, metadata)
 
 
 def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """An ONNX file whose attention, LayerNorm, GELU and embeddings ONNX Runtime has fused (Optimum's O2).
 
-    ORT's transformer optimizer recognises the graph the TorchScript exporter writes for eager attention
-    (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu), not the dynamo exporter's, so
-    this is the TorchScript exporter's one job in kdlib. The example batch is padded and the written file
-    must match PyTorch on it, as with :func:`export_onnx`. ORT has no fusion for MPNet's attention (its
-    relative position bias is not BERT's pattern): an MPNet file gets the LayerNorm and GELU fusions only,
-    with a warning (:func:`_warn_unfused_attention`).
-    """
+    ORT's optimizer recognises eager attention in the TorchScript exporter's graph, not in dynamo's; the file is
+    checked as in :func:`export_onnx`. MPNet's attention has no ORT fusion: a warning says so."""
     path = Path(path)
     inputs = _example_inputs(model, tokenizer)
     eager = copy.deepcopy(model).to("cpu").eval()
     eager.set_attn_implementation("eager")  # the pattern the fusions look for
     heads = attention_heads(eager.config)
+    # The attention's width, heads x head size: narrower than hidden_size in a pruned model.
+    width = heads * (eager.config.hidden_size // eager.config.num_attention_heads)
     with atomic_path(path, suffix=".tmp.onnx") as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
         raw = Path(work) / "raw.onnx"
         _export_torchscript(eager, inputs, raw, None, _export_metadata(eager))
-        with _quiet():
-            fused = optimize_model(
-                str(raw),
-                model_type="bert",  # BERT's fusions also match DistilBERT's blocks
-                # the attention's width, heads x head size: narrower than hidden_size in a pruned model
-                num_heads=heads,
-                hidden_size=heads * (eager.config.hidden_size // eager.config.num_attention_heads),
-            )
+        with _quiet():  # BERT's fusions also match DistilBERT's blocks
+            fused = optimize_model(str(raw), model_type="bert", num_heads=heads, hidden_size=width)
         _warn_unfused_attention(fused.get_fused_operator_statistics(), eager.config.model_type)
         fused.save_model_to_file(str(tmp))
         _check_export(eager, inputs, tmp)
@@ -396,8 +319,7 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def _warn_unfused_attention(fused_operators: dict[str, int], model_type: str) -> None:
-    """Say so when ONNX Runtime's optimizer fused no attention block: the file is still correct (checked
-    against PyTorch), but only its LayerNorm and GELU are fused, so it gains less than a BERT's."""
+    """Warn when the optimizer fused no attention block: the file is correct but gains less than a BERT's."""
     if not (fused_operators.get("Attention", 0) or fused_operators.get("MultiHeadAttention", 0)):
         warnings.warn(
             f"ONNX Runtime's transformer optimizer fused no attention in this {model_type} graph (its BERT "
@@ -410,25 +332,20 @@ def _warn_unfused_attention(fused_operators: dict[str, int], model_type: str) ->
 
 
 class _NamedOutputs(torch.nn.Module):
-    """The graph's outputs, :data:`ONNX_OUTPUTS` (:func:`logits_and_features`), from named inputs that the
-    dynamo exporter matches ``dynamic_shapes`` to (the legacy exporter passes them in this order)."""
+    """The graph's :data:`ONNX_OUTPUTS` from named inputs (which dynamo matches ``dynamic_shapes`` to)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         return logits_and_features(self.model, {k: v for k, v in given.items() if v is not None})
 
 
 def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Set ``metadata``'s keys in the ``metadata_props`` of the ONNX file at ``path``, keeping its other keys."""
+    """Set ``metadata``'s keys in an ONNX file's ``metadata_props``, keeping its other keys."""
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {p.key: p.value for p in proto.metadata_props} | metadata)
     onnx.save(proto, str(path))
@@ -446,11 +363,6 @@ def _check_export(model: torch.nn.Module, inputs: dict, onnx_path: Path, atol: f
         diff = float(np.abs(found - wanted).max())
         if not diff <= atol:
             raise RuntimeError(f"The exported ONNX graph disagrees with PyTorch (max abs {name} diff {diff:.3g}).")
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX Runtime
-# ---------------------------------------------------------------------------------------------
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -472,8 +384,8 @@ def _lean_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int):
 
 
 def session_options(threads: int | None = None):
-    """ONNX Runtime session options kdlib runs its graphs with: every graph optimisation, and
-    ``threads`` intra-op threads (None: ORT's default). One place, so a profile runs what is timed."""
+    """ONNX Runtime session options for every kdlib graph (all graph optimisations, ``threads`` intra-op
+    threads, None: ORT's default), in one place so a profile runs what is timed."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -482,21 +394,12 @@ def session_options(threads: int | None = None):
 
 
 class OnnxPredictor(Predictor):
-    """An ONNX file run by ONNX Runtime on the CPU, with its tokenizer.
-
-    ``labels`` default to the names :func:`export_onnx` stored in the file. ``threads`` sets ORT's
-    intra-op thread pool (None: ORT's default, one per physical core), so latency can be compared
-    with PyTorch at the same thread count.
-    """
+    """An ONNX file run by ONNX Runtime on the CPU, with its tokenizer. ``labels`` default to the names
+    :func:`export_onnx` stored in the file; ``threads`` sets ORT's intra-op thread pool (None: ORT's default)."""
 
     def __init__(
-        self,
-        path: str | os.PathLike,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        labels: Sequence[str] | None = None,
-        threads: int | None = None,
-        max_length: int = DEFAULT_MAX_LENGTH,
+        self, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, *, labels: Sequence[str] | None = None,
+        threads: int | None = None, max_length: int = DEFAULT_MAX_LENGTH,
     ) -> None:
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -512,13 +415,10 @@ class OnnxPredictor(Predictor):
         self.quantization = metadata.get(QUANTIZATION_KEY)
         self._num_parameters = sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer)
         self._external_files = sorted(
-            {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-        )
+            {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
         del proto
-
-        self.session = ort.InferenceSession(
-            str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
@@ -526,9 +426,8 @@ class OnnxPredictor(Predictor):
         self._encoder = _lean_encoder(tokenizer, max_length)
 
     def feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The session's inputs for ``texts`` (what :meth:`logits` passes to ``session.run``). With a fast
-        tokenizer, token ids go straight from the ``tokenizers`` encoder into numpy: no torch, no Python
-        BatchEncoding on the single-query path (the same ids as the tokenizer call, tested)."""
+        """The session's inputs for ``texts``. With a fast tokenizer the ids go straight from the ``tokenizers``
+        encoder into numpy (the same ids as the tokenizer call): no torch on the single-query path."""
         texts = list(texts)
         if self._encoder is None:
             encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -567,54 +466,29 @@ class OnnxPredictor(Predictor):
 
     def describe(self) -> dict:
         int8 = self.quantization == "int8"
-        return {
-            "backend": "onnxruntime-int8" if int8 else "onnxruntime",
-            "device": "cpu",
-            "dtype": "int8" if int8 else "float32",
-            "threads": self.threads,
-            "path": self.path.name,
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX Runtime dynamic quantisation
-# ---------------------------------------------------------------------------------------------
+        return {"backend": "onnxruntime-int8" if int8 else "onnxruntime", "device": "cpu",
+                "dtype": "int8" if int8 else "float32", "threads": self.threads, "path": self.path.name}
 
 
 def quantize_onnx_int8(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    quantize_embeddings: bool = True,
-    per_channel: bool = True,
+    src: str | os.PathLike, dst: str | os.PathLike, *, quantize_embeddings: bool = True, per_channel: bool = True,
     quantize_attention: bool = False,
 ) -> Path:
     """Quantise an fp32 ONNX file with ONNX Runtime's dynamic quantisation (8-bit weights).
 
-    * ``MatMul`` with a constant weight becomes ``MatMulInteger``: int8 weights (``QInt8``, symmetric,
-      one scale per output channel with ``per_channel``, which keeps the logits closer to fp32's),
-      activations quantised to uint8 at run time; activation x activation MatMuls (attention scores)
-      stay fp32 (``MatMulConstBOnly``).
-    * ``Gather`` on an fp32 table (the embeddings), with ``quantize_embeddings``: the table is stored in
-      8 bits and dequantised after the lookup. A small encoder's word embeddings are a large share of its
-      weights, so without this the file shrinks far less than 4x.
-    * ``quantize_attention``: ORT's fused ``Attention`` nodes (:func:`export_onnx_fused`) become
-      ``QAttention`` with int8 Q/K/V weights.
-    * ``Gemm`` (the 2-D pooler / classifier) stays fp32: ORT's dynamic mode has no Gemm kernel.
-
-    The graph first goes through ``quant_pre_process`` (shape inference + ORT optimisation), as ORT
-    recommends (:func:`_preprocess`). The label metadata is carried over and ``kdlib.quantization=int8``
-    added, so :class:`OnnxPredictor` reports the int8 backend.
+    Constant-weight ``MatMul``s get ``QInt8`` weights (per output channel with ``per_channel``) and run-time
+    activation scales; attention scores stay fp32. ``quantize_embeddings`` stores the embedding tables (a large
+    share of a small encoder) in 8 bits; ``quantize_attention`` turns fused ``Attention`` into ``QAttention``.
+    ``Gemm`` (pooler, classifier) stays fp32: ORT's dynamic mode has no Gemm kernel. The label metadata is kept
+    and ``kdlib.quantization=int8`` added.
     """
     src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: the quantiser runs in a work folder
     metadata = onnx_metadata(src) | {QUANTIZATION_KEY: "int8"}
     ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
     if quantize_attention:
         ops.append("Attention")
-    with (
-        atomic_path(dst, suffix=".tmp.onnx") as tmp,
-        tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work,
-    ):
+    with (atomic_path(dst, suffix=".tmp.onnx") as tmp,
+          tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant.") as work):
         source = _preprocess(src, Path(work) / "pre.onnx")
         with _quiet(work):
             ort_quantization.quantize_dynamic(
@@ -629,8 +503,7 @@ def quantize_onnx_int8(
 
 def _preprocess(src: Path, out: Path) -> Path:
     """``quant_pre_process`` with symbolic shapes, else without them, else (with a warning) the graph as
-    exported. Run inside the work folder: when symbolic shape inference fails, ORT dumps
-    ``sym_shape_infer_temp.onnx`` (and external-data files) into the current directory."""
+    exported. Run in the work folder: a failed symbolic shape inference dumps files into the current one."""
     error: Exception | None = None
     for options in ({"auto_merge": True}, {"skip_symbolic_shape": True}):
         try:
@@ -642,16 +515,13 @@ def _preprocess(src: Path, out: Path) -> Path:
     warnings.warn(f"ONNX quantisation pre-processing failed ({type(error).__name__}: {error}); "
                   "quantising the graph as exported.", RuntimeWarning, stacklevel=3)
     # A copy in the work folder: the quantiser writes a "-inferred" file beside its input.
-    raw = out.with_name("raw.onnx")
-    shutil.copyfile(src, raw)
-    return raw
+    return Path(shutil.copyfile(src, out.with_name("raw.onnx")))
 
 
 @contextlib.contextmanager
 def _quiet(cwd: str | os.PathLike | None = None, *, all_warnings: bool = True) -> Iterator[None]:
-    """Keep the exporters' and ORT's chatter out of notebooks' output: warnings caught (with ``all_warnings``,
-    ignored) and the root and ``torch.onnx`` loggers at ERROR (ORT's quantiser logs advice through the root
-    logger). In ``cwd`` when given, for tools that write side files into the working directory."""
+    """Keep exporter and ORT chatter out of notebooks: warnings caught (ignored with ``all_warnings``), the root and
+    ``torch.onnx`` loggers at ERROR, in ``cwd`` when given (for tools that write side files there)."""
     levels = {logger: logger.level for logger in (logging.getLogger(), logging.getLogger("torch.onnx"))}
     for logger, level in levels.items():
         logger.setLevel(max(level, logging.ERROR))
@@ -665,19 +535,9 @@ def _quiet(cwd: str | os.PathLike | None = None, *, all_warnings: bool = True) -
             logger.setLevel(level)
 
 
-# ---------------------------------------------------------------------------------------------
-# Parity and the variant set
-# ---------------------------------------------------------------------------------------------
-
-
-def parity_check(
-    reference: Predictor, candidate: Predictor, texts: Sequence[str], batch_size: int = 64
-) -> dict:
-    """How far a variant's outputs are from the reference's on the same texts.
-
-    ``max_abs_logit_diff`` catches a broken export (fp32 ONNX should be ~1e-6);
-    ``prediction_agreement`` (share of identical argmax) is what quantisation is allowed to move.
-    """
+def parity_check(reference: Predictor, candidate: Predictor, texts: Sequence[str], batch_size: int = 64) -> dict:
+    """How far a variant's logits are from the reference's: ``max_abs_logit_diff`` catches a broken export (fp32
+    ONNX: ~1e-6), ``prediction_agreement`` (share of equal argmax) is what quantisation may move."""
     texts = list(texts)
     if not texts:
         raise ValueError("parity_check needs at least one text.")
@@ -693,21 +553,13 @@ def parity_check(
 
 
 def build_variants(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: str | os.PathLike,
-    *,
-    threads: int | None = None,
-    variants: Sequence[str] = VARIANTS,
-    prefix: str = "student",
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
+    threads: int | None = None, variants: Sequence[str] = VARIANTS, prefix: str = "student",
     max_length: int = DEFAULT_MAX_LENGTH,
 ) -> dict[str, Predictor]:
-    """The requested variants of ``model`` as ``{f"{prefix}-{variant}": predictor}``.
-
-    ONNX files go to ``out_dir/model.onnx`` and ``out_dir/model-int8.onnx`` (``onnx-fused-int8``:
-    ``model-fused.onnx``, :func:`export_onnx_fused`, and ``model-fused-int8.onnx``); ``onnx-int8`` reuses
-    (or writes) the fp32 file. ``threads`` applies to the ONNX Runtime sessions.
-    """
+    """The requested variants of ``model`` as ``{f"{prefix}-{variant}": predictor}``. ONNX files go to
+    ``out_dir``: ``model.onnx``, ``model-int8.onnx``, ``model-fused.onnx`` and ``model-fused-int8.onnx``;
+    ``threads`` applies to the ONNX Runtime sessions."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}.")

@@ -1,7 +1,6 @@
 """The project root every relative path is taken from, and the atomic writes every output goes through.
 
-The lowest layer of kdlib: no other kdlib module and no heavy library, so the run configuration (which
-finds its profiles under the project root) stays light.
+kdlib's lowest layer: no other kdlib module and no heavy library, so the run configuration stays light.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ from typing import IO
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The folder holding ``pyproject.toml`` and ``kdlib/``, found upwards from ``start`` (or the
-    working directory), so a notebook opened from ``notebooks/`` and a papermill run started at the
-    top both write to the same ``outputs/``. Falls back to the installed package's parent."""
+    """The folder holding ``pyproject.toml`` and ``kdlib/`` upwards from ``start`` (or the working directory),
+    so notebooks run from anywhere share ``outputs/``; else the installed package's parent."""
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "kdlib").is_dir():
@@ -31,10 +29,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: boo
     """A temporary path beside ``path`` (a file, or a folder with ``directory=True``) that replaces
     ``path`` only if the block succeeds; on any error it is removed and ``path`` keeps its content.
 
-    Every writer in kdlib goes through it (records, tables, figures, ONNX files, saved models). The
-    temporary file or folder is created exclusively with the default modes, so the umask gives it the
-    usual permissions (mkstemp's 0600 would survive the rename). A folder cannot be renamed over a
-    non-empty one, so the old one steps aside first and is put back if the swap fails.
+    It is created with the default modes, so the umask gives the usual permissions (mkstemp's 0600 would
+    survive the rename).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +54,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, directory: boo
 
 
 def _normal_modes(folder: Path) -> None:
-    """Give every file a writer left in ``folder`` the mode a new file gets here (some libraries
-    write through mkstemp, whose 0600 would otherwise survive), read off a fresh file, not the umask."""
+    """Give every file in ``folder`` the mode a fresh file gets here (read off a probe file, not the umask):
+    some libraries write through mkstemp, whose 0600 would otherwise survive."""
     probe = folder / f".probe.{uuid.uuid4().hex[:8]}"
     probe.touch(exist_ok=False)
     mode = probe.stat().st_mode & 0o777
@@ -70,6 +66,8 @@ def _normal_modes(folder: Path) -> None:
 
 
 def _swap_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an old ``target`` steps aside first (a folder cannot be renamed over
+    a non-empty one) and is put back if the swap fails."""
     backup = target.with_name(f".{target.name}.old") if target.exists() else None
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
@@ -78,7 +76,7 @@ def _swap_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
     except BaseException:
         if backup is not None:
-            os.rename(backup, target)  # put the previous one back (target is free again)
+            os.rename(backup, target)
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

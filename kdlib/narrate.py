@@ -1,11 +1,6 @@
-"""The notebooks' generated conclusions: sentences written from a run's benchmark records (or the
-comparison table), never numbers typed into markdown, so a rerun, another profile or another machine
-gets sentences that match its own figures.
-
-Notebook 03's recommendation is :func:`kdlib.recommend.recommendation`, the rule its figure highlights
-too. Each function returns Markdown for ``IPython.display.Markdown`` (an empty string when there is
-nothing to say, so a notebook shows no empty section).
-"""
+"""The notebooks' conclusions, written from a run's benchmark records (or comparison table) rather than typed
+into markdown, so every rerun gets sentences that match its own figures. Each function returns Markdown (an
+empty string when there is nothing to say, so a notebook shows no empty section)."""
 
 from __future__ import annotations
 
@@ -118,8 +113,8 @@ def _int8_sentences(records: Mapping[str, Mapping]) -> list[str]:
 
 
 def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher", within: float = WITHIN) -> str:
-    """Notebook 03's closing: the recommended variant (:func:`kdlib.recommend.recommendation`, the rule the
-    figure highlights), int8, latency vs throughput, OOS."""
+    """Notebook 03's closing: the recommended variant (:func:`kdlib.recommend.recommendation`), int8, latency vs
+    throughput, OOS."""
     paragraphs = []
     for run, group in table.groupby("run", sort=False):
         rows = {r["variant"]: r for r in group.to_dict("records")}
@@ -128,9 +123,7 @@ def interpret_comparison(table: pd.DataFrame, baseline: str = "teacher", within:
             continue
         lines = [f"**{run}**:"] if table["run"].nunique() > 1 else []
         lines.append(_recommendation_sentence(recommendation(table, within, run=run), rows, baseline))
-        lines += _int8_sentences(rows)
-        lines += _latency_sentences(rows)
-        lines += _oos_sentences(rows, base, baseline)
+        lines += [*_int8_sentences(rows), *_latency_sentences(rows), *_oos_sentences(rows, base, baseline)]
         paragraphs.append(" ".join(lines))
     return "\n\n".join(paragraphs)
 
@@ -159,9 +152,9 @@ def _recommendation_sentence(choice, rows: Mapping[str, Mapping], baseline: str)
 
 
 def interpret_search(trials: pd.DataFrame | None, within: float = WITHIN) -> str:
-    """Notebook 03's section on an accuracy + latency search (:func:`kdlib.search.search_trials`): its heading,
-    what the figure shows, and the trial kept (the fastest on the front within ``within`` of its best
-    accuracy, as :func:`kdlib.search.choose_from_front` keeps it). Empty without such a search."""
+    """Notebook 03's section on an accuracy + latency search (:func:`kdlib.search.search_trials`) and the trial
+    kept: the fastest on the front within ``within`` of its best (as :func:`kdlib.search.choose_from_front`
+    keeps it). Empty without such a search."""
     done = finished_latency_trials(trials)
     if done is None:
         return ""

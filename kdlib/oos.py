@@ -1,28 +1,20 @@
 """Out-of-scope (OOS) detection: a score per query, how well it separates OOS queries, and a threshold.
 
-CLINC150 exists to test whether an assistant notices a query it cannot handle. A classifier with an
-``oos`` class catches only part of them; a *score* computed from the logits the benchmark already has
-flags more: the queries the model is unsure about. We report, for every variant, how well the score
-separates OOS from in-scope test queries (AUROC, and the share of in-scope queries flagged when 95 % of
-OOS ones are, FPR95), then the metrics of a decision rule:
+A classifier's ``oos`` class catches only part of CLINC150's out-of-scope queries; a score flags more. We
+report how well it separates OOS from in-scope test queries (AUROC; FPR95, the share of in-scope queries
+flagged when 95 % of OOS ones are), then the metrics of the rule
 
     predicted OOS  <=>  argmax is ``oos``  or  score >= threshold
 
-The threshold is chosen on the **validation** split only (:func:`choose_threshold`), then applied to
-test, as a deployed model would have to.
-
-Scores, higher = more out of scope, computed over the in-scope logits (the ``oos`` logit is the
-model's own detector, already used by the argmax):
+with the threshold chosen on the **validation** split only (:func:`choose_threshold`), as a deployed model
+must. Scores (higher = more out of scope) read the in-scope logits only (the ``oos`` logit acts via the argmax):
 
 * ``msp``: 1 - maximum softmax probability (Hendrycks & Gimpel, 2017);
-* ``energy``: -logsumexp of the logits (Liu et al., 2020), which keeps the logits' scale that
-  softmax normalises away;
-* ``mahalanobis``: the distance of a query's features (the mean of the last layer's token states)
-  to the nearest in-scope intent's training mean, under one covariance shared by all intents
-  (Lee et al., 2018; Podolskiy et al., 2021 found it the strongest detector for fine-tuned
-  transformers on CLINC150). It needs the training split and a variant that exposes its features:
-  PyTorch models, and every ONNX graph kdlib exports (its second output). One that does not (an
-  ONNX file exported elsewhere) is scored by ``energy`` instead, and its record says so.
+* ``energy``: -logsumexp of the logits (Liu et al., 2020), which keeps the scale softmax normalises away;
+* ``mahalanobis``: the distance of a query's features (mean of the last layer's token states) to the
+  nearest in-scope intent's mean on the training split, under one shared covariance (Lee et al., 2018;
+  the strongest detector on CLINC150 per Podolskiy et al., 2021). A variant that exposes no features (an
+  ONNX file exported outside kdlib) is scored by ``energy`` instead, and its record says so.
 """
 
 from __future__ import annotations
@@ -46,13 +38,8 @@ NOT_APPLICABLE = "n/a"  # how tables show OOS figures of data without an OOS lab
 
 # The keys every benchmark record carries (None when the data has no OOS label).
 OOS_KEYS = (
-    "oos_auroc",
-    "oos_fpr95",
-    "threshold",
-    "threshold_in_scope_accuracy",
-    "threshold_oos_recall",
-    "threshold_oos_precision",
-    "threshold_accuracy",
+    "oos_auroc", "oos_fpr95", "threshold", "threshold_in_scope_accuracy", "threshold_oos_recall",
+    "threshold_oos_precision", "threshold_accuracy",
 )
 
 
@@ -74,13 +61,9 @@ def oos_scores(logits: np.ndarray, method: str = "energy", oos_index: int | None
 
 
 class MahalanobisScore:
-    """The ``mahalanobis`` score, fit on the training split's features (not validation, not test).
-
-    One mean per in-scope intent and one covariance of the features around their intent's mean,
-    shared by all intents (scikit-learn's :class:`~sklearn.covariance.EmpiricalCovariance`). A query's
-    score is its smallest squared distance to an intent mean, computed in whitened coordinates:
-    one matrix product for every query and intent instead of a quadratic form per query and intent.
-    """
+    """The ``mahalanobis`` score, fit on the training split's features: one mean per in-scope intent and one
+    covariance around them shared by all intents. A query's score is its smallest squared distance to an
+    intent mean, computed in whitened coordinates (one matrix product for all queries and intents)."""
 
     def __init__(self, features: np.ndarray, labels: Sequence[int], oos_index: int | None = None) -> None:
         features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
@@ -134,14 +117,11 @@ THRESHOLD_RULES = typing.get_args(RunConfig.model_fields["threshold_rule"].annot
 class ThresholdRule:
     """How the threshold is chosen on validation, and the one setting each rule reads.
 
-    * ``in_scope_drop`` (relative to the model): flag as many queries as possible while giving up at
-      most ``in_scope_drop`` of the model's **own** validation in-scope accuracy (0.01: one point).
-      Every variant pays the same in-scope price, so their OOS recalls compare fairly, and a model
-      whose in-scope accuracy is low still gets a threshold.
-    * ``flag_rate`` (relative to the model): flag at most ``flag_rate`` of the validation in-scope
-      queries (a target false-positive rate).
-    * ``in_scope_accuracy`` (absolute): keep validation in-scope accuracy at or above
-      ``in_scope_target``; a model already below the target gets no threshold.
+    * ``in_scope_drop``: flag as many queries as possible while giving up at most ``in_scope_drop`` of the
+      model's **own** validation in-scope accuracy, so every variant pays the same in-scope price.
+    * ``flag_rate``: flag at most ``flag_rate`` of the validation in-scope queries.
+    * ``in_scope_accuracy`` (absolute): keep validation in-scope accuracy at or above ``in_scope_target``;
+      a model already below the target gets no threshold.
     * ``accuracy``: maximise validation accuracy (it depends on the validation split's OOS share).
     """
 
@@ -193,7 +173,7 @@ class ThresholdChoice:
 
 def oos_options(config: RunConfig) -> dict:
     """The OOS keyword arguments of :func:`~kdlib.benchmark.measure_quality` for a run: its score and its
-    threshold rule (:meth:`kdlib.benchmark.BenchmarkOptions.from_config` holds them for the benchmark)."""
+    threshold rule."""
     return {"oos_score": config.oos_score, "threshold": ThresholdRule.from_config(config)}
 
 
@@ -202,10 +182,9 @@ def choose_threshold(
 ) -> ThresholdChoice:
     """The threshold, from one split's scores, predictions and gold labels (pass **validation**).
 
-    Flagging the ``k`` highest-scoring queries turns them into ``oos``: flagged in-scope queries
-    that were right become wrong, flagged OOS queries that were wrong become right. The rule picks
-    the largest ``k`` it allows (``accuracy``: the best ``k``); cuts fall only between different
-    scores, so equal scores are flagged together.
+    Flagging the ``k`` highest-scoring queries turns right in-scope answers wrong and wrong OOS answers
+    right; the rule picks the largest ``k`` it allows (``accuracy``: the best ``k``). Cuts fall only between
+    different scores, so equal scores are flagged together.
     """
     rule = rule or ThresholdRule()
     scores, predicted, gold = (np.asarray(a) for a in (scores, predicted, gold))
@@ -214,10 +193,9 @@ def choose_threshold(
     in_scope = gold != oos_index
     correct = predicted == gold
     n_in_scope = max(int(in_scope.sum()), 1)
-    zero = np.zeros(1, dtype=np.int64)
-    in_scope_lost = np.concatenate([zero, np.cumsum(in_scope & correct)])  # after flagging the first k
-    oos_gained = np.concatenate([zero, np.cumsum(~in_scope & ~correct)])
-    in_scope_flagged = np.concatenate([zero, np.cumsum(in_scope)])
+    in_scope_lost = np.cumsum(np.concatenate([[0], in_scope & correct]))  # after flagging the first k
+    oos_gained = np.cumsum(np.concatenate([[0], ~in_scope & ~correct]))
+    in_scope_flagged = np.cumsum(np.concatenate([[0], in_scope]))
     in_scope_correct = int(in_scope_lost[-1])  # flagging every query loses every right in-scope answer
     cuts = np.concatenate([[0], np.flatnonzero(np.diff(scores) != 0) + 1, [len(scores)]])
     if rule.name == "accuracy":

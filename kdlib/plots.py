@@ -1,13 +1,9 @@
 """Figures of the study: accuracy vs latency, training curves, a teacher's soft targets, one layer's
-weights, OOS scores and the search's trials. Each draws one idea.
+weights, OOS scores and the search's trials, one idea each.
 
-Every function builds its own :class:`~matplotlib.figure.Figure` (no global ``pyplot`` state, no
-``plt.show()``), so it works headless (Agg, papermill, CI) and displays in a notebook when the
-returned figure is the last value of a cell. With ``out_stem`` the figure is also saved as
-``<stem>.png`` (for the README) and ``<stem>.svg`` (for print), each written atomically.
-
-:func:`plot_metrics` is the reference book's (*NLP with Transformers*, ch. 8) bubble chart with the
-Pareto front and several runs overlaid.
+Every function builds its own :class:`~matplotlib.figure.Figure` (no global ``pyplot`` state), so it
+works headless and displays in a notebook as a cell's last value. With ``out_stem`` the figure is also
+saved as ``<stem>.png`` (for the README) and ``<stem>.svg`` (for print), each written atomically.
 """
 
 from __future__ import annotations
@@ -31,11 +27,10 @@ from kdlib.io import atomic_open
 from kdlib.recommend import pareto_front
 
 LATENCY_LABEL = "Average latency (ms)"
-ACCURACY_LABEL = "Accuracy (%)"
 AXIS_LABELS = {  # the columns plot_metrics can draw, as its axes name them
     "time_avg_ms": LATENCY_LABEL,
     "time_p50_ms": "Median latency, p50 (ms)",
-    "accuracy": ACCURACY_LABEL,
+    "accuracy": "Accuracy (%)",
     "threshold_accuracy": "Accuracy with the OOS threshold (%)",
 }
 PARETO_LABEL = "Pareto front"
@@ -49,27 +44,15 @@ PNG_DPI = 150
 
 
 def new_figure(**kwargs) -> Figure:
-    """A figure outside ``pyplot``: not shown twice in notebooks, never leaked, drawable headless.
-
-    The Agg canvas makes ``fig.canvas.draw()`` and layout queries work without any GUI backend;
-    notebooks still display the returned figure through their own formatter.
-    """
+    """A figure outside ``pyplot`` with an Agg canvas: never shown twice or leaked, drawable headless."""
     fig = Figure(layout="constrained", **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# Saving
-# ---------------------------------------------------------------------------------------------
-
-
 def save_figure(fig: Figure, out_stem: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (dpi 150) and ``<stem>.svg`` atomically (no half-written figure); returns both paths.
-
-    SVG text stays text (``svg.fonttype = "none"``), so it is searchable and small, and the date
-    metadata is left out so that re-rendering an unchanged figure gives an unchanged file.
-    """
+    """Write ``<stem>.png`` and ``<stem>.svg`` atomically; returns both paths. SVG text stays text and the
+    date is left out, so re-rendering an unchanged figure gives an unchanged file."""
     stem = Path(out_stem)
     if stem.suffix.lower() in {".png", ".svg"}:  # tolerate "fig.png" given as the stem
         stem = stem.with_suffix("")
@@ -88,14 +71,7 @@ def _finish(fig: Figure, out_stem: str | os.PathLike | None) -> Figure:
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# Accuracy vs latency
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_metric_table(
-    table: pd.DataFrame, accuracy: str = "accuracy", latency: str = "time_avg_ms"
-) -> pd.DataFrame:
+def _check_metric_table(table: pd.DataFrame, accuracy: str = "accuracy", latency: str = "time_avg_ms") -> pd.DataFrame:
     missing = [c for c in ("variant", accuracy, latency, "size_mb") if c not in table.columns]
     if missing:
         raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.report.comparison_table().")
@@ -109,25 +85,13 @@ def _check_metric_table(
     return table.dropna(subset=[accuracy, latency]).reset_index(drop=True)
 
 
-def plot_metrics(
-    table: pd.DataFrame,
-    highlight: str | None = None,
-    *,
-    out_stem: str | os.PathLike | None = None,
-    runs_as_markers: bool = True,
-    accuracy: str = "accuracy",
-    latency: str = "time_avg_ms",
-) -> Figure:
-    """Accuracy (%) against latency, bubble area proportional to model size.
+def plot_metrics(table: pd.DataFrame, highlight: str | None = None, *, out_stem: str | os.PathLike | None = None,
+                 runs_as_markers: bool = True, accuracy: str = "accuracy", latency: str = "time_avg_ms") -> Figure:
+    """Accuracy (%) against latency (the table's ``accuracy`` and ``latency`` columns), bubble area
+    proportional to model size, with each run's Pareto front as a step line.
 
-    ``accuracy`` and ``latency`` name the table's columns on the axes: plain accuracy against mean
-    latency by default; notebook 03 draws the recommendation's own axes (threshold accuracy against
-    p50, :func:`kdlib.recommend.recommendation`), so the front and the highlight are the ones the rule reads.
-    One point per (run, variant): a colour per variant and, with ``runs_as_markers``, a marker shape
-    per run. ``highlight`` (a variant name) is drawn filled, on top, with a thick black outline and
-    its name, so it stays visible behind overlapping bubbles. Each run's Pareto front is a step line
-    (the best accuracy reachable within a given latency). The legend, right of the axes, ends with a
-    key of bubble sizes in MB.
+    One colour per variant and, with ``runs_as_markers``, one marker shape per run. ``highlight`` (a
+    variant) is drawn filled, on top, outlined and named, so it stays visible behind overlapping bubbles.
     """
     table = _check_metric_table(table, accuracy, latency)
     if table.empty:
@@ -148,14 +112,13 @@ def plot_metrics(
     for (run, variant), rows in table.groupby(["run", "variant"], sort=False):
         sizes = rows["size_mb"]  # area proportional to MB; unknown sizes get a small default bubble
         areas = sizes.fillna(0).to_numpy(dtype=float) * scale + np.where(sizes.isna(), 40.0, 0.0)
-        style = {"marker": marker_of[run], "s": areas, "label": f"{run}/{variant}" if len(runs) > 1 else variant}
-        if variant == highlight:
-            style.update(color=colour_of[variant], alpha=0.9, edgecolors="black", linewidths=2.0, zorder=3)
+        bold = variant == highlight
+        if bold:
             for x, y in zip(rows[latency], rows[accuracy] * 100, strict=True):
                 ax.annotate(variant, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold")
-        else:
-            style.update(color=colour_of[variant], alpha=0.5, edgecolors="none", zorder=2)
-        ax.scatter(rows[latency], rows[accuracy] * 100, **style)
+        ax.scatter(rows[latency], rows[accuracy] * 100, marker=marker_of[run], s=areas, color=colour_of[variant],
+                   label=f"{run}/{variant}" if len(runs) > 1 else variant, alpha=0.9 if bold else 0.5,
+                   edgecolors="black" if bold else "none", linewidths=2.0 if bold else None, zorder=3 if bold else 2)
     for i, run in enumerate(runs):
         front = pareto_front(table[table["run"] == run], accuracy, latency)
         ax.step(front[latency], front[accuracy] * 100, where="post", color="0.35", linewidth=1, zorder=0,
@@ -168,10 +131,8 @@ def plot_metrics(
 
 
 def _finish_axes(ax: Axes, xlabel: str, ylabel: str) -> None:
-    """Axis labels, margins, a light grid and the legend right of the axes, with one marker size for all
-    entries (not the bubble sizes)."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    """Axis labels, margins, a light grid and the legend right of the axes, its markers all one size."""
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.margins(0.15)
     ax.grid(True, alpha=0.3)
     legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
@@ -192,18 +153,9 @@ def _size_key(ax: Axes, max_size: float, scale: float) -> None:
     ax.add_artist(key)  # beside ax.get_legend(), which stays the variants' legend
 
 
-# ---------------------------------------------------------------------------------------------
-# Training curves
-# ---------------------------------------------------------------------------------------------
-
-
 def plot_training_curves(epoch_table: pd.DataFrame, *, out_stem: str | os.PathLike | None = None) -> Figure:
-    """Losses and validation accuracy per epoch, from the Trainer's per-epoch table.
-
-    Columns "Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy". The Trainer writes
-    "No log" for the training loss when fewer than ``logging_steps`` steps ran; those epochs are
-    left out of the training-loss line instead of failing.
-    """
+    """Losses and validation accuracy per epoch, from the Trainer's per-epoch table. Epochs whose training
+    loss is "No log" (fewer than ``logging_steps`` steps ran) are left out of the training-loss line."""
     needed = ("Epoch", "Training Loss", "Validation Loss", "Accuracy")
     missing = [c for c in needed if c not in epoch_table.columns]
     if missing:
@@ -225,11 +177,6 @@ def plot_training_curves(epoch_table: pd.DataFrame, *, out_stem: str | os.PathLi
     return _finish(fig, out_stem)
 
 
-# ---------------------------------------------------------------------------------------------
-# Soft targets
-# ---------------------------------------------------------------------------------------------
-
-
 def _as_probabilities(temperature: float, probs: np.ndarray, n_labels: int) -> np.ndarray:
     values = np.asarray(probs, dtype=float).squeeze()
     if values.shape != (n_labels,):
@@ -239,22 +186,11 @@ def _as_probabilities(temperature: float, probs: np.ndarray, n_labels: int) -> n
     return values
 
 
-def plot_soft_targets(
-    probs_by_temperature: Mapping[float, np.ndarray],
-    labels: Sequence[str],
-    *,
-    top_k: int = 10,
-    query: str | None = None,
-    out_stem: str | os.PathLike | None = None,
-) -> Figure:
-    """The teacher's top classes for one query at several temperatures, probabilities on a log axis.
-
-    Dividing the logits by T > 1 spreads the mass of the top class over the classes the teacher finds
-    similar: the "dark knowledge" the student learns from. The log axis shows the order of the
-    runners-up and how a higher T lifts them (on a linear axis they look like zero). Shows the
-    ``top_k`` classes by T = 1 probability (by the lowest T when 1 is not given), one group of bars
-    per class and one bar series per temperature.
-    """
+def plot_soft_targets(probs_by_temperature: Mapping[float, np.ndarray], labels: Sequence[str], *, top_k: int = 10,
+                      query: str | None = None, out_stem: str | os.PathLike | None = None) -> Figure:
+    """The teacher's ``top_k`` classes for one query (by probability at T = 1, else at the lowest T) at
+    several temperatures, on a log axis: a higher T lifts the runners-up, the "dark knowledge" the student
+    learns from, which a linear axis would show as zero."""
     if not probs_by_temperature:
         raise ValueError("plot_soft_targets needs at least one temperature.")
     temperatures = sorted(probs_by_temperature)
@@ -270,36 +206,22 @@ def plot_soft_targets(
     for j, t in enumerate(temperatures):
         ax.bar(x + (j - (len(temperatures) - 1) / 2) * width, probs[t][order], width, label=f"T = {t:g}")
     ax.set_xticks(x, names, rotation=45, ha="right")
-    ax.set_ylabel("Probability (log scale)")
-    ax.set_yscale("log")
+    ax.set(ylabel="Probability (log scale)", yscale="log")
     lowest = min(float(probs[t][order].min()) for t in temperatures)
     ax.set_ylim(max(lowest / 2, 1e-12), 1.5)
-    title = "Teacher's soft targets"
-    if query:
-        shown = query if len(query) <= 60 else query[:57] + "..."
-        title += f' for "{shown}"'
-    ax.set_title(title)
+    shown = query if not query or len(query) <= 60 else query[:57] + "..."
+    ax.set_title("Teacher's soft targets" + (f' for "{shown}"' if query else ""))
     ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
     ax.legend()
     ax.grid(True, axis="y", which="both", alpha=0.3)
     return _finish(fig, out_stem)
 
 
-# ---------------------------------------------------------------------------------------------
-# Quantisation, by hand
-# ---------------------------------------------------------------------------------------------
-
-
-def plot_weight_histogram(
-    weights: np.ndarray, *, name: str | None = None, scale: float | None = None, zero_point: int | None = None,
-    out_stem: str | os.PathLike | None = None,
-) -> Figure:
-    """The values of one layer's fp32 weights, with the range int8 maps onto 256 levels.
-
-    A trained layer's weights sit in a narrow band around zero, so 256 evenly spaced levels lose
-    little. With ``scale`` and ``zero_point`` (:func:`kdlib.quantize.quantize_by_hand`) the ends of
-    the int8 range, ``(end - zero_point) * scale`` for ``end`` -128 and 127, are marked.
-    """
+def plot_weight_histogram(weights: np.ndarray, *, name: str | None = None, scale: float | None = None,
+                          zero_point: int | None = None, out_stem: str | os.PathLike | None = None) -> Figure:
+    """The values of one layer's fp32 weights: a narrow band around zero, so 256 evenly spaced int8 levels
+    lose little. With ``scale`` and ``zero_point`` (:func:`kdlib.quantize.quantize_by_hand`) the ends of
+    the int8 range are marked."""
     values = np.asarray(weights, dtype=float).ravel()
     if values.size == 0:
         raise ValueError("plot_weight_histogram needs at least one weight.")
@@ -318,11 +240,10 @@ def plot_weight_histogram(
     return _finish(fig, out_stem)
 
 
-def plot_head_importance(
-    importance: np.ndarray, kept: Sequence[Sequence[int]], *, out_stem: str | os.PathLike | None = None
-) -> Figure:
-    """Every attention head's importance (layers x heads, as a share of its layer's total), with the heads
-    structured pruning keeps outlined: a few heads carry most of each layer's importance."""
+def plot_head_importance(importance: np.ndarray, kept: Sequence[Sequence[int]], *,
+                         out_stem: str | os.PathLike | None = None) -> Figure:
+    """Every attention head's share of its layer's importance (layers x heads), the heads structured
+    pruning keeps outlined."""
     scores = np.asarray(importance, dtype=float)
     if scores.ndim != 2 or len(kept) != len(scores):
         raise ValueError(f"plot_head_importance needs (layers, heads) scores and kept heads per layer; got shape "
@@ -340,10 +261,6 @@ def plot_head_importance(
     return _finish(fig, out_stem)
 
 
-# ---------------------------------------------------------------------------------------------
-# Out-of-scope detection
-# ---------------------------------------------------------------------------------------------
-
 def _not_applicable(ax: Axes) -> None:
     """What an OOS figure shows for data without an OOS label: a sentence, not an error or zeros."""
     ax.text(0.5, 0.5, "Not applicable: the data has no out-of-scope label", ha="center", va="center")
@@ -358,13 +275,9 @@ SCORE_NAMES = {
 
 
 def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | None = None) -> Figure:
-    """Histograms of the OOS score for in-scope and out-of-scope test queries, the threshold marked.
-
-    The bars count queries (not densities), so the two groups keep their real sizes. Mahalanobis
-    distances have a long right tail and are drawn as log10(score); the other scores on their own scale.
-    ``detail`` is the ``oos_detail`` of :meth:`PerformanceBenchmark.run_benchmark`'s result; None (data
-    without an OOS label) gives a figure saying that OOS detection does not apply, not an error.
-    """
+    """Histograms (counts, so the groups keep their sizes) of the OOS score of in-scope and out-of-scope
+    test queries, the threshold marked; Mahalanobis distances, long-tailed, as log10. ``detail`` is a
+    benchmark result's ``oos_detail``; None (no OOS label) gives a figure saying OOS detection does not apply."""
     fig = new_figure(figsize=(8, 4))
     ax = fig.add_subplot()
     if detail is None:
@@ -374,7 +287,7 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
         threshold = detail.get("threshold")
         name = SCORE_NAMES.get(detail.get("method"), "OOS score")
         positive = scores.min() > 0 and (threshold is None or threshold > 0)
-        if detail.get("method") == "mahalanobis" and positive:  # distances: a long right tail
+        if detail.get("method") == "mahalanobis" and positive:
             scores = np.log10(scores)
             threshold = None if threshold is None else float(np.log10(threshold))
             name = f"log10 of the {name[0].lower()}{name[1:]}"
@@ -389,14 +302,10 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
     return _finish(fig, out_stem)
 
 
-def plot_oos_vs_latency(
-    table: pd.DataFrame, highlight: str | None = None, *, out_stem: str | os.PathLike | None = None
-) -> Figure:
-    """Each variant's OOS recall with the validation threshold against its latency.
-
-    A variant marked with a red ring loses more OOS recall than in-scope accuracy relative to the
-    baseline (``loses_more_oos`` in the comparison table): compression hurt detection most.
-    """
+def plot_oos_vs_latency(table: pd.DataFrame, highlight: str | None = None, *,
+                        out_stem: str | os.PathLike | None = None) -> Figure:
+    """Each variant's OOS recall with the validation threshold against its latency; a red ring marks a
+    variant that loses more OOS recall than in-scope accuracy relative to the baseline (``loses_more_oos``)."""
     table = _check_metric_table(table)
     recall = pd.to_numeric(table.get("threshold_oos_recall", pd.Series(np.nan, index=table.index)), errors="coerce")
     fig = new_figure(figsize=(8, 4.5))
@@ -424,7 +333,7 @@ def plot_oos_vs_latency(
 
 def finished_latency_trials(trials: pd.DataFrame | None) -> pd.DataFrame | None:
     """The finished trials of an accuracy + latency search (:func:`kdlib.search.search_trials`), or None
-    when the run has none to show (no search, or a search of accuracy alone)."""
+    when the run has none to show."""
     if trials is None or "latency_ms" not in trials or "state" not in trials:
         return None
     done = trials[trials["state"] == "COMPLETE"]
@@ -432,9 +341,8 @@ def finished_latency_trials(trials: pd.DataFrame | None) -> pd.DataFrame | None:
 
 
 def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | None = None) -> Figure | None:
-    """Each finished search trial's validation accuracy against its measured latency, coloured by the
-    student's depth, with the Pareto front joined (:func:`kdlib.search.search_trials`). Without an
-    accuracy + latency search there is nothing to draw: None, so a notebook shows no empty panel."""
+    """Each finished search trial's validation accuracy against its latency, coloured by the student's depth,
+    with the Pareto front joined; None without an accuracy + latency search, so a notebook shows no empty panel."""
     done = finished_latency_trials(trials)
     if done is None:
         return None

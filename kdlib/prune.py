@@ -1,15 +1,11 @@
 """Structured pruning: remove a student's least important attention heads and FFN neurons, then recover.
 
-Distillation makes a model shallower; structured pruning makes every layer narrower. Whole heads and
-whole FFN neurons go, so every matrix product is smaller, which is what makes a CPU faster (zeroing
-single weights, as magnitude pruning does, leaves the matrices their size).
-
-A head's or a neuron's importance is the first-order Taylor estimate of how much the loss changes
-when it is removed (Michel et al., 2019): a gate of 1 multiplies its output, and the absolute
-gradient of the cross-entropy with respect to that gate, summed over the training batches, is its
-score. Every layer keeps the same share (``heads_keep``, ``ffn_keep``) of its highest-scoring heads
-and neurons (:func:`kdlib.models.shrink_layers` then cuts the matrices), and a short distillation
-from the teacher, with the run's loss and its cached teacher logits, recovers what the cut lost.
+Distillation makes a model shallower; structured pruning makes every layer narrower. Whole heads and FFN
+neurons go, so every matrix product is smaller, which is what makes a CPU faster (zeroing single weights
+leaves the matrices their size). An importance is the first-order Taylor estimate of the loss change on
+removal (Michel et al., 2019): the absolute gradient of the cross-entropy with respect to a gate of 1 on
+the output, summed over the training batches. Every layer keeps the same share of its highest-scoring
+heads and neurons, and a short distillation from the teacher recovers what the cut lost.
 """
 
 from __future__ import annotations
@@ -42,11 +38,9 @@ def importance_scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, batch_size: int = 32,
     max_length: int = 128,
 ) -> Importance:
-    """The Taylor importance of ``model``'s heads and FFN neurons on ``dataset`` (``text`` and ``label``).
-
-    Batches are length-sorted and the model is in eval mode (no dropout), so the same model and data
-    give the same scores. The model's weights are unchanged; their gradients are cleared afterwards.
-    """
+    """The Taylor importance of ``model``'s heads and FFN neurons on ``dataset`` (``text`` and ``label``):
+    length-sorted batches in eval mode, so the same model and data give the same scores. The weights are
+    unchanged and their gradients cleared afterwards."""
     layers = bert_layers(model)
     head_size = layers[0].attention.self.attention_head_size
     heads = torch.ones(len(layers), attention_heads(model.config), requires_grad=True)
@@ -54,7 +48,7 @@ def importance_scores(
     head_scores, neuron_scores = torch.zeros_like(heads), torch.zeros_like(neurons)
 
     def gate(values: torch.Tensor, repeat: int = 1):
-        # multiplies the input of the projection after the heads (or neurons) by their gates
+        """A pre-hook multiplying the input of the projection after the heads (or neurons) by their gates."""
         return lambda module, args: (args[0] * values.repeat_interleave(repeat),)
 
     hooks = [hook for i, layer in enumerate(layers) for hook in (
@@ -85,15 +79,15 @@ def importance_scores(
 
 
 def _top(scores: torch.Tensor, kept: int) -> list[int]:
-    # a stable sort: equal scores keep the lower index, so the choice never depends on the kernel
+    """The ``kept`` highest scores' indices in order; the stable sort gives ties to the lower index on any kernel."""
     return sorted(torch.argsort(scores, descending=True, stable=True)[:kept].tolist())
 
 
 def choose_kept(
     importance: Importance, *, ffn_keep: float, heads_keep: float
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """The heads and the FFN neurons every layer keeps: its ``heads_keep`` and ``ffn_keep`` shares of the
-    most important ones, in index order."""
+    """The heads and FFN neurons every layer keeps: its ``heads_keep`` and ``ffn_keep`` shares of the most
+    important ones, in index order."""
     n_heads = kept_count(heads_keep, importance.heads.shape[1], "heads_keep")
     n_neurons = kept_count(ffn_keep, importance.neurons.shape[1], "ffn_keep")
     return ([_top(scores, n_heads) for scores in importance.heads],
@@ -103,8 +97,7 @@ def choose_kept(
 def prune_model(
     model: PreTrainedModel, importance: Importance, *, ffn_keep: float, heads_keep: float
 ) -> PreTrainedModel:
-    """A copy of ``model`` whose every layer keeps its ``heads_keep`` share of most important heads and its
-    ``ffn_keep`` share of FFN neurons (``model`` itself is unchanged)."""
+    """A copy of ``model`` whose every layer keeps the :func:`choose_kept` heads and FFN neurons."""
     heads, neurons = choose_kept(importance, ffn_keep=ffn_keep, heads_keep=heads_keep)
     return shrink_layers(copy.deepcopy(model), heads, neurons)
 
@@ -116,8 +109,8 @@ def is_pruning(config: RunConfig) -> bool:
 
 @dataclass
 class PruningResult:
-    """A pruning step: the scores it cut by, the recovery training (its ``model`` is the pruned student) and
-    the fingerprint of the pruned student (the distilled one's plus the pruning settings)."""
+    """A pruning step: the scores it cut by, the recovery training (its ``model`` is the pruned student), the
+    pruned student's fingerprint (the distilled one's plus the pruning settings) and the heads kept."""
 
     importance: Importance
     training: TrainResult
@@ -130,11 +123,10 @@ def prune_and_recover(
     config: RunConfig, *, teacher: PreTrainedModel | tuple[PreTrainedModel, PreTrainedTokenizerBase],
     fingerprint: str | None = None,
 ) -> PruningResult:
-    """Prune the distilled ``model`` to ``config``'s shares, then distil it again from ``teacher`` for
-    ``config.prune_epochs`` epochs with the distillation's own ``args`` (its loss, learning rate and
-    checkpoints: an interrupted recovery resumes; ``teacher`` as :func:`kdlib.train.train_model` takes it,
-    alone or with its own tokenizer). Importance is measured on the training split."""
-    bert_layers(model)
+    """Prune the distilled ``model`` to ``config``'s shares (importance measured on the training split), then
+    distil it again from ``teacher`` for ``config.prune_epochs`` epochs with the distillation's own ``args``
+    (its loss, learning rate and checkpoints: an interrupted recovery resumes)."""
+    bert_layers(model)  # refuse an unprunable model or share before measuring anything
     kept_count(config.heads_keep, attention_heads(model.config), "heads_keep")
     importance = importance_scores(model, tokenizer, data["train"], max_length=args.max_length)
     heads, neurons = choose_kept(importance, ffn_keep=config.ffn_keep, heads_keep=config.heads_keep)

@@ -1,9 +1,7 @@
 """Quantisation by hand, as the book teaches it: one layer's weights mapped to int8 (:func:`quantize_by_hand`),
 an int8 matrix product timed against fp32 (:func:`time_matmul`), and the arithmetic behind each variant's
-megabytes (:func:`parameter_breakdown`, :func:`size_arithmetic`).
-
-:mod:`kdlib.inference` builds the int8 variants with the libraries (PyTorch dynamic quantisation, ONNX
-Runtime); this module shows what they do, on the student notebook 02 trains.
+megabytes (:func:`parameter_breakdown`, :func:`size_arithmetic`). :mod:`kdlib.inference` builds the int8 variants
+with the libraries; this module shows what they do.
 """
 
 from __future__ import annotations
@@ -80,9 +78,8 @@ def layer_weight(model: torch.nn.Module, name: str | None = None) -> tuple[str, 
 
 def quantize_by_hand(weights: torch.Tensor, name: str = "weights") -> QuantizedWeights:
     """The affine map of ``weights`` onto int8: ``scale = (max - min) / 255`` spreads the range over the 256
-    levels, ``zero_point`` is the level that ``min`` lands on -128 with, and each weight becomes
-    ``clamp(round(w / scale) + zero_point, -128, 127)``. ``agreement`` compares the levels with PyTorch's
-    own ``torch.quantize_per_tensor`` at the same scale and zero point."""
+    levels, ``zero_point`` puts ``min`` on -128, and each weight becomes ``clamp(round(w / scale) + zero_point,
+    -128, 127)``. ``agreement`` compares the levels with ``torch.quantize_per_tensor``'s."""
     weights = weights.detach().to("cpu", torch.float32)
     low, high = weights.min().item(), weights.max().item()
     if not high > low:
@@ -98,12 +95,9 @@ def quantize_by_hand(weights: torch.Tensor, name: str = "weights") -> QuantizedW
 
 
 def time_matmul(weights: torch.Tensor, *, tokens: int = 16, repeats: int = 50, seed: int = 0) -> pd.DataFrame:
-    """One layer's product ``x @ W.T`` for ``tokens`` token vectors, timed in fp32 and in int8.
-
-    The int8 form is PyTorch's dynamically quantised linear layer, as the ``int8`` variant runs every
-    linear layer: int8 weights, the activations quantised per call. Median milliseconds per product
-    over ``repeats`` rounds of 10 calls (after a warm-up), at the session's thread count, and the largest difference
-    of the int8 result from fp32's relative to fp32's largest value.
+    """One layer's product ``x @ W.T`` for ``tokens`` token vectors, timed in fp32 and in int8 (PyTorch's dynamically
+    quantised linear layer, as the ``int8`` variant runs it): median milliseconds per product over ``repeats``
+    rounds of 10 calls after a warm-up, and the int8 result's largest difference relative to fp32's largest value.
     """
     weights = weights.detach().to("cpu", torch.float32)
     out_features, in_features = weights.shape
@@ -144,9 +138,10 @@ def parameter_breakdown(models: Mapping[str, torch.nn.Module]) -> pd.DataFrame:
         counts = Counter()
         for name, parameter in model.named_parameters():
             counts[_component(name)] += parameter.numel()
-        columns[f"{label} parameters"] = pd.Series(counts)
-        columns[f"{label} share"] = pd.Series(counts) / sum(counts.values())
-        columns[f"{label} fp32 MB"] = pd.Series(counts) * 4 / MB
+        per_part = pd.Series(counts)
+        columns[f"{label} parameters"] = per_part
+        columns[f"{label} share"] = per_part / per_part.sum()
+        columns[f"{label} fp32 MB"] = per_part * 4 / MB
     table = pd.DataFrame(columns).fillna(0)
     order = [c for c in ("embeddings", "transformer layers", "head (pooler, classifier)") if c in table.index]
     table = table.loc[order]
@@ -176,9 +171,8 @@ VARIANT_BYTES = {
 
 def size_arithmetic(model: torch.nn.Module, results: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
     """Each variant's size predicted from its bytes per element (:data:`VARIANT_BYTES`) against the size the
-    benchmark measured (``results``: ``{variant: record}`` with ``size_mb``). int8 stores a linear weight in
-    one byte instead of four; torch's int8 keeps the embedding tables in fp32, ONNX Runtime's stores them
-    in 8 bits too, so only it comes close to a quarter of the fp32 size."""
+    benchmark measured (``results``: ``{variant: record}`` with ``size_mb``): torch's int8 keeps the embedding
+    tables in fp32, ONNX Runtime's stores them in 8 bits too, so only it comes close to a quarter of fp32's."""
     counts = _byte_counts(model)
     rows = {}
     for variant, per_element in VARIANT_BYTES.items():

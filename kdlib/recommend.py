@@ -1,13 +1,10 @@
 """Which variant to deploy: one stated rule, read from a comparison table.
 
 The rule (:data:`RULE`): take the **Pareto front** of each variant's accuracy with its validation OOS
-threshold (``threshold_accuracy``, the accuracy a deployed model gets; plain ``accuracy`` when the data
-has no OOS label) against its median single-query latency (``time_p50_ms``), and recommend the
-**fastest variant on that front within** ``within`` (one accuracy point) **of the front's best**.
-
-The front keeps only variants no other variant beats on both figures; the tolerance trades a point of
-accuracy at most for speed, so a variant several times faster is not lost to one a few test queries
-more accurate. The figure notebook 03 highlights, the sentence it closes with and README's marked row
+threshold (``threshold_accuracy``; plain ``accuracy`` when the data has no OOS label) against its median
+single-query latency (``time_p50_ms``), and recommend the **fastest variant on that front within**
+``within`` (one accuracy point) **of the front's best**, so a variant several times faster is not lost to
+one a few test queries more accurate. Notebook 03's figure and closing sentence and README's marked row
 all come from :func:`recommendation`, so they cannot disagree.
 """
 
@@ -26,23 +23,19 @@ RULE = (
 
 
 def pareto_front(table: pd.DataFrame, accuracy: str = "accuracy", latency: str = "time_avg_ms") -> pd.DataFrame:
-    """Rows no other row beats: none is both faster and at least as accurate. Sorted by latency.
-
-    These are the only variants worth deploying: each one is the most accurate at its speed. A
-    row is also beaten by one exactly as fast and more accurate; exact duplicates both stay.
-    Compare rows of one run only; latencies from different runs (machines) are not comparable.
-    """
+    """Rows no other row beats (as fast or faster and at least as accurate, strictly better in one), sorted by
+    latency; exact duplicates both stay. Compare rows of one run only: latencies of different runs are not
+    comparable."""
     missing = [c for c in (accuracy, latency) if c not in table.columns]
     if missing:
         raise ValueError(f"pareto_front needs columns {missing} (a comparison_table()).")
     rows = table.dropna(subset=[accuracy, latency])
     time = rows[latency].astype(float).to_numpy()
     acc = rows[accuracy].astype(float).to_numpy()
-    # dominated[i]: some j with time_j <= time_i and acc_j >= acc_i, strictly better in one of them.
+    # [i, j]: row j is no slower and no less accurate than row i, and better in one of them
     no_worse = (time[None, :] <= time[:, None]) & (acc[None, :] >= acc[:, None])
     better = (time[None, :] < time[:, None]) | (acc[None, :] > acc[:, None])
-    dominated = (no_worse & better).any(axis=1)
-    front = rows[~dominated]
+    front = rows[~(no_worse & better).any(axis=1)]
     return front.sort_values([latency, accuracy], ascending=[True, False], kind="stable")
 
 
@@ -66,12 +59,9 @@ class Recommendation:
 
 
 def recommendation(table: pd.DataFrame, within: float = WITHIN, *, run: str | None = None) -> Recommendation:
-    """The rule of this module applied to one run of a :func:`kdlib.report.comparison_table`.
-
-    ``run`` names the run (default: the first in the table); latencies of different runs are never
-    compared. The accuracy read is ``threshold_accuracy`` when every variant of the run has one, else
-    ``accuracy``.
-    """
+    """The rule of this module applied to one ``run`` (default: the first) of a
+    :func:`kdlib.report.comparison_table`. It reads ``threshold_accuracy`` when every variant of the run has
+    one, else ``accuracy``."""
     if not 0 <= within < 1:
         raise ValueError(f"within = {within!r}: give the tolerance as a fraction in [0, 1) (0.01 is one point).")
     missing = [c for c in ("variant", "accuracy", LATENCY) if c not in table.columns]

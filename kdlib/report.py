@@ -1,15 +1,6 @@
-"""Reports of a run: result records on disk, the comparison table built from them, the model card.
-
-One JSON record per (run, variant) lives at ``<results_dir>/<run>/<variant>.json``, written
-atomically (:func:`kdlib.io.atomic_path`), so a crash mid-write keeps the previous record whole;
-a new run gets its own folder and never touches another run's.
-
-The Hugging Face model card (``README.md``) of a trained student or fine-tuned teacher is built
-with huggingface_hub's ``ModelCard`` / ``ModelCardData`` / ``EvalResult``, so the front matter is
-what the Hub expects: a ``model-index`` with the test results kdlib measured, ``base_model`` only
-when it is a real Hub id, ``datasets`` only when the data came from the Hub. The body holds the
-description, hyperparameters, the per-epoch table and the library versions.
-"""
+"""Reports of a run: its result records (``<results_dir>/<run>/<variant>.json``, written atomically), the
+comparison table built from them, and the model card, built with huggingface_hub's ``ModelCard`` so that its
+front matter is what the Hub expects."""
 
 from __future__ import annotations
 
@@ -37,49 +28,34 @@ TABLE_COLUMNS = [
     "loses_more_oos", "size_mb", "num_parameters", "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms",
     "throughput_qps", "speedup_vs_baseline", "throughput_vs_baseline", "size_ratio_vs_baseline", "threads", "test_rows",
 ]
-# The OOS view of the comparison table (notebook 03): n/a where the data has no OOS label.
-OOS_TABLE_COLUMNS = [
-    "run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS, "loses_more_oos"
-]
+OOS_TABLE_COLUMNS = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS,
+                     "loses_more_oos"]
 
 
 def _check_name(value: str, what: str) -> str:
     if not SAFE_NAME.match(value or ""):
-        raise ValueError(
-            f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a file name)."
-        )
+        raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a file name).")
     return value
 
 
 def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def portable_ref(ref: str | None) -> str | None:
     """A model path inside the project, relative to it (records are committed and shared)."""
-    if not ref or not os.path.isabs(ref):
-        return ref
-    try:
+    if ref and os.path.isabs(ref) and Path(ref).resolve().is_relative_to(project_root()):
         return str(Path(ref).resolve().relative_to(project_root()))
-    except ValueError:
-        return ref
+    return ref
 
 
-def save_record(
-    results_dir: str | os.PathLike, run: str, variant: str, metrics: dict, **identity: str | None
-) -> Path:
-    """Save one variant's metrics (a ``run_benchmark()`` value) as ``<run>/<variant>.json``.
-
-    ``identity`` (``model_ref``: where the model came from, stored relative to the project when inside it;
-    ``fingerprint``, ``weights_digest``, ``teacher_weights_digest``) says which model the figures belong to,
-    so that :func:`check_lineage` can refuse records of different runs.
-    """
+def save_record(results_dir: str | os.PathLike, run: str, variant: str, metrics: dict, **identity: str | None) -> Path:
+    """Save one variant's metrics as ``<run>/<variant>.json``; ``identity`` (``model_ref``, ``fingerprint``,
+    the weight digests) names the model they belong to, so :func:`check_lineage` can refuse mixed runs."""
     record = {**_json_safe(metrics), **identity, "run": run, "variant": variant}
     if "model_ref" in record:
         record["model_ref"] = portable_ref(record["model_ref"])
@@ -88,11 +64,9 @@ def save_record(
     return atomic_write_text(path, text + "\n")
 
 
-def save_benchmark(
-    results_dir: str | os.PathLike, run: str, result: Mapping[str, dict], **identity: str | None
-) -> list[Path]:
-    """Save every ``{variant: metrics}`` entry of a ``PerformanceBenchmark.run_benchmark()`` result (or of a
-    dict of several), each with the ``identity`` fields of :func:`save_record` (``model_ref=``, ...)."""
+def save_benchmark(results_dir: str | os.PathLike, run: str, result: Mapping[str, dict],
+                   **identity: str | None) -> list[Path]:
+    """Save every ``{variant: metrics}`` entry of a benchmark result, as :func:`save_record` does."""
     return [save_record(results_dir, run, variant, metrics, **identity) for variant, metrics in result.items()]
 
 
@@ -101,9 +75,7 @@ def load_run(results_dir: str | os.PathLike, run: str) -> list[dict]:
     folder = Path(results_dir) / _check_name(run, "Run name")
     files = sorted(folder.glob("*.json"), key=lambda p: p.stem)
     if not files:
-        raise FileNotFoundError(
-            f"No result records in {folder}. Run notebooks 01 and 02 with run_name={run!r} first."
-        )
+        raise FileNotFoundError(f"No result records in {folder}. Run notebooks 01 and 02 with run_name={run!r} first.")
     records = []
     for file in files:
         try:
@@ -114,25 +86,19 @@ def load_run(results_dir: str | os.PathLike, run: str) -> list[dict]:
 
 
 def load_runs(results_dir: str | os.PathLike, runs: Iterable[str]) -> list[dict]:
-    """The records of several runs (``results_dir/<run>/*.json``), run by run, for one table."""
+    """The records of several runs, run by run, for one table."""
     return [record for run in runs for record in load_run(results_dir, run)]
 
 
 def check_lineage(records: list[dict], baseline: str = "teacher") -> None:
-    """Refuse to compare records of one run that come from different models.
-
-    Within a run, every non-baseline record (the student and its variants) must carry the same
-    ``fingerprint``, and their ``teacher_weights_digest`` must be the baseline's ``weights_digest``:
-    otherwise a table would put a new student beside an older run's ONNX files, or beside a teacher
-    it was not distilled from. The error names the records and how to fix it.
-    """
+    """Refuse records of one run that come from different models: its students must share one ``fingerprint``
+    and have been distilled from its baseline (``teacher_weights_digest`` equal to its ``weights_digest``)."""
     for run in dict.fromkeys(r.get("run") for r in records):
         own = [r for r in records if r.get("run") == run]
         base = next((r for r in own if r.get("variant") == baseline), None)
         students = [r for r in own if r.get("variant") != baseline]
         problems = []
-        fingerprints = {r.get("fingerprint") for r in students}
-        if len(fingerprints) > 1 or None in fingerprints:
+        if len(fingerprints := {r.get("fingerprint") for r in students}) > 1 or None in fingerprints:
             listed = ", ".join(f"{r.get('variant')} ({r.get('fingerprint')})" for r in students)
             problems.append(f"its student records come from different trainings: {listed}")
         if base is not None and students:
@@ -148,15 +114,9 @@ def check_lineage(records: list[dict], baseline: str = "teacher") -> None:
 
 
 def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataFrame:
-    """One row per (run, variant) with the documented :data:`TABLE_COLUMNS`.
-
-    ``speedup_vs_baseline`` = baseline mean latency / variant mean latency,
-    ``throughput_vs_baseline`` = variant batch throughput / baseline's and
-    ``size_ratio_vs_baseline`` = variant size / baseline size, all within the same run, since
-    speed is only comparable between figures measured in one run on one machine.
-    ``loses_more_oos``: the variant's OOS recall with threshold fell further below the baseline's
-    than its in-scope accuracy with threshold did (None without OOS figures).
-    """
+    """One row per (run, variant) with the documented :data:`TABLE_COLUMNS`. The ``*_vs_baseline`` ratios
+    compare a variant with its own run's baseline (speed is only comparable within one run); ``loses_more_oos``:
+    its OOS recall with threshold fell further below the baseline's than its in-scope accuracy did."""
     rows = [{**{c: r.get(c) for c in TABLE_COLUMNS}, "threads": (r.get("env") or {}).get("threads")} for r in records]
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "oos_score", "loses_more_oos")]
@@ -167,13 +127,12 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
         if base.empty:
             continue
         first = base.iloc[0]
-        index = group.index
-        table.loc[index, "speedup_vs_baseline"] = first["time_avg_ms"] / table.loc[index, "time_avg_ms"]
-        table.loc[index, "throughput_vs_baseline"] = table.loc[index, "throughput_qps"] / first["throughput_qps"]
-        table.loc[index, "size_ratio_vs_baseline"] = table.loc[index, "size_mb"] / first["size_mb"]
-        recall_lost = first["threshold_oos_recall"] - table.loc[index, "threshold_oos_recall"]
-        in_scope_lost = first["threshold_in_scope_accuracy"] - table.loc[index, "threshold_in_scope_accuracy"]
-        known = recall_lost.notna() & in_scope_lost.notna() & (table.loc[index, "variant"] != baseline)
+        table.loc[group.index, "speedup_vs_baseline"] = first["time_avg_ms"] / group["time_avg_ms"]
+        table.loc[group.index, "throughput_vs_baseline"] = group["throughput_qps"] / first["throughput_qps"]
+        table.loc[group.index, "size_ratio_vs_baseline"] = group["size_mb"] / first["size_mb"]
+        recall_lost = first["threshold_oos_recall"] - group["threshold_oos_recall"]
+        in_scope_lost = first["threshold_in_scope_accuracy"] - group["threshold_in_scope_accuracy"]
+        known = recall_lost.notna() & in_scope_lost.notna() & (group["variant"] != baseline)
         for i in known[known].index:
             table.at[i, "loses_more_oos"] = bool(recall_lost[i] > in_scope_lost[i])
     # The baseline first in each run, then the other variants in record order.
@@ -183,8 +142,7 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
 
 
 def oos_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The OOS columns of a :func:`comparison_table`: "n/a" where the data has no OOS label, threshold
-    "none" where no threshold met the rule on validation."""
+    """:func:`comparison_table`'s OOS columns: "n/a" without an OOS label, threshold "none" if none fit the rule."""
     view = table[OOS_TABLE_COLUMNS].astype(object)
     view.loc[view["oos_auroc"].notna() & view["threshold"].isna(), "threshold"] = "none"
     return view.where(view.notna(), NOT_APPLICABLE)
@@ -196,9 +154,7 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
-        if isinstance(value, float):
-            return format(value, floatfmt)
-        return str(value)
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
 
     header = "| " + " | ".join(map(str, table.columns)) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
@@ -209,53 +165,37 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
 def write_table(table: pd.DataFrame, path_stem: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``<stem>.csv`` and ``<stem>.md`` atomically."""
     stem = Path(path_stem)
-    csv_path = atomic_write_text(stem.parent / f"{stem.name}.csv", table.to_csv(index=False))
-    md_path = atomic_write_text(stem.parent / f"{stem.name}.md", to_markdown(table))
-    return csv_path, md_path
+    return (atomic_write_text(stem.parent / f"{stem.name}.csv", table.to_csv(index=False)),
+            atomic_write_text(stem.parent / f"{stem.name}.md", to_markdown(table)))
 
 
-# What a notebook shows of a benchmark: quality figures are deterministic for a fixed model and
-# data; speed figures vary run to run (nbval ignores the cell that shows them).
-QUALITY_COLUMNS = [
-    "accuracy", "in_scope_accuracy", "oos_recall", "oos_precision", "macro_f1", *OOS_KEYS, "size_mb", "num_parameters",
-]
-SPEED_COLUMNS = [
-    "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms", "time_p99_ms", "throughput_qps", "threads", "cpu",
-    "torch_version",
-]
+# Quality figures are deterministic for a fixed model and data; speed figures vary (nbval ignores them).
+QUALITY_COLUMNS = ["accuracy", "in_scope_accuracy", "oos_recall", "oos_precision", "macro_f1", *OOS_KEYS, "size_mb",
+                   "num_parameters"]
+SPEED_COLUMNS = ["time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms", "time_p99_ms", "throughput_qps", "threads",
+                 "cpu", "torch_version"]
 
 
 def summary_frame(result: Mapping[str, dict], kind: str = "quality") -> pd.DataFrame:
-    """A one-row-per-variant view of ``run_benchmark()`` results (or records) for display:
-    ``kind="quality"`` (:data:`QUALITY_COLUMNS`, deterministic for a fixed model and data) or
-    ``"speed"`` (:data:`SPEED_COLUMNS`, which vary from run to run and machine to machine)."""
+    """A one-row-per-variant view of benchmark results (or records) for display: ``kind="quality"``
+    (:data:`QUALITY_COLUMNS`) or ``"speed"`` (:data:`SPEED_COLUMNS`)."""
     columns = {"quality": QUALITY_COLUMNS, "speed": SPEED_COLUMNS}.get(kind)
     if columns is None:
         raise ValueError(f"kind must be 'quality' or 'speed', got {kind!r}.")
     rows = {}
     for name, metrics in result.items():
         flat = {**(metrics.get("env") or {}), **metrics}
-        rows[name] = {column: flat.get(column) for column in columns}
         if kind == "quality" and flat.get("oos_score") is None:  # no OOS label: not applicable
-            absent = ("in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS)
-            rows[name].update(dict.fromkeys(absent, NOT_APPLICABLE))
+            flat.update(dict.fromkeys(("in_scope_accuracy", "oos_recall", "oos_precision", *OOS_KEYS), NOT_APPLICABLE))
+        rows[name] = {column: flat.get(column) for column in columns}
     return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
 
 
-# ---------------------------------------------------------------------------------------------
-# The model card
-# ---------------------------------------------------------------------------------------------
-
 # What people write for kdlib's metric keys (the model-index keeps the keys as metric types).
 METRIC_NAMES = {
-    "accuracy": "Accuracy",
-    "in_scope_accuracy": "In-scope accuracy",
-    "oos_recall": "OOS recall",
-    "oos_precision": "OOS precision",
-    "macro_f1": "Macro F1",
-    "oos_auroc": "OOS AUROC",
-    "threshold_accuracy": "Accuracy with OOS threshold",
-    "threshold_oos_recall": "OOS recall with threshold",
+    "accuracy": "Accuracy", "in_scope_accuracy": "In-scope accuracy", "oos_recall": "OOS recall",
+    "oos_precision": "OOS precision", "macro_f1": "Macro F1", "oos_auroc": "OOS AUROC",
+    "threshold_accuracy": "Accuracy with OOS threshold", "threshold_oos_recall": "OOS recall with threshold",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CLINC_RELEASE = re.compile(r"data_(oos_plus|full|small|imbalanced)\.json(\.gz)?$")
@@ -302,14 +242,12 @@ class CardDataset:
 
 
 def card_dataset(source: str, *, base_dir: str | os.PathLike | None = None) -> CardDataset:
-    """Name the data actually loaded (a resolved ``data_source``): a Hub id, a CLINC150 release file
-    (the embedded one included) or the user's own folder; never a dataset that was not used.
-    Relative paths are taken from ``base_dir`` (default: the working directory), as when loading."""
+    """Name the data actually loaded (a resolved ``data_source``): a Hub id, a CLINC150 release file or the
+    user's own folder. Relative paths are taken from ``base_dir`` (default: the working directory)."""
     if source == EMBEDDED_SOURCE:
         return CardDataset("CLINC150 plus (release file data_oos_plus.json, embedded in kdlib)", "clinc150", "plus")
     path = Path(base_dir or Path.cwd()) / Path(source).expanduser()
-    match = CLINC_RELEASE.search(path.name)
-    if match:
+    if match := CLINC_RELEASE.search(path.name):
         config = match.group(1).removeprefix("oos_")
         return CardDataset(f"CLINC150 {config} (release file {path.name})", "clinc150", config)
     if path.is_dir():
@@ -332,19 +270,14 @@ def base_model_id(ref: str | os.PathLike | None) -> str | None:
 
 
 def training_hyperparameters(result) -> dict:
-    """The hyperparameters of a training run (a :class:`kdlib.train.TrainResult`) as the Trainer used
-    them (``transformers.modelcard.extract_hyperparameters_from_trainer``: the lines of a Hugging Face
-    model card), and the distillation loss's alpha and temperature."""
+    """A :class:`kdlib.train.TrainResult`'s hyperparameters as a model card lists them, with alpha and temperature."""
     # transformers.modelcard imports torch, which the records and tables of this module do not need
     from transformers.modelcard import extract_hyperparameters_from_trainer
 
-    return {
-        **extract_hyperparameters_from_trainer(result.trainer),
-        # the library's optimizer line leaves out weight_decay, which kdlib's training arguments set
-        "optimizer": optimizer_description(result.trainer.args),
-        "alpha": result.trainer.args.alpha,
-        "temperature": result.trainer.args.temperature,
-    }
+    args = result.trainer.args
+    # the library's optimizer line leaves out weight_decay, which kdlib's training arguments set
+    return {**extract_hyperparameters_from_trainer(result.trainer), "optimizer": optimizer_description(args),
+            "alpha": args.alpha, "temperature": args.temperature}
 
 
 def optimizer_description(args) -> str:
@@ -357,33 +290,22 @@ def optimizer_description(args) -> str:
 
 @dataclass(frozen=True)
 class CardTraining:
-    """How a model was trained, as its card shows it: the hyperparameter lines
-    (:func:`training_hyperparameters`) and the per-epoch table (a ``TrainResult.epoch_table``)."""
+    """How a model was trained, as its card shows it: hyperparameter lines and the per-epoch table."""
 
     hyperparameters: dict
     epoch_table: pd.DataFrame
 
 
-def build_model_card(
-    *,
-    model_name: str,
-    dataset: CardDataset,
-    description: str,
-    training: CardTraining,
-    test_metrics: dict[str, float],
-    base_model: str | None = None,
-    teacher: str | None = None,
-    license: str = "apache-2.0",
-) -> ModelCard:
+def build_model_card(*, model_name: str, dataset: CardDataset, description: str, training: CardTraining,
+                     test_metrics: dict[str, float], base_model: str | None = None, teacher: str | None = None,
+                     license: str = "apache-2.0") -> ModelCard:
     """A ``ModelCard``: ``base_model`` is kept only when it looks like a Hub id, ``teacher`` is linked
     only when it is one (a local folder is named as text)."""
     base_model = base_model if base_model and HUB_ID.match(base_model) else None
     eval_results = [
-        EvalResult(
-            task_type="text-classification", task_name="Text Classification", dataset_type=dataset.type,
-            dataset_name=dataset.name, dataset_config=dataset.config, dataset_split="test", metric_type=key,
-            metric_value=round(float(value), 4), metric_name=METRIC_NAMES.get(key, key),
-        )
+        EvalResult(task_type="text-classification", task_name="Text Classification", dataset_type=dataset.type,
+                   dataset_name=dataset.name, dataset_config=dataset.config, dataset_split="test", metric_type=key,
+                   metric_value=round(float(value), 4), metric_name=METRIC_NAMES.get(key, key))
         for key, value in test_metrics.items()
     ]
     data = ModelCardData(
@@ -398,25 +320,17 @@ def build_model_card(
     else:
         origin = f"fine-tuned from {base_model}" if base_model else "a fine-tuned text classifier"
     return ModelCard.from_template(
-        data,
-        template_str=TEMPLATE,
-        model_name=model_name,
-        origin=origin,
+        data, template_str=TEMPLATE, model_name=model_name, origin=origin,
         dataset_text=dataset.name + (f" (config {dataset.config})" if dataset.config and dataset.hub_id else ""),
         results="\n".join(f"- {METRIC_NAMES.get(k, k)}: {v:.4f}" for k, v in test_metrics.items()),
-        description=description.strip(),
+        description=description.strip(), epoch_table=to_markdown(training.epoch_table),
         hyperparameters="\n".join(f"- {key}: {value}" for key, value in training.hyperparameters.items()),
-        epoch_table=to_markdown(training.epoch_table),
         versions="\n".join(f"- {name} {version}" for name, version in library_versions().items()),
     )
 
 
 def write_model_card(out_dir: str | os.PathLike, *, hyperparameters: dict, epoch_table: pd.DataFrame, **card) -> Path:
-    """Write ``README.md`` (the model card) into a saved model directory, atomically; returns its path.
-
-    The notebooks' entry point: ``hyperparameters`` and ``epoch_table`` are the card's
-    :class:`CardTraining`, ``card`` the other keywords of :func:`build_model_card`.
-    """
+    """Write the model card to ``<out_dir>/README.md`` atomically; ``card``: :func:`build_model_card`'s keywords."""
     built = build_model_card(training=CardTraining(hyperparameters, epoch_table), **card)
     return atomic_write_text(Path(out_dir) / "README.md", str(built))
 
@@ -436,19 +350,14 @@ class CardFile:
         return f"model card: {shown.as_posix()}"
 
 
-# The test results a student's card lists, in this order, when its record has them.
-CARD_METRICS = (
-    "accuracy", "in_scope_accuracy", "oos_recall", "oos_auroc", "threshold_accuracy", "threshold_oos_recall",
-)
+CARD_METRICS = ("accuracy", "in_scope_accuracy", "oos_recall", "oos_auroc", "threshold_accuracy",
+                "threshold_oos_recall")
 
 
 def write_student_card(config, distilled, record: dict, *, teacher: str | os.PathLike, out_dir: str | os.PathLike,
                        base_dir: str | os.PathLike | None = None) -> CardFile:
-    """Notebook 02's model card of the distilled student, written into ``out_dir``: named after the run, the
-    data the run loaded (relative paths from ``base_dir``, default the project root), the model its weights
-    start from (the teacher's layers, or the pretrained ``student``), ``teacher``, the training's
-    hyperparameters and per-epoch table (``distilled``, a :class:`kdlib.train.TrainResult`) and the test
-    results of the student's benchmark ``record``."""
+    """Notebook 02's model card of the distilled student (``distilled``, a :class:`kdlib.train.TrainResult`) with
+    its benchmark ``record``'s test results; relative data paths are taken from ``base_dir`` (default: the project)."""
     # models and prune load torch, and notebook 03 imports report before its parameter check
     from kdlib.models import num_layers
     from kdlib.prune import is_pruning
@@ -459,16 +368,12 @@ def write_student_card(config, distilled, record: dict, *, teacher: str | os.Pat
                f"{config.ffn_keep:g} of its FFN neurons and distilled again for {config.prune_epochs} epochs (the "
                "hyperparameters and table below are this recovery's); kdlib.load_classifier restores its pruned "
                "shapes.") if is_pruning(config) else ""
-    path = write_model_card(
-        out_dir,
-        model_name=f"{config.run_name}-distilled-student",
+    return CardFile(write_model_card(
+        out_dir, model_name=f"{config.run_name}-distilled-student",
         dataset=card_dataset(resolve_data_source(config.data_source), base_dir=base_dir or project_root()),
-        base_model=base_model_id(start),
-        teacher=portable_ref(str(teacher)),
+        base_model=base_model_id(start), teacher=portable_ref(str(teacher)),
         description=f"A {config.student_init} student with {num_layers(distilled.model)} layers, distilled with "
                     f"alpha={args.alpha}, T={args.temperature}." + pruning,
-        hyperparameters=training_hyperparameters(distilled),
-        epoch_table=distilled.epoch_table,
+        hyperparameters=training_hyperparameters(distilled), epoch_table=distilled.epoch_table,
         test_metrics={key: record[key] for key in CARD_METRICS if record.get(key) is not None},
-    )
-    return CardFile(path)
+    ))

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from kdlib.config import (
     DEFAULT_PROFILE,
     OVERRIDES,
@@ -50,38 +52,27 @@ PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student", "search
 
 
 def notebook_parameters(notebook: Path, params: dict) -> dict:
-    """What papermill injects into ``notebook``: the entries of ``params`` its ``parameters`` cell declares,
-    and, when the cell declares ``overrides`` (:data:`kdlib.config.OVERRIDES`), every other entry in that
-    one mapping, so a parameter left out of a short cell still reaches the run's configuration."""
+    """What papermill injects into ``notebook``: the entries of ``params`` its ``parameters`` cell declares and,
+    when it declares ``overrides``, every other entry in that one mapping, so no parameter is left out."""
     import papermill  # seconds to import: a refused command answers without it
 
     declared = papermill.inspect_notebook(str(notebook))
     passed = {key: value for key, value in params.items() if key in declared}
     rest = {key: value for key, value in params.items() if key not in declared}
-    if rest and OVERRIDES in declared:
-        passed[OVERRIDES] = rest
-    return passed
+    return {**passed, OVERRIDES: rest} if rest and OVERRIDES in declared else passed
 
 
 class _CtrlC:
-    """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (papermill saves the
-    partly executed notebook), or, between cells, stops the run before the next one; a second stops
-    this process at once.
-
-    The kernel runs in a session of its own, so the signal is sent to the kernel's pid alone
-    (jupyter_client's recorded process group can be ours). An interrupt that arrives after a cell ended
-    but before it replied is lost, so without a reply within ``grace`` seconds the second Ctrl-C is
-    sent for the user. Installed only in the main thread of a process that handles SIGINT (a background
-    process inherits it ignored); anywhere else Ctrl-C keeps its usual effect.
-    """
+    """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (papermill saves the partly
+    executed notebook) or, between cells, stops the run before the next one; a second stops this process, and is
+    sent by itself after ``grace`` seconds when the interrupt was lost with a cell's reply. Only in a main thread
+    that handles SIGINT (a background process inherits it ignored)."""
 
     grace = 60.0
-
-    def __init__(self) -> None:
-        self.client: Any = None  # the notebook client, set by the engine's on_client
-        self.requested = False
-        self._previous: Any = None
-        self._second: threading.Timer | None = None
+    client: Any = None  # the notebook client, set by the engine's on_client
+    requested = False
+    _previous: Any = None
+    _second: threading.Timer | None = None
 
     def __enter__(self) -> _CtrlC:
         main_thread = threading.current_thread() is threading.main_thread()
@@ -101,7 +92,7 @@ class _CtrlC:
         if process is None:
             raise KeyboardInterrupt  # no kernel yet
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signal.SIGINT)  # the kernel alone: jupyter_client's process group can be ours
         self._second = threading.Timer(self.grace, os.kill, (os.getpid(), signal.SIGINT))
         self._second.daemon = True
         self._second.start()
@@ -118,22 +109,18 @@ class _CtrlC:
             raise KeyboardInterrupt
 
 
-def _watch_cells(
-    client: Any, label: str, log: Callable[[str], None] | None, ctrl_c: _CtrlC, before: Callable[[], None]
-) -> None:
-    """The engine's ``on_client``: nbclient's ``on_cell_start`` hook says which cell is running (its
-    position among the code cells and its first line) after calling ``before``, and stops the run there
-    after a Ctrl-C."""
+def _watch_cells(client: Any, label: str, log: Callable[[str], None] | None, ctrl_c: _CtrlC,
+                 before: Callable[[], None]) -> None:
+    """The engine's ``on_client``: before each cell, stop after a Ctrl-C, call ``before``, log the cell's line."""
     ctrl_c.client = client
     code_cells = [i for i, c in enumerate(client.nb.cells) if c.cell_type == "code"]
 
     def on_cell_start(cell: Any, cell_index: int) -> None:
         ctrl_c.stop_if_requested()
         before()
-        if log is not None and cell.cell_type == "code" and cell_index in code_cells:
+        if log is not None and cell_index in code_cells:
             first = next((line for line in cell.source.splitlines() if line.strip()), "")
-            position = code_cells.index(cell_index) + 1
-            log(f"{label} · cell {position}/{len(code_cells)}: {first[:70]}")
+            log(f"{label} · cell {code_cells.index(cell_index) + 1}/{len(code_cells)}: {first[:70]}")
 
     client.on_cell_start = on_cell_start
     client.on_cell_executed = ctrl_c.replied
@@ -141,10 +128,8 @@ def _watch_cells(
 
 @contextlib.contextmanager
 def _training_progress(path: Path, log: Callable[[str], None] | None):
-    """Training in the kernel writes its progress lines to ``path`` (``$KDLIB_PROGRESS_FILE``) and a
-    thread prints them here twice a second: they reach the terminal, not the stored notebook (which
-    captures the kernel's stderr). Yields ``flush``, which prints the complete lines written so far
-    (called before the next cell's line, so they stay under their cell). The file is removed afterwards."""
+    """Prints, twice a second, the progress lines training writes to ``path`` (``$KDLIB_PROGRESS_FILE``): they reach
+    the terminal, not the stored notebook. Yields ``flush``, which prints the complete lines written so far."""
     os.environ.setdefault("KDLIB_PROGRESS", "console")
     path.write_text("")
     os.environ["KDLIB_PROGRESS_FILE"] = str(path)
@@ -182,11 +167,10 @@ def _training_progress(path: Path, log: Callable[[str], None] | None):
         os.environ.pop("KDLIB_PROGRESS_FILE", None)
 
 
-def run_notebook(
-    notebook: Path, output: Path, params: dict, *, kernel: str | None = None, log: Callable[[str], None] | None = None
-) -> float:
-    """Execute one notebook with papermill and the ``kdlib`` engine; returns wall seconds. Raises on a
-    failing cell, and KeyboardInterrupt (after the kernel stopped and the notebook was saved) on Ctrl-C."""
+def run_notebook(notebook: Path, output: Path, params: dict, *, kernel: str | None = None,
+                 log: Callable[[str], None] | None = None) -> float:
+    """Execute one notebook with papermill and the ``kdlib`` engine; returns wall seconds. Raises on a failing
+    cell, and KeyboardInterrupt (after the kernel stopped and the notebook was saved) on Ctrl-C."""
     # papermill's import takes seconds: a refused command and --help-params answer without it.
     import papermill
     from traitlets.config import Config
@@ -198,14 +182,8 @@ def run_notebook(
     with _CtrlC() as ctrl_c, _training_progress(output.parent / f".{output.stem}.progress", log) as flush:
         try:
             papermill.execute_notebook(
-                str(notebook),
-                str(output),
-                parameters=notebook_parameters(notebook, params),
-                engine_name=ENGINE_NAME,
-                kernel_name=kernel or "python3",
-                cwd=str(project_root()),
-                progress_bar=False,
-                log_output=False,
+                str(notebook), str(output), parameters=notebook_parameters(notebook, params), engine_name=ENGINE_NAME,
+                kernel_name=kernel or "python3", cwd=str(project_root()), progress_bar=False, log_output=False,
                 request_save_on_cell_execute=True,
                 # IPC sockets: the kernel talks over local files, not TCP (no "without encryption" warning).
                 config=Config({"KernelManager": {"transport": "ipc"}}),
@@ -224,16 +202,20 @@ class NotebookFailed(RuntimeError):
 
     def __init__(self, notebook: str, cell, ename: str, evalue: str, output: Path):
         self.notebook, self.cell, self.ename, self.evalue, self.output = notebook, cell, ename, evalue, output
-        super().__init__(
-            f"{notebook}, cell [{cell}]: {ename}: {evalue}\n"
-            f"The partly executed notebook is kept at {output} for inspection."
-        )
+        super().__init__(f"{notebook}, cell [{cell}]: {ename}: {evalue}\n"
+                         f"The partly executed notebook is kept at {output} for inspection.")
 
 
-def run_notebooks(
-    notebooks: list[Path], executed_dir: Path, params: dict, *, kernel: str | None = None, log=print,
-    progress: bool = False,
-) -> dict[str, float]:
+class Interrupted(RuntimeError):
+    """Ctrl-C during a notebook: where the partly executed notebook is and that a rerun resumes."""
+
+    def __init__(self, notebook: str, output: Path):
+        super().__init__(f"Interrupted in {notebook}; the partly executed notebook is at {output}. "
+                         "Run the same command again to resume: training continues from its last checkpoint.")
+
+
+def run_notebooks(notebooks: list[Path], executed_dir: Path, params: dict, *, kernel: str | None = None, log=print,
+                  progress: bool = False) -> dict[str, float]:
     """Execute notebooks in order; wall seconds per notebook. Stops at the first failing cell."""
     timings: dict[str, float] = {}
     for source in notebooks:
@@ -244,32 +226,15 @@ def run_notebooks(
         except KeyboardInterrupt:
             raise Interrupted(source.stem, output) from None
         except Exception as err:  # papermill's PapermillExecutionError carries the cell and error
-            raise NotebookFailed(
-                source.stem,
-                getattr(err, "exec_count", None),
-                getattr(err, "ename", type(err).__name__),
-                getattr(err, "evalue", str(err)),
-                output,
-            ) from err
+            ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+            raise NotebookFailed(source.stem, getattr(err, "exec_count", None), ename, evalue, output) from err
         log(f"{source.stem}: {timings[source.stem]:.1f} s")
     return timings
 
 
-class Interrupted(RuntimeError):
-    """Ctrl-C during a notebook: where the partly executed notebook is and that a rerun resumes."""
-
-    def __init__(self, notebook: str, output: Path):
-        super().__init__(
-            f"Interrupted in {notebook}; the partly executed notebook is at {output}. "
-            "Run the same command again to resume: training continues from its last checkpoint."
-        )
-
-
 def strip_local_paths(notebook: Path, *, drop_injected: bool = False) -> None:
-    """Drop papermill's absolute input/output paths from a notebook meant to be committed, and
-    (for notebooks/) its injected-parameters cell, so that a reader's edits to the one
-    ``parameters`` cell take effect in JupyterLab; the execution counts are then renumbered 1, 2, 3 ...
-    as a reader running the notebook top to bottom sees them."""
+    """Drop papermill's local paths from a notebook to commit and, for notebooks/, the injected-parameters cell (so
+    edits to the ``parameters`` cell take effect), numbering the executed cells 1, 2, 3 ... as a reader sees them."""
     import nbformat
 
     nb = nbformat.read(notebook, as_version=4)
@@ -280,25 +245,20 @@ def strip_local_paths(notebook: Path, *, drop_injected: bool = False) -> None:
         executed = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count") is not None]
         for count, cell in enumerate(executed, start=1):
             cell.execution_count = count
-            for output in cell.get("outputs", []):
-                if "execution_count" in output:
-                    output["execution_count"] = count
+            for output in (o for o in cell.get("outputs", []) if "execution_count" in o):
+                output["execution_count"] = count
     nbformat.write(nb, notebook)
 
 
 def absolute_paths(overrides: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """Relative local paths among ``overrides`` taken from ``cwd``: the notebooks run elsewhere.
-
-    A value is a local path when it exists below ``cwd`` or starts with ``.`` or ``~``; anything
-    else (``clinc_oos:plus``, ``owner/model``) is left for the Hub.
-    """
+    """Relative local paths among ``overrides`` taken from ``cwd``, since the notebooks run elsewhere. A value is
+    local when it exists below ``cwd`` or starts with ``.`` or ``~``; anything else (``owner/model``) is the Hub's."""
     out = dict(overrides)
     for name in PATH_PARAMETERS:
         value = out.get(name)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            candidate = cwd / Path(value).expanduser()
-            if candidate.exists() or value.startswith((".", "~")):
-                out[name] = str(candidate.expanduser().resolve())
+        if isinstance(value, str) and value and not (path := Path(value).expanduser()).is_absolute():
+            if (cwd / path).exists() or value.startswith((".", "~")):
+                out[name] = str((cwd / path).expanduser().resolve())
     return out
 
 
@@ -308,63 +268,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 01 02")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--help-params", action="store_true", help="list every parameter with its default")
-    parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: python3)")
-    parser.add_argument("--into", default=None,
-                        help="folder for the executed notebooks (default: <output_dir>/notebooks/<run_name>)")
-    parser.add_argument("--update-notebooks", action="store_true",
-                        help="copy the executed notebooks over notebooks/ (to commit a real run's outputs as "
-                        "course material)")
+    parser.add_argument("--kernel", help="Jupyter kernel name (default: python3)")
+    parser.add_argument("--into", help="folder for the executed notebooks (default: <output_dir>/notebooks/<run_name>)")
+    parser.add_argument("--update-notebooks", action="store_true", help="copy the executed notebooks over notebooks/ "
+                        "(to commit a real run's outputs as course material)")
     args = parser.parse_args(argv)
     profile = str(profile_path(args.profile)) if args.profile.endswith((".yaml", ".yml")) else args.profile
-    if args.help_params:
-        try:
-            print(parameter_help(profile))
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
-
-    cwd = Path.cwd()
-    data_env = os.environ.get("KDLIB_DATA")
-    if data_env and not Path(data_env).expanduser().is_absolute():
-        # Notebooks run with the project root as working directory: pass an absolute path on.
-        os.environ["KDLIB_DATA"] = str((cwd / Path(data_env).expanduser()).resolve())
     try:
-        overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, cwd)
+        if args.help_params:
+            print(parameter_help(profile))
+            return 0
+        overrides = absolute_paths({name: parse_cli_value(name, value) for name, value in args.param}, Path.cwd())
         config = load_config(profile, **overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    data_env = os.environ.get("KDLIB_DATA")
+    if data_env and not Path(data_env).expanduser().is_absolute():
+        # Notebooks run with the project root as working directory: pass an absolute path on.
+        os.environ["KDLIB_DATA"] = str((Path.cwd() / Path(data_env).expanduser()).resolve())
     if data_env and not config.data_source:
         print(f"data: $KDLIB_DATA = {os.environ['KDLIB_DATA']}")
     return execute(config, profile, overrides, args)
 
 
 def _check_writable(folder: Path, *, param: str, given: object) -> None:
-    """Raise :class:`ConfigError` unless ``folder`` can be written: a probe folder is created in it, or in
-    its nearest existing parent when it does not exist yet, and removed at once."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    """Raise :class:`ConfigError` unless a probe folder can be made (and is removed at once) in ``folder`` or,
+    when it does not exist yet, its nearest existing parent."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     try:
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file, not a folder")
         os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=existing))
     except OSError as err:
-        raise ConfigError(
-            f"{param} = {given!r}: cannot write into {existing} ({err.strerror or err}). Choose a folder you can "
-            f"write to with -p {param} PATH."
-        ) from None
+        raise ConfigError(f"{param} = {given!r}: cannot write into {existing} ({err.strerror or err}). Choose a "
+                          f"folder you can write to with -p {param} PATH.") from None
 
 
 def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
-    """What can be known before any work, checked before any work, for the ``notebooks`` about to run:
-    ``output_dir`` can be written, the teacher has the layers ``keep_layers`` names or counts (read from its
-    config, no weights loaded), and the data loads with at least two labels. Raises
-    :class:`ConfigError`, :class:`kdlib.data.DataError` or :class:`kdlib.models.ModelReferenceError`,
-    each naming the parameter or file and the fix; nothing is written."""
-    paths = RunPaths.for_config(config)
-    _check_writable(paths.output_dir, param="output_dir", given=config.output_dir)
+    """Check what the ``notebooks`` about to run need, before any work and writing nothing: ``output_dir`` can be
+    written, the teacher has the layers ``keep_layers`` names, ``heads_keep`` leaves a head, the data has two labels
+    or more. Raises ConfigError, DataError or ModelReferenceError naming the parameter or file and the fix."""
+    _check_writable(RunPaths.for_config(config).output_dir, param="output_dir", given=config.output_dir)
     distils = any(name.startswith("02") for name in notebooks)
     if distils and config.student_init == "teacher_layers" and config.keep_layers is not None:
         # kdlib.models imports torch and transformers (seconds): only a run that names its layers waits for them.
@@ -372,32 +317,25 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
 
         # 02 distils from teacher_model, else from the copy of `teacher` that 01 fine-tunes (the same depth).
         param = "teacher_model" if config.teacher_model else "teacher"
-        teacher = getattr(config, param)
+        teacher, keep = getattr(config, param), config.keep_layers
         depth = reference_num_layers(teacher, param=param)
-        keep = config.keep_layers
         if isinstance(keep, int) and keep > depth:
-            raise ConfigError(
-                f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, so a student "
-                f"keeps at most {depth}. Choose a count from 1 to {depth}, or leave keep_layers unset (half)."
-            )
-        missing = [] if isinstance(keep, int) else [i for i in keep if i >= depth]
-        if missing:
-            raise ConfigError(
-                f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, "
-                f"numbered 0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} "
-                f"(e.g. -p keep_layers \"{default_keep_layers(depth)}\"), a count, or leave keep_layers unset."
-            )
+            raise ConfigError(f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, so a "
+                              f"student keeps at most {depth}. Choose a count from 1 to {depth}, or leave keep_layers "
+                              "unset (half).")
+        if isinstance(keep, list) and (missing := [i for i in keep if i >= depth]):
+            raise ConfigError(f"keep_layers = {keep}: the teacher ({param} = {teacher!r}) has {depth} layers, numbered "
+                              f"0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} (e.g. "
+                              f"-p keep_layers \"{default_keep_layers(depth)}\"), a count, or leave keep_layers unset.")
     if distils and config.heads_keep < 1:
         _check_heads_keep(config)
     if any(name.startswith(("01", "02")) for name in notebooks):
-        with warnings.catch_warnings():  # a warning about the data (duplicates) is the notebook's to show
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # a warning about the data (duplicates) is the notebook's
             config.load_data(base_dir=project_root())  # as the notebooks load it: DataError names the file and fix
 
 
 def _check_heads_keep(config: RunConfig) -> None:
-    """``heads_keep`` leaves every layer of the student at least one attention head (its head count read
-    from the config of the model the student starts from)."""
+    """``heads_keep`` leaves each student layer a head (the count read from the config the student starts from)."""
     from kdlib.models import reference_num_heads  # torch and transformers: only a run that prunes waits
 
     param = "student" if config.student_init != "teacher_layers" else (
@@ -406,65 +344,48 @@ def _check_heads_keep(config: RunConfig) -> None:
     try:
         kept_count(config.heads_keep, heads, "heads_keep")
     except ValueError:
-        raise ConfigError(
-            f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads ({param} = "
-            f"{getattr(config, param)!r}), so this keeps none. Use -p heads_keep {1 / heads:.3g} or more."
-        ) from None
+        raise ConfigError(f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads "
+                          f"({param} = {getattr(config, param)!r}), so this keeps none. Use -p heads_keep "
+                          f"{1 / heads:.3g} or more.") from None
 
 
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:
     """Run the selected notebooks on a validated configuration, holding the run's lock."""
-    from filelock import FileLock, Timeout
+    from kdlib.data import DataError  # imports datasets (a second or more): a refused command answers without it
 
     paths = RunPaths.for_config(config)
     executed_dir = Path(args.into).resolve() if args.into else paths.notebooks_dir
-    root = project_root()
-    selected = [
-        root / "notebooks" / f"{nb}.ipynb" for nb in NOTEBOOKS if not args.only or nb.startswith(tuple(args.only))
-    ]
-    # kdlib.data imports datasets (a second or more): a command refused for its parameters answers without it.
-    from kdlib.data import DataError
-
+    notebooks_dir = project_root() / "notebooks"
+    selected = [notebooks_dir / f"{nb}.ipynb" for nb in NOTEBOOKS if not args.only or nb.startswith(tuple(args.only))]
     try:
         check_run(config, [path.stem for path in selected])
     except (ConfigError, DataError, OSError) as err:  # OSError: ModelReferenceError, an unreadable file
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths.output_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(paths.lock_file, blocking=False)  # an OS lock: a crashed run leaves none behind
-    try:
-        lock.acquire()
-    except Timeout:
-        print(
-            f"error: another run is writing into run {config.run_name!r} ({paths.lock_file} is locked). Wait for it "
-            "to finish, or choose another run_name with -p run_name NAME.",
-            file=sys.stderr,
-        )
-        return 3
     label = Path(args.profile).stem
-    params = {"profile": profile, **overrides}
     try:
-        timings = run_notebooks(
-            selected, executed_dir, params, kernel=args.kernel,
-            log=lambda msg: print(f"[{label}] {msg}", flush=True), progress=True,
-        )
+        with FileLock(paths.lock_file, blocking=False):  # an OS lock: a crashed run leaves none behind
+            timings = run_notebooks(selected, executed_dir, {"profile": profile, **overrides}, kernel=args.kernel,
+                                    log=lambda msg: print(f"[{label}] {msg}", flush=True), progress=True)
+    except Timeout:
+        print(f"error: another run is writing into run {config.run_name!r} ({paths.lock_file} is locked). Wait for "
+              "it to finish, or choose another run_name with -p run_name NAME.", file=sys.stderr)
+        return 3
     except (NotebookFailed, Interrupted) as failure:
         print(f"\n{'FAILED' if isinstance(failure, NotebookFailed) else 'STOPPED'}: {failure}", file=sys.stderr)
         return 1 if isinstance(failure, NotebookFailed) else 130
-    finally:
-        lock.release()
-
     print("\nWall time per notebook:")
     for name, seconds in timings.items():
         print(f"  {name:<24} {seconds / 60:6.1f} min ({seconds:.0f} s)")
     print(f"  {'total':<24} {sum(timings.values()) / 60:6.1f} min")
-    if args.into:
-        for name in timings:
+    for name in timings:
+        if args.into:
             strip_local_paths(executed_dir / f"{name}.ipynb")
+        if args.update_notebooks:
+            shutil.copyfile(executed_dir / f"{name}.ipynb", notebooks_dir / f"{name}.ipynb")
+            strip_local_paths(notebooks_dir / f"{name}.ipynb", drop_injected=True)
     if args.update_notebooks:
-        for name in timings:
-            shutil.copyfile(executed_dir / f"{name}.ipynb", root / "notebooks" / f"{name}.ipynb")
-            strip_local_paths(root / "notebooks" / f"{name}.ipynb", drop_injected=True)
         print("notebooks/ updated with the executed notebooks.")
     return 0
 

@@ -1,11 +1,7 @@
-"""The book's Optuna search over the distillation's hyperparameters, made cheap and shareable.
-
-Every trial trains a student with :func:`kdlib.train.train_model` on data tokenised once and
-teacher logits cached once; Optuna's median pruner stops a trial whose validation accuracy after
-an epoch is below the median of earlier trials at that epoch. The study lives in a journal file
-(several processes on one disk) or a database URL (many machines), so workers can share it.
-With ``latency=True`` the search has two objectives, validation accuracy and measured latency,
-and :func:`choose_from_front` picks from the Pareto front.
+"""The book's Optuna search over the distillation's hyperparameters, made cheap and shareable: trials train
+on data tokenised and teacher logits cached once, the median pruner stops a trial below the median of earlier
+ones at an epoch, and the study lives in a journal file or a database URL that workers share. A latency search
+adds measured latency as a second objective; :func:`choose_from_front` picks from the Pareto front.
 """
 
 from __future__ import annotations
@@ -46,15 +42,10 @@ from kdlib.train import (
 
 STUDY_NAME = "distillation"  # the study of a search in its storage (``-latency`` added for a latency search)
 
-# ---------------------------------------------------------------------------------------------
-# Hyperparameter search (the book's Optuna search over epochs, alpha and T)
-# ---------------------------------------------------------------------------------------------
-
 
 def suggest_hyperparameters(trial) -> dict:
-    """The reference's search space (epochs 5-10, alpha 0-1, temperature 2-20) plus the weight of
-    the hidden-state term, 0-10 (the MSE of a student copied from its teacher starts small, so weights
-    above 1 are where it counts)."""
+    """The reference's search space (epochs 5-10, alpha 0-1, temperature 2-20) plus the hidden-state term's
+    weight, 0-10 (a student copied from its teacher starts with a small MSE, so weights above 1 count)."""
     return {
         "epochs": trial.suggest_int("epochs", 5, 10),
         "alpha": trial.suggest_float("alpha", 0.0, 1.0),
@@ -64,16 +55,11 @@ def suggest_hyperparameters(trial) -> dict:
 
 
 class _TrialSeededTPE(optuna.samplers.BaseSampler):
-    """Optuna's TPE sampler whose random draws for trial ``n`` are seeded by ``seed + n``.
-
-    Workers sharing a study are all given the run's seed: one seeded sampler per worker would make them
-    draw the same start-up trials, while seeding by the trial number keeps draws distinct and
-    reproducible, whichever worker runs a trial.
-    """
+    """Optuna's TPE sampler seeded by ``seed + trial number``: workers given the same seed then draw
+    distinct, reproducible start-up trials, whichever worker runs a trial."""
 
     def __init__(self, seed: int) -> None:
-        self._seed = seed
-        self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
+        self._seed, self._by_trial = seed, {}  # one TPESampler per running trial
 
     def _tpe(self, trial) -> optuna.samplers.TPESampler:
         return self._by_trial.setdefault(trial.number, optuna.samplers.TPESampler(seed=self._seed + trial.number))
@@ -95,25 +81,17 @@ class _TrialSeededTPE(optuna.samplers.BaseSampler):
         self._by_trial.pop(trial.number, None)
 
 
-def open_study(
-    storage: str | os.PathLike,
-    *,
-    study_name: str = STUDY_NAME,
-    seed: int = 42,
-    directions: Sequence[str] = ("maximize",),
-):
-    """The Optuna study every worker opening the same ``storage`` and ``study_name`` shares.
-
-    ``storage`` is a database URL (``postgresql+psycopg://user@host/db`` for workers on many machines,
-    ``sqlite:///...`` for one process) or a file path: an Optuna JournalStorage file, appended to
-    under a file lock, so several processes on one machine or on a shared disk can search together
-    (Optuna documents SQLite as unsafe for parallel workers).
-    """
+def open_study(storage: str | os.PathLike, *, study_name: str = STUDY_NAME, seed: int = 42,
+               directions: Sequence[str] = ("maximize",)):
+    """The Optuna study every worker opening the same ``storage`` and ``study_name`` shares. ``storage`` is
+    a database URL (``postgresql+psycopg://...`` for many machines, ``sqlite:///...`` for one process) or a
+    file path: a JournalStorage file, appended to under a file lock, so several processes on one machine or
+    a shared disk can search together (Optuna documents SQLite as unsafe for parallel workers)."""
     text = os.fspath(storage)
     if "://" not in text:
         Path(text).parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(text))
-    # the median pruner (module docstring) starts after 3 complete trials; Optuna cannot prune multi-objective studies
+    # the median pruner starts after 3 complete trials; Optuna cannot prune multi-objective studies
     pruner, sampler = optuna.pruners.MedianPruner(n_startup_trials=3), _TrialSeededTPE(seed)
     for attempt in range(5):
         try:
@@ -126,14 +104,9 @@ def open_study(
 
 
 def run_study(study, objective, n_trials: int) -> None:
-    """Run trials until the study holds ``n_trials`` finished ones, counting every worker's.
-
-    A rerun after an interruption runs only the missing trials; workers started together stop
-    once the shared count is reached (each may finish the one trial it had started). Every trial
-    records the worker (``host:pid``) that ran it. A worker stopped with SIGTERM (``kill``, a job
-    scheduler) marks its running trial FAIL, as Ctrl-C does, instead of leaving it RUNNING for good
-    (background workers of a non-interactive shell ignore SIGINT, so SIGTERM is how they are stopped).
-    """
+    """Run trials until the study holds ``n_trials`` finished ones, counting every worker's: a rerun runs
+    only the missing ones. Each trial records its worker (``host:pid``). SIGTERM marks the running trial
+    FAIL, as Ctrl-C does (background workers of a non-interactive shell ignore SIGINT)."""
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining <= 0:
@@ -157,8 +130,8 @@ def run_study(study, objective, n_trials: int) -> None:
 
 
 class PruneTrial(TrainerCallback):
-    """Reports each epoch's validation accuracy to an Optuna trial and stops a trial its pruner
-    judges hopeless (``optuna.TrialPruned`` ends ``trainer.train``)."""
+    """Reports each epoch's validation accuracy to an Optuna trial and stops a trial its pruner judges
+    hopeless (``optuna.TrialPruned`` ends ``trainer.train``)."""
 
     def __init__(self, trial) -> None:
         self.trial = trial
@@ -171,9 +144,8 @@ class PruneTrial(TrainerCallback):
 
 
 def search_layers(max_layers: int):
-    """A search space that adds the student's depth (teacher layers kept, 1 to ``max_layers``) to
-    :func:`suggest_hyperparameters`: with latency as a second objective, depth is what trades
-    accuracy for speed. ``student_layers`` is passed to ``make_student``."""
+    """:func:`suggest_hyperparameters` plus the student's depth (``student_layers``, 1 to ``max_layers``,
+    passed to ``make_student``): with latency as a second objective, depth trades accuracy for speed."""
 
     def space(trial) -> dict:
         return {**suggest_hyperparameters(trial), "student_layers": trial.suggest_int("student_layers", 1, max_layers)}
@@ -182,9 +154,8 @@ def search_layers(max_layers: int):
 
 
 def latency_objective(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str]) -> Callable[[PreTrainedModel], float]:
-    """The second objective of an accuracy + latency search: a trial's trained student's median
-    single-query latency (ms, tokenisation included) through kdlib's PyTorch predictor on ``queries``
-    (validation queries: test is never looked at while choosing). Pass it as ``latency``."""
+    """A latency search's second objective: a trained student's median single-query latency (ms,
+    tokenisation included) through :class:`kdlib.inference.TorchPredictor` on validation ``queries``."""
     queries = list(queries)
     if not queries:
         raise ValueError("latency_objective needs at least one query to time (n_latency_queries > 0).")
@@ -196,28 +167,14 @@ def latency_objective(tokenizer: PreTrainedTokenizerBase, queries: Sequence[str]
 
 
 def hyperparameter_search(
-    make_student,
-    tokenizer: PreTrainedTokenizerBase,
-    data: DatasetDict,
-    *,
-    teacher: PreTrainedModel,
-    config: RunConfig,
-    n_trials: int,
-    storage: str | os.PathLike,
-    output_dir: str | Path,
-    space=suggest_hyperparameters,
-    latency=None,
+    make_student, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, *, teacher: PreTrainedModel,
+    config: RunConfig, n_trials: int, storage: str | os.PathLike, output_dir: str | Path,
+    space=suggest_hyperparameters, latency=None,
 ) -> dict:
-    """Maximise validation accuracy over ``space`` with Optuna; returns the chosen parameters (``{}`` when
-    ``n_trials`` is 0). The public entry point of a search (:func:`search_from_config` calls it for a run).
-
-    The study lives in ``storage`` (:func:`open_study`), so an interrupted search resumes and workers given
-    the same storage share it (:func:`run_study`). Each trial trains with
-    :func:`kdlib.train.student_arguments` of ``config`` and the parameters of ``space`` that are
-    :data:`kdlib.train.STUDENT_SETTINGS`; ``make_student(**others)`` gets the rest (``student_layers`` of
-    :func:`search_layers`) and returns a fresh student. ``latency(model) -> ms`` adds a second objective,
-    to minimise (study ``distillation-latency``, no pruning), and the choice is :func:`choose_from_front`'s.
-    """
+    """Maximise validation accuracy over ``space`` in ``storage``'s study (resumed, shared by workers); returns
+    the chosen parameters (``{}`` when ``n_trials`` is 0). :data:`kdlib.train.STUDENT_SETTINGS` among them
+    change ``config``'s training, the others go to ``make_student``; ``latency(model) -> ms`` is a second
+    objective, to minimise (no pruning)."""
     if n_trials <= 0:
         return {}
     study = _search_study(storage, STUDY_NAME, latency is not None, config.seed)
@@ -233,8 +190,8 @@ def hyperparameter_search(
             prepared = prepare_datasets(data, tokenizer, teacher=teacher if args.cache_teacher_logits else None,
                                         max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
         student = make_student(**{k: v for k, v in params.items() if k not in STUDENT_SETTINGS})
+        pruned = [PruneTrial(trial)] if latency is None else []
         try:
-            pruned = [PruneTrial(trial)] if latency is None else []
             result = train_model(student, tokenizer, data, args, teacher=teacher, prepared=prepared,
                                  trainer_class=functools.partial(DistillationTrainer, callbacks=pruned))
         finally:
@@ -249,14 +206,10 @@ def hyperparameter_search(
     return choose_from_front(study) if latency is not None else dict(study.best_params)
 
 
-def student_factory(
-    config: RunConfig, teacher: PreTrainedModel, labels: Sequence[str]
-) -> Callable[..., PreTrainedModel]:
-    """``make_student(student_layers=None)``: a fresh student of the run's ``student_init`` per call.
-
-    Without ``student_layers`` it keeps the run's ``keep_layers``; a depth that the latency search
-    draws keeps that many teacher layers, spaced as :func:`kdlib.config.default_keep_layers` spaces them.
-    """
+def student_factory(config: RunConfig, teacher: PreTrainedModel,
+                    labels: Sequence[str]) -> Callable[..., PreTrainedModel]:
+    """``make_student(student_layers=None)``: a fresh student of the run's ``student_init`` per call, keeping
+    the run's ``keep_layers`` or, given a depth, that many teacher layers."""
 
     def make_student(student_layers: int | None = None) -> PreTrainedModel:
         keep = config.keep_layers if student_layers is None else student_layers
@@ -267,22 +220,12 @@ def student_factory(
 
 
 def search_from_config(
-    config: RunConfig,
-    make_student: Callable[..., PreTrainedModel],
-    tokenizer: PreTrainedTokenizerBase,
-    data: DatasetDict,
-    *,
-    teacher: PreTrainedModel,
-    storage: str | os.PathLike,
-    output_dir: str | Path,
+    config: RunConfig, make_student: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict, *, teacher: PreTrainedModel, storage: str | os.PathLike, output_dir: str | Path,
 ) -> dict:
-    """:func:`hyperparameter_search` as a run configuration sets it (notebook 02 and ``scripts/recipe.py``).
-
-    ``n_trials`` and the base training settings come from ``config``; with ``search_latency`` the
-    space adds the student's depth (:func:`search_layers`) and the second objective is the latency on
-    the first ``n_latency_queries`` validation queries (:func:`latency_objective`; never test queries).
-    Returns the chosen parameters (``{}`` when ``n_trials`` is 0).
-    """
+    """:func:`hyperparameter_search` as a run configuration sets it: with ``search_latency`` the space adds
+    the student's depth and the second objective is the latency on the first ``n_latency_queries``
+    validation queries (never test queries)."""
     latency_options = {}
     if config.search_latency:
         queries = data["validation"]["text"][: config.n_latency_queries]
@@ -292,8 +235,8 @@ def search_from_config(
 
 
 def choose_from_front(study, tolerance: float = 0.01) -> dict:
-    """Of an (accuracy, latency) study's Pareto front, the parameters of the fastest trial whose
-    accuracy is within ``tolerance`` of the front's best: speed is what the second objective is for."""
+    """Of an (accuracy, latency) study's Pareto front, the parameters of the fastest trial whose accuracy is
+    within ``tolerance`` of the front's best."""
     front = study.best_trials
     best = max(trial.values[0] for trial in front)
     return dict(min((t for t in front if t.values[0] >= best - tolerance), key=lambda t: t.values[1]).params)
@@ -301,17 +244,13 @@ def choose_from_front(study, tolerance: float = 0.01) -> dict:
 
 def _search_study(storage: str | os.PathLike, study_name: str, latency: bool, seed: int = 42):
     """The study of an accuracy search, or of an accuracy + latency one (its own name in the storage)."""
-    if latency:
-        return open_study(storage, study_name=f"{study_name}-latency", seed=seed, directions=("maximize", "minimize"))
-    return open_study(storage, study_name=study_name, seed=seed)
+    name, directions = (f"{study_name}-latency", ("maximize", "minimize")) if latency else (study_name, ("maximize",))
+    return open_study(storage, study_name=name, seed=seed, directions=directions)
 
 
-def search_trials(
-    storage: str | os.PathLike, *, latency: bool = False, study_name: str = STUDY_NAME
-) -> pd.DataFrame:
-    """The trials of the search in ``storage`` (``latency``: the accuracy + latency one), one row each:
-    number, state, parameters, objective values, whether it is on the Pareto front, the epochs it
-    reported to the pruner, its wall time in minutes (what the search cost) and its worker."""
+def search_trials(storage: str | os.PathLike, *, latency: bool = False, study_name: str = STUDY_NAME) -> pd.DataFrame:
+    """The search's trials, one row each: number, state, parameters, objective values, whether it is on the
+    Pareto front, the epochs it reported to the pruner, its wall time in minutes and its worker."""
     study = _search_study(storage, study_name, latency)
     front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
     names = ["accuracy", "latency_ms"][: len(study.directions)]
@@ -328,23 +267,12 @@ def search_trials(
 
 
 def plan_distillation(
-    config: RunConfig,
-    paths: RunPaths,
-    make_student: Callable[..., PreTrainedModel],
-    tokenizer: PreTrainedTokenizerBase,
-    data: DatasetDict,
-    *,
-    teacher: PreTrainedModel,
-    student: PreTrainedModel,
+    config: RunConfig, paths: RunPaths, make_student: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase, data: DatasetDict, *, teacher: PreTrainedModel, student: PreTrainedModel,
 ) -> tuple[PreTrainedModel, DistillationTrainingArguments]:
-    """Notebook 02's set-up of the distillation: the student to train and its training arguments.
-
-    With ``n_trials`` the search runs first (:func:`search_from_config`, its study in ``search_storage``
-    or the run's journal) and its trials are written to ``tables/<run>/search_trials`` for notebook 03;
-    the arguments take the chosen alpha, T ..., and a latency search's chosen depth gives a fresh
-    student of that depth. Without a search, ``student`` and the run's settings are used, and an earlier
-    run's trials table is removed so that 03 never shows it as this run's.
-    """
+    """Notebook 02's student and its training arguments: with ``n_trials`` the search's choice (a latency
+    search's depth: a fresh student) and its trials in ``tables/<run>/search_trials``; without, ``student``,
+    the run's settings and no trials table."""
     storage = config.search_storage or paths.search_journal
     best = search_from_config(config, make_student, tokenizer, data, teacher=teacher, storage=storage,
                               output_dir=paths.checkpoints_dir / "search")

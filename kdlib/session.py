@@ -1,9 +1,8 @@
-"""The session a notebook or script runs in: seeds, threads, the device, quiet library logs, and the
-facts about the machine a figure depends on (library versions, CPU, commit: :func:`env_fingerprint`).
+"""The session a notebook or script runs in (seeds, threads, device, quiet logs) and the machine facts a
+figure depends on (:func:`env_fingerprint`).
 
-torch, transformers and datasets load inside the functions that use them: a notebook's first cell
-imports :func:`prepare_session` with :func:`kdlib.config_from_notebook`, whose parameter check runs
-before any of them load.
+torch, transformers and datasets load inside the functions that use them, so a notebook's parameter
+check (:func:`kdlib.config_from_notebook`, imported with :func:`prepare_session`) runs before they load.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries a figure depends on: recorded with results and in model cards."""
+    """Versions of the libraries a figure depends on."""
     return {name: version(name) for name in ("torch", "transformers", "datasets", "tokenizers", "onnxruntime")}
 
 
@@ -41,13 +40,8 @@ def cpu_model() -> str:
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The short commit of the checkout that produced a figure, or None outside git."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=cwd or Path(__file__).resolve().parent,
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=cwd or Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -55,7 +49,7 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 def env_fingerprint(device: str | None = None) -> dict:
     """Versions, hardware and threads: recorded with every result so figures can be compared fairly."""
-    import torch  # loads at first use: importing kdlib.session comes before a notebook's parameter check
+    import torch  # loads at first use (see the module docstring)
 
     versions = library_versions()
     return {
@@ -75,19 +69,15 @@ def env_fingerprint(device: str | None = None) -> dict:
 
 def pick_device(device: str | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU."""
-    import torch  # loads at first use: importing kdlib.session comes before a notebook's parameter check
+    import torch  # loads at first use (see the module docstring)
 
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def prepare_session(seed: int = 42, threads: int | None = None) -> dict[str, Any]:
-    """Seeds everywhere, the thread count, quiet library logs and readable floats: the first call
-    of every notebook. Returns the facts worth showing (seed, threads actually used, device);
-    library versions go into every result record instead, where they belong to a figure."""
-    # These load at the first session, not at import: the notebook's parameter check comes first.
-    import datasets
+    """Seeds everywhere, the thread count, quiet library logs and readable floats: every notebook's first
+    call. Returns the facts worth showing (seed, threads actually used, device)."""
+    import datasets  # these load at first use (see the module docstring)
     import pandas as pd
     import torch
     import transformers

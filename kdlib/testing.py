@@ -1,8 +1,5 @@
 """Synthetic intents for the tests, demos and multi-process runs: keyword data a tiny model
-(:func:`kdlib.models.make_tiny_model`) learns in a few steps.
-
-Nothing on the production path imports this module; the tiny models themselves are model
-references (the smoke profile's teacher) and live in :mod:`kdlib.models`.
+(:func:`kdlib.models.make_tiny_model`) learns in a few steps. Nothing on the production path imports it.
 """
 
 from __future__ import annotations

@@ -4,26 +4,12 @@ The student minimises
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
 
-plus, when ``hidden_weight`` > 0, ``hidden_weight * MSE`` between the student's hidden states and the
-teacher's at mapped depths (TinyBERT / PKD style, :func:`hidden_state_loss`). The KL term is a batch mean
-and ``T**2`` keeps its gradients on the CE term's scale whatever the temperature (Hinton et al., 2015).
-``alpha = 1`` is plain fine-tuning: notebook 01 fine-tunes the teacher with the same code.
-
-As in the book, the loss's settings are fields of the Trainer's arguments,
-:class:`DistillationTrainingArguments` (built from a run configuration by :func:`teacher_arguments` and
-:func:`student_arguments`), which :class:`DistillationTrainer` reads; :func:`train_model` is the one call
-that trains (checkpoints keyed by the settings, resumed, locked). Beyond the reference:
-
-* **Cached teacher logits**: the frozen teacher's logits are computed once, batched, in eval mode
-  (:func:`add_teacher_logits`) and read from a ``teacher_logits`` column; ``cache_teacher_logits=False``
-  runs the teacher at every step.
-* **Exact under gradient accumulation and several processes**: the loss is a sum over examples divided
-  by the Trainer's ``num_items_in_batch``, so one batch of 8 and two accumulated batches of 4 give the
-  same gradient.
-* ``augment_copies`` noisy copies of every training query (:func:`add_noisy_copies`, after TinyBERT's
-  data augmentation), off by default.
-* A student of another vocabulary (``teacher=(teacher, its tokenizer)``): the teacher's logits are
-  cached from its own tokens of each text while the student trains on its own.
+plus ``hidden_weight *`` :func:`hidden_state_loss` (TinyBERT / PKD). ``T**2`` keeps the KL term's gradients
+on the CE term's scale (Hinton et al., 2015); ``alpha = 1`` is plain fine-tuning. As in the book, the
+settings are fields of :class:`DistillationTrainingArguments`, read by :class:`DistillationTrainer`;
+:func:`train_model` trains (checkpoints keyed by the settings, resumed, locked). Beyond the book: teacher
+logits cached once, a loss exact under gradient accumulation and several processes, noisy copies of the
+training queries and students of another vocabulary.
 """
 
 from __future__ import annotations
@@ -77,9 +63,7 @@ TEACHER_LOGITS = "teacher_logits"
 NO_LOG = "No log"
 EPOCH_TABLE_COLUMNS = ["Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy"]
 
-
-# A rule per setting: the kind of value, its valid range and the message's words for it. Checked once,
-# when the arguments are built (DistillationTrainingArguments.__post_init__), never at a training step.
+# A rule per setting: the kind of value, its valid range and the message's words for it.
 _LOSS_WEIGHT = (numbers.Real, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 turns the term off)")
 _TRAINS = (numbers.Real, lambda v: 0 < v < math.inf, "must be a finite number > 0 (or nothing is trained)")
 _AT_LEAST_ONE = (numbers.Integral, lambda v: v >= 1, "must be a whole number >= 1")
@@ -89,67 +73,49 @@ SETTING_RULES = {
     "temperature": (numbers.Real, lambda v: 0 < v < math.inf, "must be > 0 and finite (it divides the logits)"),
     "hidden_weight": _LOSS_WEIGHT,
     "augment_copies": (numbers.Integral, lambda v: v >= 0, "must be a whole number >= 0"),
-    "max_length": _AT_LEAST_ONE,
-    "cache_teacher_logits": _FLAG,
-    "resume": _FLAG,
-    "learning_rate": _TRAINS,
-    "num_train_epochs": _TRAINS,
-    "per_device_train_batch_size": _AT_LEAST_ONE,
-    "gradient_accumulation_steps": _AT_LEAST_ONE,
+    "max_length": _AT_LEAST_ONE, "cache_teacher_logits": _FLAG, "resume": _FLAG,
+    "learning_rate": _TRAINS, "num_train_epochs": _TRAINS,
+    "per_device_train_batch_size": _AT_LEAST_ONE, "gradient_accumulation_steps": _AT_LEAST_ONE,
 }
 
 
 def check_setting(name: str, value, rule: tuple | None = None) -> None:
-    """Refuse ``value`` for the setting ``name`` unless it follows ``rule`` (default: the setting's own in
-    :data:`SETTING_RULES`); a bool is not a number, NaN is in no range. The message names the setting."""
+    """Refuse ``value`` for ``name`` unless it follows ``rule`` (default: its :data:`SETTING_RULES` entry);
+    a bool is not a number, NaN is in no range."""
     kind, valid, text = rule or SETTING_RULES[name]
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not valid(value):
         raise ValueError(f"{name} {text}; got {value!r}.")
 
 
 def check_loss_weight(name: str, weight: float) -> None:
-    """Refuse a negative or non-finite weight for a term added to the logit loss (``hidden_weight``'s rule)."""
+    """Refuse a negative or non-finite weight of a term added to the loss (``hidden_weight``'s rule)."""
     check_setting(name, weight, _LOSS_WEIGHT)
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    alpha: float,
-    temperature: float,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    hidden_weight: float = 0.0,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *, alpha: float,
+    temperature: float, num_items_in_batch: int | torch.Tensor | None = None, hidden_weight: float = 0.0,
     hidden_states: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The reference loss. Without ``num_items_in_batch`` it is a batch mean (CE mean, KL batchmean);
-    with it, per-example losses are summed and divided by it (exact under gradient accumulation).
-    ``hidden_weight`` > 0 adds ``hidden_weight *`` :func:`hidden_state_loss` of ``hidden_states``
-    = (student hidden states, teacher hidden states, attention mask).
-
-    The settings are checked once, by :class:`DistillationTrainingArguments`, not here at every step."""
+    """The reference loss: a batch mean, or with ``num_items_in_batch`` the per-example sum divided by it
+    (exact under gradient accumulation). ``hidden_states`` = (student's, teacher's, attention mask)."""
     per_example = alpha * F.cross_entropy(student_logits, labels, reduction="none")
     if alpha < 1.0:
         if teacher_logits is None:
-            raise ValueError(
-                "alpha < 1 needs teacher logits: add a cached `teacher_logits` column (add_teacher_logits) "
-                "or pass `teacher_model=` to DistillationTrainer."
-            )
+            raise ValueError("alpha < 1 needs teacher logits: add a cached `teacher_logits` column "
+                             "(add_teacher_logits) or pass `teacher_model=` to DistillationTrainer.")
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"Teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
-                "differ in shape: teacher and student must share the label set."
-            )
+            raise ValueError(f"Teacher logits {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} differ in shape: teacher and student must share the "
+                             "label set.")
         log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
         p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
         kl = F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=-1)
         per_example = per_example + (1.0 - alpha) * temperature**2 * kl
     if hidden_weight > 0:
         if hidden_states is None:
-            raise ValueError(
-                "hidden_weight > 0 needs the student's and the teacher's hidden states: pass `teacher_model=`."
-            )
+            raise ValueError("hidden_weight > 0 needs the student's and the teacher's hidden states: "
+                             "pass `teacher_model=`.")
         per_example = per_example + hidden_weight * hidden_state_loss(*hidden_states)
     if num_items_in_batch is None:
         return per_example.mean()
@@ -157,33 +123,24 @@ def distillation_loss(
 
 
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """For each student hidden state (embeddings, then each layer) the teacher hidden state it is
-    pulled towards: evenly spaced depths ending at the last (PKD-Skip; 3 of 6 -> [0, 2, 4, 6]), the
-    depths of the layers :func:`kdlib.config.default_keep_layers` copies into the student."""
+    """The teacher hidden state each student hidden state (embeddings, then layers) is pulled towards:
+    evenly spaced depths ending at the last (PKD-Skip; 3 of 6 -> [0, 2, 4, 6])."""
     return [0] + [round((j + 1) * teacher_layers / student_layers) for j in range(student_layers)]
 
 
 def hidden_state_loss(
-    student_hidden: Sequence[torch.Tensor],
-    teacher_hidden: Sequence[torch.Tensor],
-    attention_mask: torch.Tensor,
+    student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Per-example MSE between the student's hidden states and the teacher's at the depths of
-    :func:`layer_map`, over real (unpadded) tokens and hidden units, averaged over the mapped states.
-
-    Matching inner representations, not only outputs, passes on how the teacher gets to its answer
-    (Sun et al. 2019, PKD; Jiao et al. 2020, TinyBERT). Both models must have the same hidden size.
-    """
+    """Per-example MSE between the student's hidden states and the teacher's at :func:`layer_map`'s depths, over
+    real tokens and hidden units: it passes on how the teacher reaches its answer (PKD; TinyBERT)."""
     depths = layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
     mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)  # (batch, tokens, 1)
     per_state = []
-    for student_state, depth in zip(student_hidden, depths, strict=True):
-        teacher_state = teacher_hidden[depth]
+    for student_state, teacher_state in zip(student_hidden, [teacher_hidden[d] for d in depths], strict=True):
         if student_state.shape != teacher_state.shape:
-            raise ValueError(
-                f"hidden_weight > 0 needs student and teacher hidden states of one shape; got "
-                f"{tuple(student_state.shape)} and {tuple(teacher_state.shape)}. Use a student of the teacher's width."
-            )
+            raise ValueError(f"hidden_weight > 0 needs student and teacher hidden states of one shape; got "
+                             f"{tuple(student_state.shape)} and {tuple(teacher_state.shape)}. Use a student of the "
+                             "teacher's width.")
         squared = (student_state - teacher_state.to(student_state.dtype)) ** 2 * mask
         per_state.append(squared.sum(dim=(1, 2)) / (mask.sum(dim=(1, 2)) * student_state.shape[-1]))
     return torch.stack(per_state).mean(dim=0)
@@ -194,22 +151,15 @@ class TrainingDivergedError(RuntimeError):
 
 
 def _run_field(name: str):
-    """A dataclass field with run parameter ``name``'s default and description (:class:`RunConfig`: one source)."""
+    """A dataclass field with the run parameter's default and description."""
     run_field = RunConfig.model_fields[name]
     return field(default=run_field.default, metadata={"help": run_field.description})
 
 
 @dataclass
 class DistillationTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the distillation's settings, as in the book: ``alpha`` (the weight of
-    the hard-label cross-entropy; 1 is plain fine-tuning) and ``temperature``; kdlib adds
-    ``hidden_weight`` (the hidden-state MSE), ``augment_copies`` (noisy copies of each training query),
-    ``cache_teacher_logits``, ``max_length`` (of the tokenised queries) and ``resume`` (continue from the
-    last good checkpoint of the same settings; False starts over).
-
-    :func:`teacher_arguments` and :func:`student_arguments` build them from a run configuration. Every
-    setting is checked here, when the arguments are built (``dataclasses.replace`` too), never at a step.
-    """
+    """``TrainingArguments`` plus the distillation's settings (the book's ``alpha`` and ``temperature``, and
+    kdlib's), each checked when the arguments are built (``dataclasses.replace`` too), never at a step."""
 
     alpha: float = _run_field("alpha")
     temperature: float = _run_field("temperature")
@@ -226,7 +176,7 @@ class DistillationTrainingArguments(TrainingArguments):
 
     def settings(self) -> dict:
         """The settings that tell one training from another, under the run parameters' names where they
-        have one (``batch_size``, ``epochs``): what notebook 02 shows."""
+        have one (``batch_size``, ``epochs``)."""
         warmup = "warmup_ratio" if self.warmup_steps < 1 else "warmup_steps"
         return {
             "alpha": self.alpha, "temperature": self.temperature, "hidden_weight": self.hidden_weight,
@@ -239,30 +189,23 @@ class DistillationTrainingArguments(TrainingArguments):
 
 
 def _check_arguments(args, teacher, *, name: str, cached: bool) -> None:
-    """Refuse arguments of another kind (the loss reads alpha, temperature and hidden_weight from them) and
-    settings that need a teacher when ``teacher`` (the parameter ``name``) is None (``cached``: its logits
-    may be in the data)."""
+    """Refuse arguments of another kind, and settings that need the teacher (parameter ``name``) without one
+    (``cached``: its logits may be in the data)."""
     if not isinstance(args, DistillationTrainingArguments):
-        raise TypeError(
-            f"args must be a kdlib DistillationTrainingArguments (alpha, temperature, hidden_weight), not "
-            f"{type(args).__name__}: build them with student_arguments(config, output_dir) or teacher_arguments."
-        )
+        raise TypeError(f"args must be a kdlib DistillationTrainingArguments (alpha, temperature, hidden_weight), not "
+                        f"{type(args).__name__}: build them with student_arguments(config, output_dir) or "
+                        "teacher_arguments.")
     if args.hidden_weight > 0 and teacher is None:
-        raise ValueError(
-            f"hidden_weight={args.hidden_weight} > 0 matches the teacher's hidden states, which cached logits do "
-            f"not hold: pass `{name}=`."
-        )
+        raise ValueError(f"hidden_weight={args.hidden_weight} > 0 matches the teacher's hidden states, which cached "
+                         f"logits do not hold: pass `{name}=`.")
     if args.alpha < 1.0 and teacher is None and not cached:
         raise ValueError(f"alpha={args.alpha} < 1 distils from a teacher: pass `{name}=`.")
 
 
 class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss is :func:`distillation_loss` with the alpha, temperature and
-    hidden_weight of its ``args``, a :class:`DistillationTrainingArguments` (the book's design).
-
-    The teacher's logits come from a cached ``teacher_logits`` column, or from ``teacher_model``
-    run on each batch (the reference's way) when that is given.
-    """
+    """A ``Trainer`` whose loss is :func:`distillation_loss` with the settings of its ``args``, a
+    :class:`DistillationTrainingArguments`. The teacher's logits come from a cached ``teacher_logits``
+    column, or from ``teacher_model`` run on each batch (the reference's way) when that is given."""
 
     def __init__(self, *args, teacher_model: PreTrainedModel | None = None, **kwargs):
         arguments = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -271,8 +214,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher_model
         if self.teacher is not None:
             self.teacher.to(self.args.device).eval().requires_grad_(False)
-        # Ask the Trainer to count labelled examples per accumulated batch for every model type.
-        self.model_accepts_loss_kwargs = True
+        self.model_accepts_loss_kwargs = True  # the Trainer then counts num_items_in_batch for every model type
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -281,8 +223,7 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        teacher_logits, hidden_states = inputs.pop(TEACHER_LOGITS, None), None
+        labels, teacher_logits, hidden_states = inputs.pop("labels"), inputs.pop(TEACHER_LOGITS, None), None
         with_hidden = self.args.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=with_hidden)
         if self.teacher is not None and (self.args.alpha < 1.0 or with_hidden):
@@ -295,36 +236,24 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = num_items_in_batch.to(outputs.logits.device)
         loss = distillation_loss(
             outputs.logits, teacher_logits, labels, alpha=self.args.alpha, temperature=self.args.temperature,
-            num_items_in_batch=num_items_in_batch, hidden_weight=self.args.hidden_weight, hidden_states=hidden_states,
-        )
+            num_items_in_batch=num_items_in_batch, hidden_weight=self.args.hidden_weight, hidden_states=hidden_states)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch is summed over processes while DDP averages gradients.
-            loss = loss * self.accelerator.num_processes
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch is summed over processes, DDP averages
         if model.training and not torch.isfinite(loss.detach()).all():
-            # Before the backward pass and the optimiser step: no diverged weights reach a checkpoint.
-            args = self.args
+            args = self.args  # raised before the backward pass: no diverged weights reach a checkpoint
             raise TrainingDivergedError(
                 f"The training loss became {loss.item()} at step {self.state.global_step + 1} (alpha={args.alpha}, "
                 f"temperature={args.temperature}, learning_rate={args.learning_rate:g}). Nothing was saved "
-                "from this step on; lower the learning rate or the temperature."
-            )
+                "from this step on; lower the learning rate or the temperature.")
         return (loss, outputs) if return_outputs else loss
-
-
-# ---------------------------------------------------------------------------------------------
-# Data preparation
-# ---------------------------------------------------------------------------------------------
 
 
 def tokenize_dataset(
     data: DatasetDict | Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128
 ) -> DatasetDict | Dataset:
-    """Token ids (no padding: batches are padded dynamically) and ``label``, text dropped (splits or one split)."""
-
-    def encode(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    return data.map(encode, batched=True, remove_columns=["text"], desc="Tokenising")
+    """Token ids (unpadded: batches are padded dynamically) and ``label``, text dropped (splits or one split)."""
+    return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True,
+                    remove_columns=["text"], desc="Tokenising")
 
 
 def _word_dropout(text: str, rng: random.Random, drop: float, swap: float) -> str:
@@ -341,23 +270,16 @@ def _word_dropout(text: str, rng: random.Random, drop: float, swap: float) -> st
 def add_noisy_copies(
     data: DatasetDict, copies: int, *, seed: int, drop: float = 0.15, swap: float = 0.3
 ) -> DatasetDict:
-    """``data`` with ``copies`` noisy copies of every training query appended to its train split:
-    each word dropped with probability ``drop`` (one kept if all would go) and, in copies of 3+ words,
-    one adjacent pair swapped with probability ``swap`` (``random.Random(seed)``: the same copies every
-    run). A copy keeps its query's label and gets the teacher's cached logits, so both terms of the loss
-    see it. ``copies = 0`` returns ``data``."""
+    """``data`` with ``copies`` seeded noisy copies of every training query appended to its train split (after
+    TinyBERT): each word dropped with probability ``drop`` (one kept if all would go) and, in copies of 3+
+    words, one adjacent pair swapped with probability ``swap``. A copy keeps its query's label."""
     check_setting("augment_copies", copies)
     if copies == 0:
         return data
-    rng = random.Random(seed)
-    train = data["train"]
+    rng, train = random.Random(seed), data["train"]
     columns = train.to_dict()  # the label and any other column, kept with each copy
-    texts = columns["text"]
-    extra = [
-        Dataset.from_dict({**columns, "text": [_word_dropout(text, rng, drop, swap) for text in texts]},
-                          features=train.features)
-        for _ in range(copies)
-    ]
+    extra = [Dataset.from_dict({**columns, "text": [_word_dropout(t, rng, drop, swap) for t in columns["text"]]},
+                               features=train.features) for _ in range(copies)]
     return DatasetDict({**data, "train": concatenate_datasets([train, *extra])})
 
 
@@ -381,20 +303,13 @@ def teacher_logits_for(
 
 
 def add_teacher_logits(
-    data: DatasetDict | Dataset,
-    teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    splits: tuple[str, ...] = ("train", "validation"),
-    batch_size: int = 128,
-    texts: DatasetDict | Dataset | None = None,
-    max_length: int = 128,
+    data: DatasetDict | Dataset, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+    splits: tuple[str, ...] = ("train", "validation"), batch_size: int = 128,
+    texts: DatasetDict | Dataset | None = None, max_length: int = 128,
 ) -> DatasetDict | Dataset:
     """Add a ``teacher_logits`` column (computed once) to tokenised splits; ``tokenizer`` is the teacher's.
-
-    ``texts``: the same rows untokenised (the splits ``data`` was tokenised from, ``text`` column), for
-    ``data`` tokenised by a student of another vocabulary. The teacher then runs on its own tokens of each
-    text (``tokenizer``, ``max_length``), and the column lands beside the student's tokens, row by row."""
+    ``texts``, the rows untokenised, is for ``data`` tokenised by a student of another vocabulary: the
+    teacher then runs on its own tokens of each text and the column lands beside the student's tokens."""
     if isinstance(data, Dataset):
         source = data
         if texts is not None:
@@ -404,32 +319,21 @@ def add_teacher_logits(
             source = tokenize_dataset(texts, tokenizer, max_length=max_length)
         logits = teacher_logits_for(teacher, source, tokenizer, batch_size=batch_size)
         return data.add_column(TEACHER_LOGITS, logits.tolist())
-    return DatasetDict(
-        {
-            name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size, max_length=max_length,
-                                     texts=None if texts is None else texts[name]) if name in splits else ds
-            for name, ds in data.items()
-        }
-    )
+    return DatasetDict({
+        name: add_teacher_logits(ds, teacher, tokenizer, batch_size=batch_size, max_length=max_length,
+                                 texts=None if texts is None else texts[name]) if name in splits else ds
+        for name, ds in data.items()
+    })
 
 
 def prepare_datasets(
-    data: DatasetDict,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    teacher: PreTrainedModel | None = None,
-    max_length: int = 128,
-    augment_copies: int = 0,
-    seed: int = 42,
+    data: DatasetDict, tokenizer: PreTrainedTokenizerBase, *, teacher: PreTrainedModel | None = None,
+    max_length: int = 128, augment_copies: int = 0, seed: int = 42,
     teacher_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> DatasetDict:
-    """Tokenise ``data`` (with ``augment_copies`` noisy copies of the training queries,
-    :func:`add_noisy_copies`) and, given a teacher, add its cached logits: the work every training run
-    on the same data and teacher shares. The logits are raw (temperature is applied in the loss), so
-    one preparation serves runs with any alpha and T, e.g. all trials of a hyperparameter search.
-
-    ``teacher_tokenizer``: the teacher's, when it is not ``tokenizer``'s vocabulary (None: the same); the
-    teacher's logits are then computed on its own tokens of each text (:func:`add_teacher_logits`)."""
+    """Tokenise ``data`` with ``augment_copies`` noisy copies and, given a teacher, add its cached logits
+    (of its own tokens when ``teacher_tokenizer`` is another vocabulary): the work runs on the same data
+    share. The logits are raw (T is applied in the loss), so one preparation serves any alpha and T."""
     data = add_noisy_copies(data, augment_copies, seed=seed)
     tokenized = tokenize_dataset(data, tokenizer, max_length=max_length)
     if teacher is None:
@@ -438,44 +342,27 @@ def prepare_datasets(
 
 
 def _with_teacher_logits(
-    tokenized: DatasetDict, data: DatasetDict, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase | None, *, max_length: int, augment_copies: int = 0, seed: int = 0,
+    tokenized: DatasetDict, texts: DatasetDict, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None, *, max_length: int,
 ) -> DatasetDict:
-    """``tokenized`` (``data`` with ``augment_copies`` noisy copies, tokenised by ``tokenizer``) with the teacher's
-    cached logits: of the same tokens when ``teacher_tokenizer`` is None or shares the vocabulary, else of the
-    teacher's own tokens of each text (the copies made again: seeded, they are the same)."""
+    """``tokenized`` (``texts`` tokenised) with the teacher's cached logits: of the same tokens when
+    ``teacher_tokenizer`` is None or shares the vocabulary, else of its own tokens of ``texts``."""
     if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
         return add_teacher_logits(tokenized, teacher, tokenizer)
-    texts = add_noisy_copies(data, augment_copies, seed=seed)
     return add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=texts, max_length=max_length)
 
 
-# ---------------------------------------------------------------------------------------------
-# The per-epoch table of the reference model card
-# ---------------------------------------------------------------------------------------------
-
-
 def epoch_table(log_history: list[dict]) -> pd.DataFrame:
-    """Training Loss | Epoch | Step | Validation Loss | Accuracy, one row per evaluation, read by
-    ``transformers.modelcard.parse_log_history`` (the Hugging Face model cards' table), rounded.
-
-    The training loss is the last one logged before the evaluation ("No log" before the first);
-    kdlib logs and evaluates once per epoch, so it is that epoch's.
-    """
+    """The Hugging Face model card's per-epoch table (``parse_log_history``), rounded: one row per
+    evaluation, with the training loss logged before it ("No log" before the first)."""
     if not any("train_runtime" in entry for entry in log_history):
         # parse_log_history reads the logs before the end-of-training entry, which an unfinished run lacks
         log_history = [*log_history, {"train_runtime": 0.0}]
     _, lines, _ = parse_log_history(log_history)
-    rows = [
-        {
-            "Training Loss": NO_LOG if line["Training Loss"] == NO_LOG else round(line["Training Loss"], 4),
-            "Epoch": round(float(line["Epoch"]), 2),
-            "Step": int(line["Step"]),
-            "Validation Loss": round(float(line["Validation Loss"]), 4),
-            "Accuracy": round(float(line.get("Accuracy", math.nan)), 4),
-        }
-        for line in lines
-    ]
+    rows = [{"Training Loss": NO_LOG if line["Training Loss"] == NO_LOG else round(line["Training Loss"], 4),
+             "Epoch": round(float(line["Epoch"]), 2), "Step": int(line["Step"]),
+             "Validation Loss": round(float(line["Validation Loss"]), 4),
+             "Accuracy": round(float(line.get("Accuracy", math.nan)), 4)} for line in lines]
     return pd.DataFrame(rows, columns=EPOCH_TABLE_COLUMNS)
 
 
@@ -486,19 +373,15 @@ def compute_accuracy_metric(eval_pred) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
-# ---------------------------------------------------------------------------------------------
-# The arguments of one training, from a run configuration: notebook 01 (alpha = 1) and 02
-# ---------------------------------------------------------------------------------------------
-
-# The run parameters each role's training reads; the others belong to other stages.
+# The run parameters each role's training reads.
 TEACHER_SETTINGS = ("finetune_learning_rate", "finetune_batch_size", "finetune_epochs", "finetune_warmup_ratio", "seed")
 STUDENT_SETTINGS = ("alpha", "temperature", "hidden_weight", "augment_copies", "learning_rate", "batch_size", "epochs",
                     "gradient_accumulation_steps", "cache_teacher_logits", "seed")
 
 
 def teacher_arguments(config: RunConfig, output_dir: str | Path, **changes) -> DistillationTrainingArguments:
-    """Notebook 01's fine-tuning of the teacher: cross-entropy only (alpha = 1) with the run's ``finetune_*``
-    parameters and seed; ``changes`` to those parameters are validated as the run's own are."""
+    """The teacher's fine-tuning (alpha = 1) with the run's ``finetune_*`` parameters and seed; ``changes``
+    to them are validated as the run's own are."""
     config = _changed(config, changes, TEACHER_SETTINGS)
     return _arguments(output_dir, config.seed, config.finetune_batch_size, alpha=1.0,
                       learning_rate=config.finetune_learning_rate, num_train_epochs=config.finetune_epochs,
@@ -506,8 +389,8 @@ def teacher_arguments(config: RunConfig, output_dir: str | Path, **changes) -> D
 
 
 def student_arguments(config: RunConfig, output_dir: str | Path, **changes) -> DistillationTrainingArguments:
-    """Notebook 02's distillation of the student with the run's :data:`STUDENT_SETTINGS`; ``changes`` to
-    them (the search's choice: ``student_arguments(config, folder, **best)``) are validated as the run's are."""
+    """The student's distillation with the run's :data:`STUDENT_SETTINGS`; ``changes`` to them (a search's
+    choice) are validated as the run's own are."""
     config = _changed(config, changes, STUDENT_SETTINGS)
     return _arguments(output_dir, config.seed, config.batch_size, alpha=config.alpha, temperature=config.temperature,
                       hidden_weight=config.hidden_weight, augment_copies=config.augment_copies,
@@ -517,7 +400,7 @@ def student_arguments(config: RunConfig, output_dir: str | Path, **changes) -> D
 
 
 def _changed(config: RunConfig, changes: dict, settings: tuple[str, ...]) -> RunConfig:
-    """``config`` with ``changes`` to the run parameters ``settings``, through the run's own validation."""
+    """``config`` with ``changes`` to the run parameters ``settings``, validated as the run's are."""
     unknown = sorted(set(changes) - set(settings))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a setting of this training; it reads {', '.join(settings)}.")
@@ -527,9 +410,8 @@ def _changed(config: RunConfig, changes: dict, settings: tuple[str, ...]) -> Run
 
 
 def _arguments(output_dir: str | Path, seed: int, batch_size: int, **settings) -> DistillationTrainingArguments:
-    """What both roles share: AdamW (0.9, 0.999, 1e-8, weight decay 0.01) on a linear schedule (transformers
-    reads a ``warmup_steps`` below 1 as a ratio of the steps), batches of similar lengths, the seed for the
-    data order too, and one evaluation, log line and kept checkpoint per epoch."""
+    """What both roles share: AdamW on a linear schedule (a ``warmup_steps`` below 1 is a ratio), batches of
+    similar lengths, the seed for the data order too, one evaluation, log line and kept checkpoint per epoch."""
     kwargs = dict(
         output_dir=str(output_dir), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=max(batch_size, 64), weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999,
@@ -539,16 +421,14 @@ def _arguments(output_dir: str | Path, seed: int, batch_size: int, **settings) -
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Several CPU processes (torchrun / accelerate launch): without use_cpu accelerate does not
-        # wrap the model in DDP and each process would train on its own.
-        kwargs.update(use_cpu=True, ddp_backend="gloo")
+        kwargs.update(use_cpu=True, ddp_backend="gloo")  # several CPU processes: else accelerate skips DDP
     return DistillationTrainingArguments(**kwargs, **settings)
 
 
 @dataclass
 class TrainResult:
-    """What a training returns: the trained model, its trainer, the per-epoch table, the checkpoint it
-    resumed from (if any), training seconds, the log and its checkpoint folder."""
+    """What a training returns: the model, its trainer and per-epoch table, the checkpoint it resumed from,
+    training seconds, the log and the checkpoint folder."""
 
     model: PreTrainedModel
     trainer: DistillationTrainer
@@ -564,16 +444,14 @@ class TrainResult:
         return self.trainer.args
 
 
-# Arguments that say where and how a training runs, not what it trains: not part of its checkpoint key.
+# Arguments that say where and how a training runs, not what it trains: not in its checkpoint key.
 NOT_IN_KEY = {"output_dir", "resume", "disable_tqdm", "report_to", "use_cpu", "ddp_backend", "dataloader_num_workers",
               "dataloader_pin_memory", "local_rank"}
 
 
 def checkpoint_key(args: DistillationTrainingArguments, student: PreTrainedModel, fingerprint: str | None) -> str:
-    """The folder name of a training run's checkpoints: a hash of the run's fingerprint (settings and
-    data, from :meth:`kdlib.config.RunConfig.fingerprint`), every argument that shapes the training
-    (all but :data:`NOT_IN_KEY`) and the student's starting weights. The one resume mechanism: only a
-    run of the same key resumes."""
+    """The folder name of a run's checkpoints: a hash of the run's fingerprint, every argument but
+    :data:`NOT_IN_KEY` and the student's starting weights. Only a run of the same key resumes."""
     settings = {name: value for name, value in args.to_dict().items() if name not in NOT_IN_KEY}
     text = json.dumps({"run": fingerprint, "args": settings, "initial_weights": weights_digest(student)},
                       sort_keys=True, default=str)
@@ -604,9 +482,8 @@ def _checkpoint_problem(folder: Path) -> str | None:
 
 
 def last_good_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint (``get_last_checkpoint``) that can be resumed from. A torn one (killed or
-    disk full during a save) is renamed ``torn-<name>`` with a warning naming it, and the next older one
-    is checked."""
+    """The newest checkpoint that can be resumed from; a torn one is renamed ``torn-<name>`` with a
+    warning and the next older one is checked."""
     output_dir = Path(output_dir)
     while output_dir.is_dir() and (newest := get_last_checkpoint(str(output_dir))) is not None:
         folder = Path(newest)
@@ -616,16 +493,9 @@ def last_good_checkpoint(output_dir: str | Path) -> str | None:
         torn = folder.with_name("torn-" + folder.name)  # outside the Trainer's checkpoint-* rotation
         shutil.rmtree(torn, ignore_errors=True)
         os.replace(folder, torn)
-        warnings.warn(
-            f"Checkpoint {folder} cannot be resumed from ({problem}); moved to {torn.name} and skipped.",
-            RuntimeWarning, stacklevel=2,
-        )
+        warnings.warn(f"Checkpoint {folder} cannot be resumed from ({problem}); moved to {torn.name} and skipped.",
+                      RuntimeWarning, stacklevel=2)
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# One call that trains: notebook 01 (alpha = 1) and notebook 02 use it
-# ---------------------------------------------------------------------------------------------
 
 
 def train_model(
@@ -634,31 +504,14 @@ def train_model(
     fingerprint: str | None = None, prepared: DatasetDict | None = None,
     trainer_class: Callable[..., DistillationTrainer] = DistillationTrainer,
 ) -> TrainResult:
-    """Train the classifier ``model`` on ``data`` (text + ClassLabel label) with ``args``: fine-tuning
-    with ``alpha=1`` and no ``teacher`` (notebook 01's teacher), distillation from ``teacher`` otherwise
-    (the loss of :class:`DistillationTrainer`). Returns a :class:`TrainResult`.
-
-    Checkpoints are written every epoch under ``args.output_dir/<key>`` (:func:`checkpoint_key`: the
-    run's ``fingerprint``, the arguments and the starting weights); with ``args.resume`` a call with the
-    same key resumes from the last good one, anything else starts in a fresh folder. A second process
-    training into the same folder is refused. ``prepared`` (from :func:`prepare_datasets` on the same
-    ``data``) skips tokenising and the teacher-logit cache when several runs share them. ``trainer_class``
-    builds the Trainer: :class:`DistillationTrainer`, a subclass of it, or a ``functools.partial`` of one.
-
-    ``teacher=(teacher, teacher_tokenizer)``: the teacher with its own tokenizer, for a student of another
-    vocabulary (a teacher alone reads the student's ``tokenizer``; a student that embeds another number of
-    token ids is then refused). Across vocabularies the teacher's logits are cached from its own tokens of
-    each text; what needs one sequence of tokens in both models (``hidden_weight`` > 0,
-    ``cache_teacher_logits=False``) is refused before any work (:func:`kdlib.models.check_tokenizers_compatible`).
-    With a shared vocabulary the pair trains exactly as the teacher alone does.
-    """
-    teacher_tokenizer = None
+    """Train the classifier ``model`` on ``data`` (text + ClassLabel label): fine-tuning with ``alpha=1`` and
+    no ``teacher``, distillation otherwise. Checkpoints go every epoch to ``args.output_dir/<key>``
+    (:func:`checkpoint_key`), resumed with ``args.resume``, locked against a second process. ``prepared``
+    (:func:`prepare_datasets` of ``data``) lets runs share the tokenising and the logit cache;
+    ``teacher=(teacher, teacher_tokenizer)`` serves a student of another vocabulary."""
+    teacher, teacher_tokenizer = teacher if isinstance(teacher, tuple) and len(teacher) == 2 else (teacher, None)
     if isinstance(teacher, tuple):
-        if len(teacher) != 2:
-            raise TypeError(
-                f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items."
-            )
-        teacher, teacher_tokenizer = teacher
+        raise TypeError(f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items.")
     _check_training(args, data, model, tokenizer, teacher, teacher_tokenizer, prepared)
     set_seed(args.seed)
     output_dir = Path(args.output_dir) / checkpoint_key(args, model, fingerprint)
@@ -675,58 +528,47 @@ def train_model(
         trainer.train(resume_from_checkpoint=last_checkpoint)
         elapsed = time.perf_counter() - start
     history = list(trainer.state.log_history)
-    return TrainResult(model=trainer.model, trainer=trainer, epoch_table=epoch_table(history),
-                       resumed_from=last_checkpoint, train_seconds=elapsed, log_history=history,
-                       checkpoint_dir=output_dir)
+    return TrainResult(trainer.model, trainer, epoch_table(history), resumed_from=last_checkpoint,
+                       train_seconds=elapsed, log_history=history, checkpoint_dir=output_dir)
 
 
 def _check_training(
     args, data: DatasetDict, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     teacher: PreTrainedModel | None, teacher_tokenizer: PreTrainedTokenizerBase | None, prepared: DatasetDict | None,
 ) -> None:
-    """What :func:`train_model` refuses before any folder is touched: arguments of another kind, a
-    distillation without a teacher, settings that need the teacher to read the student's tokens when it
-    cannot, and a ``prepared`` that is not this data's with these arguments."""
+    """What :func:`train_model` refuses before any folder is touched."""
     _check_arguments(args, teacher, name="teacher", cached=False)
     if teacher is not None and teacher_tokenizer is not None:
-        check_tokenizers_compatible(teacher_tokenizer, tokenizer, args)  # across vocabularies: refuses what needs one
+        check_tokenizers_compatible(teacher_tokenizer, tokenizer, args)
     elif teacher is not None and (args.alpha < 1.0 or args.hidden_weight > 0):
         sizes = (_embedded_tokens(teacher), _embedded_tokens(model))
         if None not in sizes and sizes[0] != sizes[1]:
             raise ValueError(
                 f"The teacher embeds {sizes[0]} token ids and the student {sizes[1]}: they do not share a vocabulary, "
                 "so the teacher cannot read the student's tokens. Pass the teacher with its own tokenizer: "
-                "teacher=(teacher, teacher_tokenizer)."
-            )
+                "teacher=(teacher, teacher_tokenizer).")
     if prepared is None:
         return
     columns = prepared["train"].column_names if "train" in prepared else []
     if not {"train", "validation"} <= set(prepared) or "input_ids" not in columns:
-        raise ValueError(
-            "`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
-            f"splits; got splits {sorted(prepared)}, train columns {columns}."
-        )
+        raise ValueError("`prepared` must come from prepare_datasets(data, tokenizer): tokenised train and validation "
+                         f"splits; got splits {sorted(prepared)}, train columns {columns}.")
     expected = len(data["train"]) * (1 + args.augment_copies)
     if len(prepared["train"]) != expected:
-        raise ValueError(
-            f"`prepared` has {len(prepared['train'])} training rows, augment_copies={args.augment_copies} "
-            f"needs {expected}: pass augment_copies={args.augment_copies} to prepare_datasets."
-        )
+        raise ValueError(f"`prepared` has {len(prepared['train'])} training rows, augment_copies={args.augment_copies} "
+                         f"needs {expected}: pass augment_copies={args.augment_copies} to prepare_datasets.")
 
 
 @contextlib.contextmanager
 def _training_lock(output_dir: Path):
-    """Hold the checkpoint folder's lock while training: a second process is refused. The ranks of one
-    multi-process (DDP) run share one training, so only rank 0 takes it."""
+    """Hold the checkpoint folder's lock while training; only rank 0 of a DDP run takes it."""
     lock = FileLock(output_dir / ".training.lock", blocking=False)
     try:
         if int(os.environ.get("RANK", "0")) == 0:
             lock.acquire()
     except Timeout:
-        raise RuntimeError(
-            f"Another process is training into {output_dir}: wait for it to finish (its checkpoints will be "
-            "resumed), or use another run_name."
-        ) from None
+        raise RuntimeError(f"Another process is training into {output_dir}: wait for it to finish (its checkpoints "
+                           "will be resumed), or use another run_name.") from None
     try:
         yield
     finally:
@@ -734,7 +576,7 @@ def _training_lock(output_dir: Path):
 
 
 def _embedded_tokens(model: torch.nn.Module) -> int | None:
-    """How many token ids a model's input embedding holds (None for a model without one)."""
+    """How many token ids a model's input embedding holds (None without one)."""
     try:
         return model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -743,28 +585,28 @@ def _embedded_tokens(model: torch.nn.Module) -> int | None:
 
 def _training_data(
     args: DistillationTrainingArguments, data: DatasetDict, tokenizer: PreTrainedTokenizerBase,
-    teacher: PreTrainedModel | None, prepared: DatasetDict | None,
-    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    teacher: PreTrainedModel | None, prepared: DatasetDict | None, teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> tuple[DatasetDict, PreTrainedModel | None]:
-    """The tokenised splits to train on (with the teacher's cached logits when the loss uses them) and the
-    teacher to run at every step (None when there is none to run). Across vocabularies (``teacher_tokenizer``
-    another vocabulary than ``tokenizer``'s) the logits come from the teacher's own tokens of each text."""
-    tokenized = prepared if prepared is not None else prepare_datasets(
-        data, tokenizer, max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
-    if args.hidden_weight > 0 or (args.alpha < 1.0 and not args.cache_teacher_logits):
-        return tokenized, teacher  # hidden states are too large to cache; the teacher runs at each step
-    if args.alpha < 1.0 and TEACHER_LOGITS not in tokenized["train"].column_names:
-        tokenized = _with_teacher_logits(tokenized, data, teacher, tokenizer, teacher_tokenizer,
-                                         max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
-    return tokenized, None
+    """The tokenised splits (with cached teacher logits when the loss uses them) and the teacher to run at
+    every step, if any (hidden states are too large to cache)."""
+    online = args.hidden_weight > 0 or (args.alpha < 1.0 and not args.cache_teacher_logits)
+    cached = args.alpha < 1.0 and not online
+    if prepared is None:
+        prepared = prepare_datasets(data, tokenizer, teacher=teacher if cached else None, max_length=args.max_length,
+                                    augment_copies=args.augment_copies, seed=args.seed,
+                                    teacher_tokenizer=teacher_tokenizer)
+    elif cached and TEACHER_LOGITS not in prepared["train"].column_names:
+        texts = add_noisy_copies(data, args.augment_copies, seed=args.seed)
+        prepared = _with_teacher_logits(prepared, texts, teacher, tokenizer, teacher_tokenizer,
+                                        max_length=args.max_length)
+    return prepared, teacher if online else None
 
 
 def _trainer(
     trainer_class: Callable[..., DistillationTrainer], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     args: DistillationTrainingArguments, datasets: DatasetDict, teacher: PreTrainedModel | None,
 ) -> DistillationTrainer:
-    """The Trainer of one training, built by ``trainer_class``, reporting progress as :func:`progress_mode`
-    says: a bar in a notebook, :class:`ProgressLines` in a console, nothing when off."""
+    """The Trainer of one training, reporting progress as :func:`progress_mode` says."""
     mode = progress_mode()
     trainer = trainer_class(
         model=model, args=replace(args, disable_tqdm=mode != "notebook"), teacher_model=teacher,
@@ -777,19 +619,13 @@ def _trainer(
     return trainer
 
 
-# ---------------------------------------------------------------------------------------------
-# Progress a person can follow
-# ---------------------------------------------------------------------------------------------
-
 PROGRESS_ENV = "KDLIB_PROGRESS"
 PROGRESS_FILE_ENV = "KDLIB_PROGRESS_FILE"  # set by the runner: a kernel's own stderr ends up in the notebook
 
 
 def progress_mode() -> str:
     """How training reports progress: ``$KDLIB_PROGRESS`` (notebook | console | off), else a bar in a
-    notebook kernel (``transformers``' ``is_in_notebook``, which picks the Trainer's notebook bar too) and
-    periodic lines anywhere else. The runner sets ``console`` for the notebooks it executes (their lines
-    reach its terminal, not the stored notebook)."""
+    notebook kernel and :class:`ProgressLines` anywhere else."""
     mode = os.environ.get(PROGRESS_ENV, "").strip().lower()
     if mode in {"notebook", "console", "off"}:
         return mode
@@ -802,21 +638,18 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLines(TrainerCallback):
-    """One line at most every ``every`` seconds and at each epoch's end:
-    ``[train] epoch 2.0/5 · step 640/1590 · 3 min 10 s elapsed · ~4 min 40 s left``, no bar to spam a
-    CI log. Written to ``$KDLIB_PROGRESS_FILE`` when the runner set one (it prints the lines on its
-    terminal; a kernel's stderr would end up in the stored notebook), else to the process's stderr."""
+    """One line at most every ``every`` seconds and at each epoch's end, no bar to spam a CI log:
+    ``[train] epoch 2.0/5 · step 640/1590 · 3 min 10 s elapsed · ~4 min 40 s left``. Written to
+    ``$KDLIB_PROGRESS_FILE`` when the runner set one, else to the process's stderr."""
 
     def __init__(self, every: float = 30.0, clock=None, stream=None) -> None:
-        self.every, self.clock = every, clock or time.monotonic
-        self.stream = stream
+        self.every, self.clock, self.stream = every, clock or time.monotonic, stream
         self.start = self.last = None
         self.first_step = 0
 
     def _write(self, state, args) -> None:
         now = self.clock()
-        done = state.global_step - self.first_step
-        left = state.max_steps - state.global_step
+        done, left = state.global_step - self.first_step, state.max_steps - state.global_step
         eta = f" · ~{_duration((now - self.start) / done * left)} left" if done > 0 and left > 0 else ""
         line = (f"[train] epoch {state.epoch or 0:.1f}/{args.num_train_epochs:g} · step {state.global_step}/"
                 f"{state.max_steps} · {_duration(now - self.start)} elapsed{eta}")
@@ -838,11 +671,6 @@ class ProgressLines(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._write(state, args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Soft targets, for the figure that explains them
-# ---------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
