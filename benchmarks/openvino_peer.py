@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from kdlib.inference import DEFAULT_MAX_LENGTH, LABELS_KEY, Predictor, _lean_encoder, onnx_metadata
+from kdlib.config import MAX_LENGTH
+from kdlib.inference import LABELS_KEY, Predictor, _lean_encoder, onnx_metadata
 
 DEFAULT_BUCKETS = (8, 12, 16, 24, 32, 64, 128)  # static sequence lengths; the last holds max_length
 CALIBRATION_QUERIES = 300
@@ -106,7 +107,7 @@ class OpenVinoPredictor(Predictor):
         buckets: Sequence[int] | None = None,
         precision: str | None = None,
         dtype: str = "float32",
-        max_length: int = DEFAULT_MAX_LENGTH,
+        max_length: int = MAX_LENGTH,
     ) -> None:
         import openvino as ov  # the optional extra: imported only when a peer is built
 
@@ -241,7 +242,7 @@ def build_openvino_peers(
     threads: int | None,
     calibration_texts: Sequence[str],
     buckets: Sequence[int] = DEFAULT_BUCKETS,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int = MAX_LENGTH,
     seed: int = 42,
 ) -> tuple[dict[str, Predictor], dict]:
     """``({name: predictor}, status)``: OpenVINO fp32 and NNCF int8 of the fp32 ONNX file ``onnx_path``,

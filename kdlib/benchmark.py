@@ -259,11 +259,6 @@ class OtherProcesses:
         return (sum(fields) - fields[3] - fields[4]) / ticks, own.ru_utime + own.ru_stime  # all but idle, iowait
 
 
-def _whole_number(value: object, name: str, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"BenchmarkOptions.{name} must be a whole number >= {least}, got {value!r}.")
-
-
 @dataclass(frozen=True)
 class BenchmarkOptions:
     """How :class:`PerformanceBenchmark` measures; settings a run configuration also has default to
@@ -297,10 +292,13 @@ class BenchmarkOptions:
         if not isinstance(self.threshold, ThresholdRule):
             raise TypeError(f"BenchmarkOptions.threshold must be a kdlib.ThresholdRule (e.g. ThresholdRule("
                             f"'in_scope_drop', in_scope_drop=0.01)), got {type(self.threshold).__name__}.")
-        for name, least in (("n_latency_queries", 1), ("warmup", 0), ("batch_size", 1), ("throughput_batch_size", 1)):
-            _whole_number(getattr(self, name), name, least)
+        least_values = {"n_latency_queries": 1, "warmup": 0, "batch_size": 1, "throughput_batch_size": 1}
         if self.threads is not None:
-            _whole_number(self.threads, "threads", 1)
+            least_values["threads"] = 1
+        for name, least in least_values.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"BenchmarkOptions.{name} must be a whole number >= {least}, got {value!r}.")
         if not callable(self.clock):
             raise TypeError(f"BenchmarkOptions.clock must be a function returning seconds (e.g. time.perf_counter), "
                             f"got {type(self.clock).__name__}.")

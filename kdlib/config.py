@@ -32,6 +32,7 @@ CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
 OVERRIDES = "overrides"  # the parameters-cell name that carries every run parameter the cell does not list
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_LENGTH = 128  # tokens kept of each query, in training, inference and export alike
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
 
 
@@ -234,11 +235,6 @@ STUDENT_FIELDS = ("student_init", "student", "keep_layers", "alpha", "temperatur
                   "cache_teacher_logits", "n_trials", "search_latency", "seed")
 
 
-def available_profiles() -> list[str]:
-    """Names of the profiles in ``configs/`` (``minilm``, ``smoke``, ...)."""
-    return sorted(p.stem for p in (project_root() / CONFIG_DIR_NAME).glob("*.yaml"))
-
-
 def profile_path(name_or_path: str | os.PathLike) -> Path:
     """``configs/<name>.yaml``, or the given file when it ends in .yaml / .yml."""
     path = Path(name_or_path).expanduser()
@@ -251,8 +247,9 @@ def load_profile(name_or_path: str | os.PathLike = DEFAULT_PROFILE) -> dict[str,
     """What a profile changes from the defaults: the mapping in its YAML file."""
     path = profile_path(name_or_path)
     if not path.is_file():
+        available = sorted(p.stem for p in (project_root() / CONFIG_DIR_NAME).glob("*.yaml"))
         raise ConfigError(f"profile {str(name_or_path)!r} not found ({path}); available profiles: "
-                          f"{', '.join(available_profiles())}, or a path to a .yaml file.")
+                          f"{', '.join(available)}, or a path to a .yaml file.")
     params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must be a mapping of parameter names to values.")
@@ -295,7 +292,8 @@ def config_from_notebook(namespace: dict[str, Any]) -> RunConfig:
     if extra is not None and not isinstance(extra, dict):
         raise ConfigError(f"{OVERRIDES} = {extra!r}: must be a mapping of parameter names to values, e.g. "
                           '{"n_latency_queries": 20}, or None.')
-    overrides = {name: namespace[name] for name in names if name not in ("profile", OVERRIDES) and name in namespace
+    overrides = {name: namespace[name] for name in names
+                 if name not in ("profile", OVERRIDES) and name in namespace
                  and (namespace[name] is not None or name not in RunConfig.model_fields)}
     return load_config(namespace.get("profile") or DEFAULT_PROFILE, **{**(extra or {}), **overrides})
 

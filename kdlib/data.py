@@ -35,13 +35,8 @@ EMBEDDED_SOURCE = "embedded:clinc150-plus"
 EMBEDDED_FILE = Path(__file__).resolve().parent / "clinc150" / "data_oos_plus.json.gz"
 OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
-GZIP_MAGIC = b"\x1f\x8b"
-
 # CLINC150 release files: our split name -> (in-scope key, out-of-scope key).
 CLINC_RELEASE_KEYS = {"train": ("train", "oos_train"), "validation": ("val", "oos_val"), "test": ("test", "oos_test")}
-# File stems accepted for each split of a user's own folder, first match wins.
-FOLDER_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "val", "dev"), "test": ("test",)}
-FOLDER_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 class DataError(ValueError):
@@ -72,7 +67,8 @@ def load_intent_data(
     if resolved == EMBEDDED_SOURCE:
         data = load_clinc_release(EMBEDDED_FILE)
     else:
-        path = local_path(resolved, base_dir)
+        # Relative to base_dir, else to the working directory.
+        path = (Path(base_dir or ".").expanduser() / Path(resolved).expanduser()).absolute()
         if path.is_dir():
             data = load_folder(path, text_column=text_column, label_column=label_column,
                                validation_fraction=validation_fraction, seed=seed)
@@ -92,14 +88,6 @@ def load_intent_data(
     return check_duplicates(data, drop=drop_duplicates, warn=warn_duplicates)
 
 
-def local_path(source: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Path:
-    """The absolute path a source names (``~`` expanded, relative to ``base_dir`` or the working directory)."""
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = Path(base_dir if base_dir not in (None, "") else Path.cwd()).expanduser() / path
-    return path.absolute()
-
-
 def looks_like_path(source: str) -> bool:
     """A local path rather than a Hub id (``name``, ``owner/name`` or ``owner/name:config``)."""
     return (source.startswith((".", "/", "~")) or source.split(":", 1)[0].count("/") > 1
@@ -116,7 +104,7 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
     try:
         # gzip is recognised by its magic bytes, not the suffix; utf-8-sig drops a byte-order mark.
         with path.open("rb") as handle:
-            gzipped = handle.read(2) == GZIP_MAGIC
+            gzipped = handle.read(2) == b"\x1f\x8b"
         with (gzip.open if gzipped else open)(path, "rt", encoding="utf-8-sig") as handle:
             raw = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, zlib.error) as err:
@@ -144,7 +132,9 @@ def load_clinc_release(path: str | os.PathLike) -> DatasetDict:
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
-    candidates = (folder / f"{stem}{suffix}" for stem in FOLDER_SPLIT_STEMS[split] for suffix in FOLDER_SUFFIXES)
+    """The split's first existing file; validation may also be named ``val`` or ``dev``."""
+    stems = ("validation", "val", "dev") if split == "validation" else (split,)
+    candidates = (folder / f"{stem}{suffix}" for stem in stems for suffix in (".csv", ".jsonl", ".json"))
     return next((path for path in candidates if path.is_file()), None)
 
 
@@ -268,6 +258,8 @@ def load_hub(
         raise DataError(f"Could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}){local}. "
                         f"Without Hub access, point `data_source` or ${DATA_ENV_VAR} at a local CLINC150 .json file "
                         "or folder.") from err
+    if "train" not in raw:
+        raise DataError(f"Hub dataset {name!r} has no 'train' split; it has {list(raw)}.")
     if label_column not in raw["train"].column_names and "intent" in raw["train"].column_names:
         label_column = "intent"  # clinc_oos names its label column `intent`
     splits = {}
@@ -318,9 +310,6 @@ def build_dataset_dict(
             raise DataError(f"{where[split]}: label(s) {unseen} appear in {split} but never in train; a classifier "
                             "cannot learn them. Add training examples or remove those rows.")
     names = list(label_names) if label_names is not None else sorted(train_labels)
-    unknown = sorted(train_labels - set(names))
-    if unknown:
-        raise DataError(f"{origin}: label(s) {unknown} are not in the dataset's label list.")
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})  # encodes names as ids
     return DatasetDict({
         split: Dataset.from_dict({"text": splits[split][0], "label": splits[split][1]}, features=features)
@@ -354,9 +343,6 @@ def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -
     })
 
 
-DUPLICATE_PAIRS = (("test", "train"), ("test", "validation"), ("validation", "train"))
-
-
 def _normalised(text: str) -> str:
     return text.strip().lower()
 
@@ -366,10 +352,10 @@ def _split_texts(data: DatasetDict) -> dict[str, set[str]]:
 
 
 def duplicate_counts(data: DatasetDict) -> dict[tuple[str, str], int]:
-    """``{(split, other split): texts of split also in the other}`` per :data:`DUPLICATE_PAIRS`,
-    ignoring case and surrounding space."""
+    """``{(split, other split): texts of split also in the other}``, ignoring case and surrounding space."""
     texts = _split_texts(data)
-    return {(a, b): len(texts[a] & texts[b]) for a, b in DUPLICATE_PAIRS}
+    pairs = (("test", "train"), ("test", "validation"), ("validation", "train"))
+    return {(a, b): len(texts[a] & texts[b]) for a, b in pairs}
 
 
 def check_duplicates(data: DatasetDict, *, drop: bool = False, warn: bool = True) -> DatasetDict:

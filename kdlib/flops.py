@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdlib.config import MAX_LENGTH
+
 CPUINFO = Path("/proc/cpuinfo")
 CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")  # kHz
 
 # Attribute names of a layer's query and value projections (BERT, DistilBERT, MPNet, and *_proj models).
 QUERY_NAMES = ("query", "q_lin", "q", "q_proj")
 VALUE_NAMES = ("value", "v_lin", "v", "v_proj")
-# The FFN's first matrix, whose out_features is the layer's intermediate size.
-FFN_NAMES = ("intermediate.dense", "ffn.lin1", "mlp.fc1", "fc1")
 
 
 def _linears(module: Any, prefix: str = "") -> Iterator[tuple[str, int, int]]:
@@ -53,8 +53,7 @@ def _find(layer: Any, names: tuple[str, ...]) -> tuple[Any, Any] | None:
         for path, module in modules.items():
             named = path == wanted or path.endswith("." + wanted)
             if named and isinstance(getattr(module, "out_features", None), int):
-                owner = modules[path.rpartition(".")[0]] if "." in path else layer
-                return owner, module
+                return modules[path.rpartition(".")[0]], module  # "" is the layer itself
     return None
 
 
@@ -69,7 +68,7 @@ def layer_shape(layer: Any, default_head_size: int | None) -> dict:
     width = q_linear.out_features
     head_size = getattr(owner, "attention_head_size", None) or default_head_size
     heads = width // head_size if head_size else None
-    ffn = _find(layer, FFN_NAMES)
+    ffn = _find(layer, ("intermediate.dense", "ffn.lin1", "mlp.fc1", "fc1"))  # the FFN's first matrix
     linears = list(_linears(layer))
     intermediate = ffn[1].out_features if ffn else max(n_out for _, _, n_out in linears)
     return {"heads": heads, "head_size": head_size, "attention_width": width,
@@ -108,15 +107,15 @@ class Int8Isa:
     assumption: str
 
 
-_VNNI = ("two 512-bit VPDPBUSD per cycle per core, 64 u8*s8 multiply-accumulates each (2 x 64 MACs = "
-         "256 ops/cycle): Intel Xeon server cores with two AVX-512 FMA ports; a core that splits 512-bit "
-         "instructions into two 256-bit halves (AMD Zen 4) issues half of this")
 INT8_ISAS: tuple[Int8Isa, ...] = (
     # AMX comes first only to be recognised; int8_peak states why its row is not the headline figure.
     Int8Isa("amx_int8", frozenset({"amx_int8", "amx_tile"}), 2048,
             "one TDPBUSD per 16 cycles per core, 16 x 16 x 64 u8*s8 multiply-accumulates each "
             "(1024 MACs = 2048 ops/cycle)"),
-    Int8Isa("avx512_vnni", frozenset({"avx512_vnni", "avx512f"}), 256, _VNNI),
+    Int8Isa("avx512_vnni", frozenset({"avx512_vnni", "avx512f"}), 256,
+            "two 512-bit VPDPBUSD per cycle per core, 64 u8*s8 multiply-accumulates each (2 x 64 MACs = "
+            "256 ops/cycle): Intel Xeon server cores with two AVX-512 FMA ports; a core that splits 512-bit "
+            "instructions into two 256-bit halves (AMD Zen 4) issues half of this"),
     Int8Isa("avx512bw", frozenset({"avx512bw"}), 256,
             "two 512-bit VPMADDUBSW per cycle per core, 64 u8*s8 multiply-accumulates each (256 ops/cycle), "
             "the VPMADDWD + VPADDD widening that follows counted as free: an upper bound"),
@@ -138,13 +137,11 @@ def parse_cpuinfo(text: str) -> dict:
     and ``cpu MHz`` from the text of ``/proc/cpuinfo``."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break  # the end of the first processor's block
-            continue
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip().lower(), value.strip())
+        elif fields and not line.strip():
+            break  # the end of the first processor's block
     mhz = fields.get("cpu mhz")
     try:
         clock = float(mhz) if mhz else None
@@ -183,28 +180,26 @@ def int8_peak(cpuinfo_text: str, cores: int, cpufreq_max_khz: str | None = None)
     info = parse_cpuinfo(cpuinfo_text)
     mhz, clock_source = max_clock_mhz(cpuinfo_text, cpufreq_max_khz)
     isa = int8_isa(info["flags"])
-    amx_ops = None
-    if isa is not None and isa.name == "amx_int8":
-        amx_ops = isa.ops_per_cycle
-        isa = int8_isa(info["flags"] - {"amx_int8"}) or isa
-    record = {"cpu": info["model_name"], "vendor": info["vendor"], "isa": isa.name if isa else None,
-              "ops_per_cycle_per_core": isa.ops_per_cycle if isa else None, "clock_mhz": mhz,
-              "clock_source": clock_source, "cores": cores, "peak_gops": None, "amx_peak_gops": None,
-              "assumption": None}
+    amx = isa if isa is not None and isa.name == "amx_int8" else None
+    if amx is not None:
+        isa = int8_isa(info["flags"] - {"amx_int8"}) or amx
+    peak = amx_peak = None
     if isa is None:
-        record["assumption"] = ("no int8 SIMD ISA of the table (AMX, AVX-512 VNNI, AVX-512BW, AVX-VNNI, AVX2) "
-                                "in the cpuinfo flags: no peak")
-        return record
-    if mhz is None:
-        record["assumption"] = f"{isa.assumption}; {clock_source}: no peak"
-        return record
-    record["peak_gops"] = isa.ops_per_cycle * mhz * 1e6 * cores / 1e9
-    notes = [isa.assumption, f"clock {mhz:.0f} MHz ({clock_source})", f"{cores} cores = the timing threads"]
-    if amx_ops is not None:
-        record["amx_peak_gops"] = amx_ops * mhz * 1e6 * cores / 1e9
-        notes.append(AMX_NOTE)
-    record["assumption"] = "; ".join(notes)
-    return record
+        assumption = ("no int8 SIMD ISA of the table (AMX, AVX-512 VNNI, AVX-512BW, AVX-VNNI, AVX2) in the cpuinfo "
+                      "flags: no peak")
+    elif mhz is None:
+        assumption = f"{isa.assumption}; {clock_source}: no peak"
+    else:
+        peak = isa.ops_per_cycle * mhz * 1e6 * cores / 1e9
+        notes = [isa.assumption, f"clock {mhz:.0f} MHz ({clock_source})", f"{cores} cores = the timing threads"]
+        if amx is not None:
+            amx_peak = amx.ops_per_cycle * mhz * 1e6 * cores / 1e9
+            notes.append(AMX_NOTE)
+        assumption = "; ".join(notes)
+    return {"cpu": info["model_name"], "vendor": info["vendor"], "isa": isa.name if isa else None,
+            "ops_per_cycle_per_core": isa.ops_per_cycle if isa else None, "clock_mhz": mhz,
+            "clock_source": clock_source, "cores": cores, "peak_gops": peak, "amx_peak_gops": amx_peak,
+            "assumption": assumption}
 
 
 def machine_int8_peak(cores: int, cpuinfo: Path = CPUINFO, cpufreq: Path = CPUFREQ_MAX) -> dict:
@@ -221,7 +216,7 @@ def share_of_peak(flops: float, p50_ms: float, peak_gops: float | None) -> float
     return flops / (p50_ms / 1e3) / (peak_gops * 1e9)
 
 
-def mean_tokens(tokenizer: Any, texts: list[str], max_length: int = 128) -> float:
+def mean_tokens(tokenizer: Any, texts: list[str], max_length: int = MAX_LENGTH) -> float:
     """Mean token count of ``texts`` one at a time (no padding; truncated at ``max_length`` as predictors do)."""
     if not texts:
         raise ValueError("mean_tokens needs at least one text.")

@@ -33,18 +33,14 @@ from scipy.special import softmax
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, pipeline
 
-from kdlib.config import VARIANTS
+from kdlib.config import MAX_LENGTH, VARIANTS
 from kdlib.io import atomic_path
 from kdlib.models import MODEL_INPUT_NAMES, attention_heads, forward_inputs, model_labels
 from kdlib.session import pick_device
 
-DEFAULT_MAX_LENGTH = 128
 LABELS_KEY = "kdlib.labels"
 QUANTIZATION_KEY = "kdlib.quantization"
-MODEL_TYPE_KEY = "kdlib.model_type"
 ONNX_OUTPUTS = ("logits", "features")  # every exported graph's outputs, in this order
-# Unequal lengths: the example batch has padding, and no dimension is 0 or 1 (torch.export would fix it).
-_EXAMPLE_TEXTS = ("a short example", "a slightly longer example sentence for the export")
 
 
 class Predictor:
@@ -84,19 +80,16 @@ class Predictor:
         return [self.labels[i] for i in self.logits(list(texts)).argmax(axis=-1)]
 
 
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``hidden`` over each text's real tokens: the Mahalanobis OOS score's features."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
 def logits_and_features(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A classifier's logits and the mean of its last layer's token states, from one forward pass."""
+    """A classifier's logits and the mean of its last layer's states over each text's real tokens (the
+    Mahalanobis OOS score's features), from one forward pass."""
     output = model(**inputs, output_hidden_states=True)
+    hidden = output.hidden_states[-1]
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
-    return output.logits, mean_pooled(output.hidden_states[-1], mask)
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return output.logits, (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def state_dict_size_bytes(model: torch.nn.Module) -> int:
@@ -116,7 +109,7 @@ class TorchPredictor(Predictor):
     def __init__(
         self, model: PreTrainedModel | torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *,
         labels: Sequence[str] | None = None, device: str | torch.device | None = None,
-        max_length: int = DEFAULT_MAX_LENGTH, backend: str = "pytorch", num_parameters: int | None = None,
+        max_length: int = MAX_LENGTH, backend: str = "pytorch", num_parameters: int | None = None,
     ) -> None:
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
@@ -206,7 +199,7 @@ def quantize_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def torch_int8_predictor(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_length: int = DEFAULT_MAX_LENGTH
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_length: int = MAX_LENGTH
 ) -> TorchPredictor:
     """The int8 model behind the common interface (on the CPU, the only device it runs on)."""
     return TorchPredictor(quantize_dynamic_int8(model), tokenizer, labels=model_labels(model), device="cpu",
@@ -220,14 +213,16 @@ def _example_inputs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) 
     names = list(forward_inputs(model, dict.fromkeys(produced)))
     if "input_ids" not in names:
         raise TypeError(f"{type(model).__name__}.forward takes no `input_ids`: not a text classifier.")
-    encoded = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
+    # Unequal lengths: the batch has padding, and no dimension is 0 or 1 (torch.export would fix it).
+    encoded = tokenizer(["a short example", "a slightly longer example sentence for the export"], padding=True,
+                        return_tensors="pt")
     return {n: encoded[n].to(torch.long) for n in names}
 
 
 def _export_metadata(model: torch.nn.Module) -> dict[str, str]:
     """The ``metadata_props`` of every exported file: the label names (JSON) and the model type."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return {LABELS_KEY: json.dumps(model_labels(model)), MODEL_TYPE_KEY: str(model_type)}
+    return {LABELS_KEY: json.dumps(model_labels(model)), "kdlib.model_type": str(model_type)}
 
 
 def export_onnx(
@@ -237,7 +232,7 @@ def export_onnx(
     """Export a BERT / DistilBERT sequence classifier to one self-contained ONNX file.
 
     Inputs are the tokenizer outputs ``forward`` takes (int64, ``batch`` and ``sequence`` axes dynamic); outputs
-    are ``logits`` and ``features`` (:func:`mean_pooled`); the label names go into ``metadata_props``
+    are ``logits`` and ``features`` (:func:`logits_and_features`); the label names go into ``metadata_props``
     (``kdlib.labels``, JSON). The dynamo exporter keeps the attention mask's Python branches general; if it
     fails, the legacy TorchScript exporter runs once, with a warning, on a padded example. With ``check``, ONNX
     Runtime must match PyTorch on that example (max abs diff 1e-3) before the file replaces anything at ``path``.
@@ -272,8 +267,6 @@ def _export_dynamo(model: torch.nn.Module, inputs: dict, out: Path, opset: int |
         program = torch.onnx.export(_NamedOutputs(model).eval(), (), kwargs=inputs, dynamo=True,
                                     dynamic_shapes=dynamic, input_names=list(inputs), output_names=list(ONNX_OUTPUTS),
                                     opset_version=opset, optimize=True, verbose=False)
-    if program is None:
-        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program.")
     # Node metadata (stack traces with local paths, FX dumps) can outweigh a tiny model's weights: drop it.
     for node in program.model.graph.all_nodes():
         node.metadata_props.clear()
@@ -312,23 +305,19 @@ def export_onnx_fused(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         _export_torchscript(eager, inputs, raw, None, _export_metadata(eager))
         with _quiet():  # BERT's fusions also match DistilBERT's blocks
             fused = optimize_model(str(raw), model_type="bert", num_heads=heads, hidden_size=width)
-        _warn_unfused_attention(fused.get_fused_operator_statistics(), eager.config.model_type)
+        counts, model_type = fused.get_fused_operator_statistics(), eager.config.model_type
+        if not (counts.get("Attention", 0) or counts.get("MultiHeadAttention", 0)):  # correct, but gains less
+            warnings.warn(
+                f"ONNX Runtime's transformer optimizer fused no attention in this {model_type} graph (its BERT "
+                f"pattern does not match {model_type}'s attention; MPNet adds a relative position bias): the fused "
+                f"file has {counts.get('SkipLayerNormalization', 0)} fused LayerNorms and "
+                f"{counts.get('BiasGelu', 0) + counts.get('FastGelu', 0)} fused GELUs, and its "
+                "attention runs unfused.",
+                RuntimeWarning, stacklevel=2,
+            )
         fused.save_model_to_file(str(tmp))
         _check_export(eager, inputs, tmp)
     return path
-
-
-def _warn_unfused_attention(fused_operators: dict[str, int], model_type: str) -> None:
-    """Warn when the optimizer fused no attention block: the file is correct but gains less than a BERT's."""
-    if not (fused_operators.get("Attention", 0) or fused_operators.get("MultiHeadAttention", 0)):
-        warnings.warn(
-            f"ONNX Runtime's transformer optimizer fused no attention in this {model_type} graph (its BERT "
-            f"pattern does not match {model_type}'s attention; MPNet adds a relative position bias): the fused "
-            f"file has {fused_operators.get('SkipLayerNormalization', 0)} fused LayerNorms and "
-            f"{fused_operators.get('BiasGelu', 0) + fused_operators.get('FastGelu', 0)} fused GELUs, and its "
-            "attention runs unfused.",
-            RuntimeWarning, stacklevel=3,
-        )
 
 
 class _NamedOutputs(torch.nn.Module):
@@ -399,7 +388,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(
         self, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, *, labels: Sequence[str] | None = None,
-        threads: int | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+        threads: int | None = None, max_length: int = MAX_LENGTH,
     ) -> None:
         self.path = Path(path)
         self.tokenizer = tokenizer
@@ -555,7 +544,7 @@ def parity_check(reference: Predictor, candidate: Predictor, texts: Sequence[str
 def build_variants(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
     threads: int | None = None, variants: Sequence[str] = VARIANTS, prefix: str = "student",
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int = MAX_LENGTH,
 ) -> dict[str, Predictor]:
     """The requested variants of ``model`` as ``{f"{prefix}-{variant}": predictor}``. ONNX files go to
     ``out_dir``: ``model.onnx``, ``model-int8.onnx``, ``model-fused.onnx`` and ``model-fused-int8.onnx``;

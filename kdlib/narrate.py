@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import pandas as pd
 
 from kdlib.plots import finished_latency_trials
-from kdlib.recommend import WITHIN, recommendation
+from kdlib.recommend import WITHIN, fastest_within, recommendation
 
 INT8_PAIRS = (
     ("student", "student-int8"), ("student-onnx", "student-onnx-int8"), ("student-onnx", "student-onnx-fused-int8"),
@@ -153,14 +153,12 @@ def _recommendation_sentence(choice, rows: Mapping[str, Mapping], baseline: str)
 
 def interpret_search(trials: pd.DataFrame | None, within: float = WITHIN) -> str:
     """Notebook 03's section on an accuracy + latency search (:func:`kdlib.search.search_trials`) and the trial
-    kept: the fastest on the front within ``within`` of its best (as :func:`kdlib.search.choose_from_front`
-    keeps it). Empty without such a search."""
+    it kept (:func:`kdlib.recommend.fastest_within`). Empty without such a search."""
     done = finished_latency_trials(trials)
     if done is None:
         return ""
-    front = done[done["pareto"].astype(bool)].sort_values("latency_ms")
-    best = front["accuracy"].max()
-    kept = front[front["accuracy"] >= best - within - 1e-12].iloc[0]
+    front = done[done["pareto"].astype(bool)]
+    kept = fastest_within(front, "accuracy", "latency_ms", within)
     depth = f"{int(kept['student_layers'])} layers, " if pd.notna(kept.get("student_layers")) else ""
     return (
         "## The search's trade-off: accuracy against latency\n\n"
@@ -170,7 +168,7 @@ def interpret_search(trials: pd.DataFrame | None, within: float = WITHIN) -> str
         f"other trial beats on both. Of {len(trials)} trials, {len(done)} finished and {len(front)} are on the "
         f"front. Kept: trial {int(kept['trial'])} ({depth}validation accuracy {_pct(kept['accuracy'])}, "
         f"{kept['latency_ms']:.2f} ms), the fastest on the front within {100 * within:g} point of its best "
-        f"({_pct(best)})."
+        f"({_pct(front['accuracy'].max())})."
     )
 
 

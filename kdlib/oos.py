@@ -43,7 +43,7 @@ OOS_KEYS = (
 )
 
 
-def oos_scores(logits: np.ndarray, method: str = "energy", oos_index: int | None = None) -> np.ndarray:
+def oos_scores(logits: np.ndarray, method: str = FALLBACK_SCORE, oos_index: int | None = None) -> np.ndarray:
     """One OOS score per row of ``logits`` (higher = more out of scope), over the in-scope columns."""
     if method == FEATURE_SCORE:
         raise ValueError("oos_score='mahalanobis' is computed from features: use MahalanobisScore.")

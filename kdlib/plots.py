@@ -33,7 +33,6 @@ AXIS_LABELS = {  # the columns plot_metrics can draw, as its axes name them
     "accuracy": "Accuracy (%)",
     "threshold_accuracy": "Accuracy with the OOS threshold (%)",
 }
-PARETO_LABEL = "Pareto front"
 
 # One marker shape per run, one colour per variant: overlaid runs stay readable in print.
 RUN_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "p", "h", "*"]
@@ -48,6 +47,11 @@ def new_figure(**kwargs) -> Figure:
     fig = Figure(layout="constrained", **kwargs)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _axes(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    fig = new_figure(figsize=figsize)
+    return fig, fig.add_subplot()
 
 
 def save_figure(fig: Figure, out_stem: str | os.PathLike) -> tuple[Path, Path]:
@@ -76,9 +80,7 @@ def _check_metric_table(table: pd.DataFrame, accuracy: str = "accuracy", latency
     if missing:
         raise ValueError(f"plot_metrics needs columns {missing}; pass a kdlib.report.comparison_table().")
     table = table.copy()
-    if "run" not in table.columns:
-        table["run"] = ""
-    table["run"] = table["run"].fillna("").astype(str)
+    table["run"] = table["run"].fillna("").astype(str) if "run" in table.columns else ""
     table["variant"] = table["variant"].astype(str)
     for column in (accuracy, latency, "size_mb"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
@@ -107,8 +109,7 @@ def plot_metrics(table: pd.DataFrame, highlight: str | None = None, *, out_stem:
     max_size = table["size_mb"].max()
     scale = MAX_BUBBLE_AREA / max_size if pd.notna(max_size) and max_size > 0 else 0.0
 
-    fig = new_figure(figsize=(8, 5))
-    ax = fig.add_subplot()
+    fig, ax = _axes((8, 5))
     for (run, variant), rows in table.groupby(["run", "variant"], sort=False):
         sizes = rows["size_mb"]  # area proportional to MB; unknown sizes get a small default bubble
         areas = sizes.fillna(0).to_numpy(dtype=float) * scale + np.where(sizes.isna(), 40.0, 0.0)
@@ -123,7 +124,7 @@ def plot_metrics(table: pd.DataFrame, highlight: str | None = None, *, out_stem:
         front = pareto_front(table[table["run"] == run], accuracy, latency)
         ax.step(front[latency], front[accuracy] * 100, where="post", color="0.35", linewidth=1, zorder=0,
                 linestyle=PARETO_LINESTYLES[i % len(PARETO_LINESTYLES)],
-                label=f"{PARETO_LABEL} ({run})" if len(runs) > 1 else PARETO_LABEL)
+                label=f"Pareto front ({run})" if len(runs) > 1 else "Pareto front")
     _finish_axes(ax, AXIS_LABELS.get(latency, latency), AXIS_LABELS.get(accuracy, accuracy))
     if scale > 0:
         _size_key(ax, max_size, scale)
@@ -199,8 +200,7 @@ def plot_soft_targets(probs_by_temperature: Mapping[float, np.ndarray], labels: 
     order = np.argsort(-probs[reference], kind="stable")[: max(1, top_k)]
     names = [str(labels[i]) for i in order]
 
-    fig = new_figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.5))
-    ax = fig.add_subplot()
+    fig, ax = _axes((max(6.0, 0.7 * len(names) + 2), 4.5))
     x = np.arange(len(names))
     width = 0.8 / len(temperatures)
     for j, t in enumerate(temperatures):
@@ -225,8 +225,7 @@ def plot_weight_histogram(weights: np.ndarray, *, name: str | None = None, scale
     values = np.asarray(weights, dtype=float).ravel()
     if values.size == 0:
         raise ValueError("plot_weight_histogram needs at least one weight.")
-    fig = new_figure(figsize=(8, 4))
-    ax = fig.add_subplot()
+    fig, ax = _axes((8, 4))
     ax.hist(values, bins=250, color="C0", alpha=0.8)
     if scale is not None and zero_point is not None:
         for end in (-128, 127):
@@ -249,8 +248,7 @@ def plot_head_importance(importance: np.ndarray, kept: Sequence[Sequence[int]], 
         raise ValueError(f"plot_head_importance needs (layers, heads) scores and kept heads per layer; got shape "
                          f"{scores.shape} and {len(kept)} layers kept.")
     shares = scores / np.maximum(scores.sum(axis=1, keepdims=True), np.finfo(float).tiny)
-    fig = new_figure(figsize=(max(5.0, 0.55 * scores.shape[1] + 2), 0.6 * len(scores) + 1.8))
-    ax = fig.add_subplot()
+    fig, ax = _axes((max(5.0, 0.55 * scores.shape[1] + 2), 0.6 * len(scores) + 1.8))
     image = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0)
     for layer, heads in enumerate(kept):
         for head in heads:
@@ -278,27 +276,26 @@ def plot_oos_scores(detail: Mapping | None, *, out_stem: str | os.PathLike | Non
     """Histograms (counts, so the groups keep their sizes) of the OOS score of in-scope and out-of-scope
     test queries, the threshold marked; Mahalanobis distances, long-tailed, as log10. ``detail`` is a
     benchmark result's ``oos_detail``; None (no OOS label) gives a figure saying OOS detection does not apply."""
-    fig = new_figure(figsize=(8, 4))
-    ax = fig.add_subplot()
+    fig, ax = _axes((8, 4))
     if detail is None:
         _not_applicable(ax)
-    else:
-        scores, is_oos = np.asarray(detail["scores"], dtype=float), np.asarray(detail["is_oos"], dtype=bool)
-        threshold = detail.get("threshold")
-        name = SCORE_NAMES.get(detail.get("method"), "OOS score")
-        positive = scores.min() > 0 and (threshold is None or threshold > 0)
-        if detail.get("method") == "mahalanobis" and positive:
-            scores = np.log10(scores)
-            threshold = None if threshold is None else float(np.log10(threshold))
-            name = f"log10 of the {name[0].lower()}{name[1:]}"
-        bins = np.histogram_bin_edges(scores, bins=50)
-        ax.hist(scores[~is_oos], bins=bins, alpha=0.6, label=f"in scope ({(~is_oos).sum():,})")
-        ax.hist(scores[is_oos], bins=bins, alpha=0.6, label=f"out of scope ({is_oos.sum():,})")
-        if threshold is not None:
-            ax.axvline(threshold, color="black", linestyle="--", label="threshold (from validation)")
-        ax.set(xlabel=name + "; higher = more out of scope", ylabel="Test queries")
-        ax.legend()
-        ax.grid(True, alpha=0.3)
+        return _finish(fig, out_stem)
+    scores, is_oos = np.asarray(detail["scores"], dtype=float), np.asarray(detail["is_oos"], dtype=bool)
+    threshold = detail.get("threshold")
+    name = SCORE_NAMES.get(detail.get("method"), "OOS score")
+    positive = scores.min() > 0 and (threshold is None or threshold > 0)
+    if detail.get("method") == "mahalanobis" and positive:
+        scores = np.log10(scores)
+        threshold = None if threshold is None else float(np.log10(threshold))
+        name = f"log10 of the {name[0].lower()}{name[1:]}"
+    bins = np.histogram_bin_edges(scores, bins=50)
+    ax.hist(scores[~is_oos], bins=bins, alpha=0.6, label=f"in scope ({(~is_oos).sum():,})")
+    ax.hist(scores[is_oos], bins=bins, alpha=0.6, label=f"out of scope ({is_oos.sum():,})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label="threshold (from validation)")
+    ax.set(xlabel=name + "; higher = more out of scope", ylabel="Test queries")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
     return _finish(fig, out_stem)
 
 
@@ -308,26 +305,25 @@ def plot_oos_vs_latency(table: pd.DataFrame, highlight: str | None = None, *,
     variant that loses more OOS recall than in-scope accuracy relative to the baseline (``loses_more_oos``)."""
     table = _check_metric_table(table)
     recall = pd.to_numeric(table.get("threshold_oos_recall", pd.Series(np.nan, index=table.index)), errors="coerce")
-    fig = new_figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
+    fig, ax = _axes((8, 4.5))
     if recall.isna().all():
         _not_applicable(ax)
-    else:
-        colours = mpl.colormaps["tab10"].colors
-        flagged = table.get("loses_more_oos", pd.Series(False, index=table.index)).fillna(False).astype(bool)
-        for i, (variant, rows) in enumerate(table.groupby("variant", sort=False)):
-            y = recall[rows.index] * 100
-            bold = variant == highlight
-            ax.scatter(rows["time_avg_ms"], y, s=120 if bold else 70, color=colours[i % len(colours)],
-                       edgecolors="black" if bold else "none", linewidths=2.0, label=variant, zorder=3)
-            ring = flagged[rows.index]
-            if ring.any():
-                ax.scatter(rows["time_avg_ms"][ring], y[ring], s=320, facecolors="none", edgecolors="red",
-                           linewidths=1.5, zorder=2)
-        if flagged.any():
-            ax.scatter([], [], s=120, facecolors="none", edgecolors="red",
-                       label="loses more OOS recall\nthan in-scope acc.")
-        _finish_axes(ax, LATENCY_LABEL, "OOS recall with threshold (%)")
+        return _finish(fig, out_stem)
+    colours = mpl.colormaps["tab10"].colors
+    flagged = table.get("loses_more_oos", pd.Series(False, index=table.index)).fillna(False).astype(bool)
+    for i, (variant, rows) in enumerate(table.groupby("variant", sort=False)):
+        y = recall[rows.index] * 100
+        bold = variant == highlight
+        ax.scatter(rows["time_avg_ms"], y, s=120 if bold else 70, color=colours[i % len(colours)],
+                   edgecolors="black" if bold else "none", linewidths=2.0, label=variant, zorder=3)
+        ring = flagged[rows.index]
+        if ring.any():
+            ax.scatter(rows["time_avg_ms"][ring], y[ring], s=320, facecolors="none", edgecolors="red",
+                       linewidths=1.5, zorder=2)
+    if flagged.any():
+        ax.scatter([], [], s=120, facecolors="none", edgecolors="red",
+                   label="loses more OOS recall\nthan in-scope acc.")
+    _finish_axes(ax, LATENCY_LABEL, "OOS recall with threshold (%)")
     return _finish(fig, out_stem)
 
 
@@ -346,8 +342,7 @@ def plot_search(trials: pd.DataFrame | None, *, out_stem: str | os.PathLike | No
     done = finished_latency_trials(trials)
     if done is None:
         return None
-    fig = new_figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
+    fig, ax = _axes((8, 4.5))
     depth = done["student_layers"] if "student_layers" in done else pd.Series(0, index=done.index)
     points = ax.scatter(done["latency_ms"], done["accuracy"] * 100, c=depth, cmap="viridis", s=60, zorder=3)
     if "student_layers" in done:

@@ -19,11 +19,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlib.config import RunConfig, kept_count
+from kdlib.config import MAX_LENGTH, RunConfig, kept_count
 from kdlib.models import attention_heads, bert_layers, forward_inputs, shrink_layers
 from kdlib.train import DistillationTrainingArguments, TrainResult, train_model
-
-PRUNE_FIELDS = ("ffn_keep", "heads_keep", "prune_epochs")
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Importance:
 
 def importance_scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int = MAX_LENGTH,
 ) -> Importance:
     """The Taylor importance of ``model``'s heads and FFN neurons on ``dataset`` (``text`` and ``label``):
     length-sorted batches in eval mode, so the same model and data give the same scores. The weights are
@@ -129,10 +127,10 @@ def prune_and_recover(
     bert_layers(model)  # refuse an unprunable model or share before measuring anything
     kept_count(config.heads_keep, attention_heads(model.config), "heads_keep")
     importance = importance_scores(model, tokenizer, data["train"], max_length=args.max_length)
-    heads, neurons = choose_kept(importance, ffn_keep=config.ffn_keep, heads_keep=config.heads_keep)
-    pruned = shrink_layers(copy.deepcopy(model), heads, neurons)
-    settings = {name: getattr(config, name) for name in PRUNE_FIELDS}
-    pruned_fingerprint = hashlib.sha256(json.dumps([fingerprint, settings]).encode()).hexdigest()[:16]
-    training = train_model(pruned, tokenizer, data, replace(args, num_train_epochs=config.prune_epochs),
-                           teacher=teacher, fingerprint=pruned_fingerprint)
-    return PruningResult(importance=importance, training=training, fingerprint=pruned_fingerprint, kept_heads=heads)
+    shares = {"ffn_keep": config.ffn_keep, "heads_keep": config.heads_keep}
+    settings = json.dumps([fingerprint, {**shares, "prune_epochs": config.prune_epochs}])
+    pruned_fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    training = train_model(prune_model(model, importance, **shares), tokenizer, data,
+                           replace(args, num_train_epochs=config.prune_epochs), teacher=teacher,
+                           fingerprint=pruned_fingerprint)
+    return PruningResult(importance, training, pruned_fingerprint, kept_heads=choose_kept(importance, **shares)[0])

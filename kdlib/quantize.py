@@ -21,8 +21,6 @@ from kdlib.inference import quantize_dynamic_int8
 
 INT8_MIN, INT8_MAX = -128, 127
 MB = 2**20  # the benchmark's megabyte (compute_size)
-# The book's layer: the first transformer layer's attention output projection (BERT, then DistilBERT).
-LESSON_LAYER = re.compile(r"layer\.0\.attention\.(output\.dense|out_lin)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -64,10 +62,10 @@ def layer_weight(model: torch.nn.Module, name: str | None = None) -> tuple[str, 
     """One linear layer's weight matrix by its ``state_dict`` key; without ``name``, the first
     transformer layer's attention output projection (the layer the book quantises by hand)."""
     state = model.state_dict()
-    if name is None:
-        name = next((key for key in state if LESSON_LAYER.search(key)), None)
-        if name is None:
-            name = next(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    if name is None:  # the lesson's layer (BERT's name, then DistilBERT's), else the first linear layer
+        lesson = re.compile(r"layer\.0\.attention\.(output\.dense|out_lin)\.weight$")
+        linear = (f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+        name = next((key for key in state if lesson.search(key)), None) or next(linear)
     if name not in state:
         raise KeyError(f"{name!r} is not a weight of this model; choose one of its state_dict keys.")
     weights = state[name].detach().to("cpu", torch.float32)
@@ -179,8 +177,8 @@ def size_arithmetic(model: torch.nn.Module, results: Mapping[str, Mapping] | Non
         if results is not None and variant not in results:
             continue
         row = {"bytes per element (linear, embeddings, other)": ", ".join(map(str, per_element))}
-        row.update({f"{kind} MB": n * nbytes / MB for (kind, n), nbytes in zip(counts.items(), per_element,
-                                                                                 strict=True)})
+        for (kind, n), nbytes in zip(counts.items(), per_element, strict=True):
+            row[f"{kind} MB"] = n * nbytes / MB
         row["predicted MB"] = sum(n * b for n, b in zip(counts.values(), per_element, strict=True)) / MB
         if results is not None:
             row["measured MB"] = results[variant].get("size_mb")

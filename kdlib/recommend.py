@@ -39,6 +39,13 @@ def pareto_front(table: pd.DataFrame, accuracy: str = "accuracy", latency: str =
     return front.sort_values([latency, accuracy], ascending=[True, False], kind="stable")
 
 
+def fastest_within(front: pd.DataFrame, accuracy: str, latency: str, within: float = WITHIN) -> pd.Series:
+    """The row of a Pareto front the rule keeps: the fastest whose ``accuracy`` is within ``within`` of the
+    front's best (the earlier row on a tie). The comparison table, the search and its narration all pick so."""
+    close = front[front[accuracy] >= front[accuracy].max() - within - 1e-12]  # 1e-12: one point exactly counts
+    return close.sort_values(latency, kind="stable").iloc[0]
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """The variant the rule picks in one run, and the columns and tolerance it was picked on."""
@@ -80,9 +87,9 @@ def recommendation(table: pd.DataFrame, within: float = WITHIN, *, run: str | No
     if front.empty:
         raise ValueError(f"run {chosen_run!r}: no variant has both {accuracy} and {LATENCY}.")
     best = front.loc[front[accuracy].idxmax()]
-    close = front[front[accuracy] >= best[accuracy] - within - 1e-12]  # 1e-12: one point exactly still counts
+    pick = fastest_within(front, accuracy, LATENCY, within)
     return Recommendation(
-        run=str(chosen_run), variant=str(close.iloc[0]["variant"]), accuracy=accuracy, latency=LATENCY,
+        run=str(chosen_run), variant=str(pick["variant"]), accuracy=accuracy, latency=LATENCY,
         within=within, best=str(best["variant"]), front=tuple(front["variant"].astype(str)),
     )
 

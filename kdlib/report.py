@@ -15,12 +15,11 @@ from pathlib import Path
 import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from kdlib.config import SLUG
 from kdlib.data import EMBEDDED_SOURCE, resolve_data_source
 from kdlib.io import atomic_write_text, project_root
 from kdlib.oos import NOT_APPLICABLE, OOS_KEYS
 from kdlib.session import library_versions
-
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Columns of the comparison table, in order (README and notebook 03 describe each).
 TABLE_COLUMNS = [
@@ -28,13 +27,13 @@ TABLE_COLUMNS = [
     "loses_more_oos", "size_mb", "num_parameters", "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms",
     "throughput_qps", "speedup_vs_baseline", "throughput_vs_baseline", "size_ratio_vs_baseline", "threads", "test_rows",
 ]
-OOS_TABLE_COLUMNS = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS,
-                     "loses_more_oos"]
 
 
 def _check_name(value: str, what: str) -> str:
-    if not SAFE_NAME.match(value or ""):
-        raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a file name).")
+    """``value``, refused unless it is a plain name (the run parameters' rule): it becomes a file name."""
+    if not SLUG.match(value or ""):
+        raise ValueError(f"{what} {value!r} must be a plain name: letters, digits, '.', '_' or '-', at most 64 "
+                         "characters (it becomes a file name).")
     return value
 
 
@@ -143,7 +142,9 @@ def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataF
 
 def oos_table(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`comparison_table`'s OOS columns: "n/a" without an OOS label, threshold "none" if none fit the rule."""
-    view = table[OOS_TABLE_COLUMNS].astype(object)
+    columns = ["run", "variant", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS,
+               "loses_more_oos"]
+    view = table[columns].astype(object)
     view.loc[view["oos_auroc"].notna() & view["threshold"].isna(), "threshold"] = "none"
     return view.where(view.notna(), NOT_APPLICABLE)
 

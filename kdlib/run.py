@@ -48,7 +48,6 @@ from kdlib.io import project_root
 from kdlib.paths import RunPaths
 
 NOTEBOOKS = ("01_baseline_benchmark", "02_distill", "03_compare")
-PATH_PARAMETERS = ("data_source", "teacher", "teacher_model", "student", "search_storage")
 
 
 def notebook_parameters(notebook: Path, params: dict) -> dict:
@@ -254,11 +253,11 @@ def absolute_paths(overrides: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """Relative local paths among ``overrides`` taken from ``cwd``, since the notebooks run elsewhere. A value is
     local when it exists below ``cwd`` or starts with ``.`` or ``~``; anything else (``owner/model``) is the Hub's."""
     out = dict(overrides)
-    for name in PATH_PARAMETERS:
+    for name in ("data_source", "teacher", "teacher_model", "student", "search_storage"):
         value = out.get(name)
         if isinstance(value, str) and value and not (path := Path(value).expanduser()).is_absolute():
             if (cwd / path).exists() or value.startswith((".", "~")):
-                out[name] = str((cwd / path).expanduser().resolve())
+                out[name] = str((cwd / path).resolve())
     return out
 
 
@@ -311,12 +310,12 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
     or more. Raises ConfigError, DataError or ModelReferenceError naming the parameter or file and the fix."""
     _check_writable(RunPaths.for_config(config).output_dir, param="output_dir", given=config.output_dir)
     distils = any(name.startswith("02") for name in notebooks)
+    # 02 distils from teacher_model, else from the copy of `teacher` that 01 fine-tunes (the same shape).
+    param = "teacher_model" if config.teacher_model else "teacher"
     if distils and config.student_init == "teacher_layers" and config.keep_layers is not None:
         # kdlib.models imports torch and transformers (seconds): only a run that names its layers waits for them.
         from kdlib.models import reference_num_layers
 
-        # 02 distils from teacher_model, else from the copy of `teacher` that 01 fine-tunes (the same depth).
-        param = "teacher_model" if config.teacher_model else "teacher"
         teacher, keep = getattr(config, param), config.keep_layers
         depth = reference_num_layers(teacher, param=param)
         if isinstance(keep, int) and keep > depth:
@@ -328,25 +327,20 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
                               f"0 to {depth - 1}, so {missing} is not one of them. Choose indices below {depth} (e.g. "
                               f"-p keep_layers \"{default_keep_layers(depth)}\"), a count, or leave keep_layers unset.")
     if distils and config.heads_keep < 1:
-        _check_heads_keep(config)
+        from kdlib.models import reference_num_heads  # torch and transformers: only a run that prunes waits
+
+        if config.student_init != "teacher_layers":
+            param = "student"  # the heads of the config the student starts from
+        heads = reference_num_heads(getattr(config, param), param=param)
+        try:
+            kept_count(config.heads_keep, heads, "heads_keep")
+        except ValueError:
+            raise ConfigError(f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads "
+                              f"({param} = {getattr(config, param)!r}), so this keeps none. Use -p heads_keep "
+                              f"{1 / heads:.3g} or more.") from None
     if any(name.startswith(("01", "02")) for name in notebooks):
         with warnings.catch_warnings(action="ignore"):  # a warning about the data (duplicates) is the notebook's
             config.load_data(base_dir=project_root())  # as the notebooks load it: DataError names the file and fix
-
-
-def _check_heads_keep(config: RunConfig) -> None:
-    """``heads_keep`` leaves each student layer a head (the count read from the config the student starts from)."""
-    from kdlib.models import reference_num_heads  # torch and transformers: only a run that prunes waits
-
-    param = "student" if config.student_init != "teacher_layers" else (
-        "teacher_model" if config.teacher_model else "teacher")
-    heads = reference_num_heads(getattr(config, param), param=param)
-    try:
-        kept_count(config.heads_keep, heads, "heads_keep")
-    except ValueError:
-        raise ConfigError(f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads "
-                          f"({param} = {getattr(config, param)!r}), so this keeps none. Use -p heads_keep "
-                          f"{1 / heads:.3g} or more.") from None
 
 
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:

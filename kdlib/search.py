@@ -30,6 +30,7 @@ from kdlib.config import RunConfig
 from kdlib.inference import TorchPredictor
 from kdlib.models import init_student, num_layers
 from kdlib.paths import RunPaths
+from kdlib.recommend import WITHIN, fastest_within
 from kdlib.report import write_table
 from kdlib.train import (
     STUDENT_SETTINGS,
@@ -234,12 +235,12 @@ def search_from_config(
                                  n_trials=config.n_trials, storage=storage, output_dir=output_dir, **latency_options)
 
 
-def choose_from_front(study, tolerance: float = 0.01) -> dict:
-    """Of an (accuracy, latency) study's Pareto front, the parameters of the fastest trial whose accuracy is
-    within ``tolerance`` of the front's best."""
+def choose_from_front(study, tolerance: float = WITHIN) -> dict:
+    """The parameters of the trial :func:`kdlib.recommend.fastest_within` keeps from an (accuracy, latency)
+    study's Pareto front."""
     front = study.best_trials
-    best = max(trial.values[0] for trial in front)
-    return dict(min((t for t in front if t.values[0] >= best - tolerance), key=lambda t: t.values[1]).params)
+    values = pd.DataFrame([trial.values for trial in front], columns=["accuracy", "latency"])
+    return dict(front[fastest_within(values, "accuracy", "latency", tolerance).name].params)
 
 
 def _search_study(storage: str | os.PathLike, study_name: str, latency: bool, seed: int = 42):

@@ -44,7 +44,7 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
                              cwd=cwd or Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def env_fingerprint(device: str | None = None) -> dict:

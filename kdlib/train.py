@@ -50,7 +50,7 @@ from transformers.modelcard import parse_log_history
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_in_notebook
 
-from kdlib.config import RunConfig, validate
+from kdlib.config import MAX_LENGTH, RunConfig, validate
 from kdlib.models import (
     MODEL_INPUT_NAMES,
     check_tokenizers_compatible,
@@ -64,14 +64,13 @@ NO_LOG = "No log"
 EPOCH_TABLE_COLUMNS = ["Training Loss", "Epoch", "Step", "Validation Loss", "Accuracy"]
 
 # A rule per setting: the kind of value, its valid range and the message's words for it.
-_LOSS_WEIGHT = (numbers.Real, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 turns the term off)")
 _TRAINS = (numbers.Real, lambda v: 0 < v < math.inf, "must be a finite number > 0 (or nothing is trained)")
 _AT_LEAST_ONE = (numbers.Integral, lambda v: v >= 1, "must be a whole number >= 1")
 _FLAG = (bool, lambda v: True, "must be True or False")
 SETTING_RULES = {
     "alpha": (numbers.Real, lambda v: 0 <= v <= 1, "must be in [0, 1] (the weight of the hard-label cross-entropy)"),
     "temperature": (numbers.Real, lambda v: 0 < v < math.inf, "must be > 0 and finite (it divides the logits)"),
-    "hidden_weight": _LOSS_WEIGHT,
+    "hidden_weight": (numbers.Real, lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0 turns the term off)"),
     "augment_copies": (numbers.Integral, lambda v: v >= 0, "must be a whole number >= 0"),
     "max_length": _AT_LEAST_ONE, "cache_teacher_logits": _FLAG, "resume": _FLAG,
     "learning_rate": _TRAINS, "num_train_epochs": _TRAINS,
@@ -89,7 +88,7 @@ def check_setting(name: str, value, rule: tuple | None = None) -> None:
 
 def check_loss_weight(name: str, weight: float) -> None:
     """Refuse a negative or non-finite weight of a term added to the loss (``hidden_weight``'s rule)."""
-    check_setting(name, weight, _LOSS_WEIGHT)
+    check_setting(name, weight, SETTING_RULES["hidden_weight"])
 
 
 def distillation_loss(
@@ -166,7 +165,7 @@ class DistillationTrainingArguments(TrainingArguments):
     hidden_weight: float = _run_field("hidden_weight")
     augment_copies: int = _run_field("augment_copies")
     cache_teacher_logits: bool = _run_field("cache_teacher_logits")
-    max_length: int = field(default=128, metadata={"help": "tokens kept of each query"})
+    max_length: int = field(default=MAX_LENGTH, metadata={"help": "tokens kept of each query"})
     resume: bool = field(default=True, metadata={"help": "resume from the last good checkpoint of the same key"})
 
     def __post_init__(self):
@@ -249,7 +248,7 @@ class DistillationTrainer(Trainer):
 
 
 def tokenize_dataset(
-    data: DatasetDict | Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 128
+    data: DatasetDict | Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int = MAX_LENGTH
 ) -> DatasetDict | Dataset:
     """Token ids (unpadded: batches are padded dynamically) and ``label``, text dropped (splits or one split)."""
     return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True,
@@ -305,7 +304,7 @@ def teacher_logits_for(
 def add_teacher_logits(
     data: DatasetDict | Dataset, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
     splits: tuple[str, ...] = ("train", "validation"), batch_size: int = 128,
-    texts: DatasetDict | Dataset | None = None, max_length: int = 128,
+    texts: DatasetDict | Dataset | None = None, max_length: int = MAX_LENGTH,
 ) -> DatasetDict | Dataset:
     """Add a ``teacher_logits`` column (computed once) to tokenised splits; ``tokenizer`` is the teacher's.
     ``texts``, the rows untokenised, is for ``data`` tokenised by a student of another vocabulary: the
@@ -328,7 +327,7 @@ def add_teacher_logits(
 
 def prepare_datasets(
     data: DatasetDict, tokenizer: PreTrainedTokenizerBase, *, teacher: PreTrainedModel | None = None,
-    max_length: int = 128, augment_copies: int = 0, seed: int = 42,
+    max_length: int = MAX_LENGTH, augment_copies: int = 0, seed: int = 42,
     teacher_tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> DatasetDict:
     """Tokenise ``data`` with ``augment_copies`` noisy copies and, given a teacher, add its cached logits
@@ -373,8 +372,7 @@ def compute_accuracy_metric(eval_pred) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
-# The run parameters each role's training reads.
-TEACHER_SETTINGS = ("finetune_learning_rate", "finetune_batch_size", "finetune_epochs", "finetune_warmup_ratio", "seed")
+# The run parameters the student's training reads.
 STUDENT_SETTINGS = ("alpha", "temperature", "hidden_weight", "augment_copies", "learning_rate", "batch_size", "epochs",
                     "gradient_accumulation_steps", "cache_teacher_logits", "seed")
 
@@ -382,7 +380,8 @@ STUDENT_SETTINGS = ("alpha", "temperature", "hidden_weight", "augment_copies", "
 def teacher_arguments(config: RunConfig, output_dir: str | Path, **changes) -> DistillationTrainingArguments:
     """The teacher's fine-tuning (alpha = 1) with the run's ``finetune_*`` parameters and seed; ``changes``
     to them are validated as the run's own are."""
-    config = _changed(config, changes, TEACHER_SETTINGS)
+    config = _changed(config, changes, ("finetune_learning_rate", "finetune_batch_size", "finetune_epochs",
+                                        "finetune_warmup_ratio", "seed"))
     return _arguments(output_dir, config.seed, config.finetune_batch_size, alpha=1.0,
                       learning_rate=config.finetune_learning_rate, num_train_epochs=config.finetune_epochs,
                       warmup_steps=config.finetune_warmup_ratio)
@@ -444,15 +443,12 @@ class TrainResult:
         return self.trainer.args
 
 
-# Arguments that say where and how a training runs, not what it trains: not in its checkpoint key.
-NOT_IN_KEY = {"output_dir", "resume", "disable_tqdm", "report_to", "use_cpu", "ddp_backend", "dataloader_num_workers",
-              "dataloader_pin_memory", "local_rank"}
-
-
 def checkpoint_key(args: DistillationTrainingArguments, student: PreTrainedModel, fingerprint: str | None) -> str:
-    """The folder name of a run's checkpoints: a hash of the run's fingerprint, every argument but
-    :data:`NOT_IN_KEY` and the student's starting weights. Only a run of the same key resumes."""
-    settings = {name: value for name, value in args.to_dict().items() if name not in NOT_IN_KEY}
+    """The folder name of a run's checkpoints: a hash of the run's fingerprint, every argument but those
+    saying where and how it runs, and the student's starting weights. Only a run of the same key resumes."""
+    where_and_how = {"output_dir", "resume", "disable_tqdm", "report_to", "use_cpu", "ddp_backend",
+                     "dataloader_num_workers", "dataloader_pin_memory", "local_rank"}
+    settings = {name: value for name, value in args.to_dict().items() if name not in where_and_how}
     text = json.dumps({"run": fingerprint, "args": settings, "initial_weights": weights_digest(student)},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -522,8 +518,16 @@ def train_model(
             for checkpoint in output_dir.glob("checkpoint-*"):
                 shutil.rmtree(checkpoint)
         datasets, online_teacher = _training_data(args, data, tokenizer, teacher, prepared, teacher_tokenizer)
-        trainer = _trainer(trainer_class, model, tokenizer, replace(args, output_dir=str(output_dir)), datasets,
-                           online_teacher)
+        mode = progress_mode()
+        trainer = trainer_class(
+            model=model, args=replace(args, output_dir=str(output_dir), disable_tqdm=mode != "notebook"),
+            teacher_model=online_teacher, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+            processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=compute_accuracy_metric,
+        )
+        trainer.remove_callback(PrinterCallback)  # the epoch table says it once, readably
+        if mode == "console":
+            trainer.add_callback(ProgressLines())
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=last_checkpoint)
         elapsed = time.perf_counter() - start
@@ -559,20 +563,15 @@ def _check_training(
                          f"needs {expected}: pass augment_copies={args.augment_copies} to prepare_datasets.")
 
 
-@contextlib.contextmanager
-def _training_lock(output_dir: Path):
-    """Hold the checkpoint folder's lock while training; only rank 0 of a DDP run takes it."""
-    lock = FileLock(output_dir / ".training.lock", blocking=False)
+def _training_lock(output_dir: Path) -> contextlib.AbstractContextManager:
+    """The checkpoint folder's lock, held until the ``with`` ends; only rank 0 of a DDP run takes it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
     try:
-        if int(os.environ.get("RANK", "0")) == 0:
-            lock.acquire()
+        return FileLock(output_dir / ".training.lock", blocking=False).acquire()
     except Timeout:
         raise RuntimeError(f"Another process is training into {output_dir}: wait for it to finish (its checkpoints "
                            "will be resumed), or use another run_name.") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _embedded_tokens(model: torch.nn.Module) -> int | None:
@@ -602,31 +601,10 @@ def _training_data(
     return prepared, teacher if online else None
 
 
-def _trainer(
-    trainer_class: Callable[..., DistillationTrainer], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    args: DistillationTrainingArguments, datasets: DatasetDict, teacher: PreTrainedModel | None,
-) -> DistillationTrainer:
-    """The Trainer of one training, reporting progress as :func:`progress_mode` says."""
-    mode = progress_mode()
-    trainer = trainer_class(
-        model=model, args=replace(args, disable_tqdm=mode != "notebook"), teacher_model=teacher,
-        train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_accuracy_metric,
-    )
-    trainer.remove_callback(PrinterCallback)  # the epoch table says it once, readably
-    if mode == "console":
-        trainer.add_callback(ProgressLines())
-    return trainer
-
-
-PROGRESS_ENV = "KDLIB_PROGRESS"
-PROGRESS_FILE_ENV = "KDLIB_PROGRESS_FILE"  # set by the runner: a kernel's own stderr ends up in the notebook
-
-
 def progress_mode() -> str:
     """How training reports progress: ``$KDLIB_PROGRESS`` (notebook | console | off), else a bar in a
     notebook kernel and :class:`ProgressLines` anywhere else."""
-    mode = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    mode = os.environ.get("KDLIB_PROGRESS", "").strip().lower()
     if mode in {"notebook", "console", "off"}:
         return mode
     return "notebook" if is_in_notebook() else "console"
@@ -653,12 +631,12 @@ class ProgressLines(TrainerCallback):
         eta = f" · ~{_duration((now - self.start) / done * left)} left" if done > 0 and left > 0 else ""
         line = (f"[train] epoch {state.epoch or 0:.1f}/{args.num_train_epochs:g} · step {state.global_step}/"
                 f"{state.max_steps} · {_duration(now - self.start)} elapsed{eta}")
-        target = os.environ.get(PROGRESS_FILE_ENV)
+        target = os.environ.get("KDLIB_PROGRESS_FILE")  # set by the runner: a kernel's own stderr reaches the notebook
         if self.stream is None and target:
             with open(target, "a", encoding="utf-8") as handle:
                 print(line, file=handle, flush=True)
-        elif (self.stream or sys.__stderr__) is not None:
-            print(line, file=self.stream or sys.__stderr__, flush=True)
+        elif (stream := self.stream or sys.__stderr__) is not None:
+            print(line, file=stream, flush=True)
         self.last = now
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -306,6 +306,15 @@ def test_hub_custom_id_and_columns(monkeypatch):
     assert label_names(data) == HUB_NAMES
 
 
+def test_hub_dataset_without_a_train_split_is_refused_by_name(monkeypatch):
+    hub = fake_hub_dataset()
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, name=None, **kwargs: DatasetDict({"validation": hub["validation"],
+                                                                       "test": hub["test"]}))
+    with pytest.raises(DataError, match=r"'my_intents' has no 'train' split; it has \['validation', 'test'\]"):
+        load_intent_data("my_intents")
+
+
 @pytest.mark.parametrize("ref", ["DeepPavlov/clinc_oos", "someone/intents:plus"])
 def test_hub_owner_slash_name_reaches_hub(monkeypatch, tmp_path, ref):
     calls = []
