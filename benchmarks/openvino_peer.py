@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from kdlib.config import MAX_LENGTH
 from kdlib.inference import LABELS_KEY, Predictor, _lean_encoder, onnx_metadata
 
-DEFAULT_BUCKETS = (8, 12, 16, 24, 32, 64, 128)  # static sequence lengths; the last holds max_length
+DEFAULT_BUCKETS = (8, 12, 16, 24, 32, 64, MAX_LENGTH)  # static sequence lengths; the last holds max_length
 CALIBRATION_QUERIES = 300
 INSTALL_HINT = ".venv/bin/pip install --require-hashes --no-deps -r requirements-openvino.lock"
 

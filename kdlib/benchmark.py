@@ -160,11 +160,16 @@ def measure_quality(
     validation: Dataset | None = None, train: Dataset | None = None,
     oos_score: str = RunConfig.model_fields["oos_score"].default, threshold: ThresholdRule | None = None,
 ) -> Quality:
-    """The :class:`Quality` of ``predictor`` on one ``(text, label: ClassLabel)`` split: accuracy and macro-F1,
-    and with an OOS label the CLINC150 in-scope accuracy, OOS recall / precision and :data:`kdlib.oos.OOS_KEYS`
-    (None without one): the ``oos_score``'s AUROC / FPR95 and, with ``validation``, the metrics of the threshold
-    ``threshold`` chooses on it. ``"mahalanobis"`` is fit on ``train``; a predictor without features is scored by
-    ``energy``, and the record's ``oos_score`` says so."""
+    """The :class:`Quality` of ``predictor`` on one ``(text, label: ClassLabel)`` split (gold and predicted
+    matched by name): accuracy and macro-F1, plus, when the data has an OOS label, the CLINC150 in-scope
+    accuracy and OOS recall / precision, and this split's OOS scores for plotting.
+
+    With an OOS label, also the keys of :data:`kdlib.oos.OOS_KEYS`: the ``oos_score``'s AUROC / FPR95 and,
+    with ``validation``, the metrics of the threshold ``threshold`` (:class:`kdlib.oos.ThresholdRule`; None:
+    the run default) chooses on it, ``threshold_missed`` saying why when the rule admits none. Without an
+    OOS label these keys are None. ``oos_score="mahalanobis"`` is fit on ``train`` (required); a predictor
+    without features is scored by ``energy`` instead, and the record's ``oos_score`` says which was used.
+    """
     splits = {"dataset": dataset} if validation is None else {"dataset": dataset, "validation": validation}
     scored = score_splits(predictor, splits, train=train, oos_score=oos_score, oos_label=oos_label,
                           batch_size=batch_size)
@@ -261,14 +266,22 @@ class OtherProcesses:
 
 @dataclass(frozen=True)
 class BenchmarkOptions:
-    """How :class:`PerformanceBenchmark` measures; settings a run configuration also has default to
-    :class:`~kdlib.config.RunConfig`'s (:meth:`from_config` takes a run's). A bad setting is refused here.
+    """How :class:`PerformanceBenchmark` measures; every setting a run configuration also has takes its
+    default from :class:`~kdlib.config.RunConfig` (:meth:`from_config` takes a run's values).
 
-    ``oos_score``: ``"mahalanobis"`` (fit on the data's ``train`` split; ``energy`` for a predictor without
-    features), ``"energy"`` or ``"msp"``; ``threshold``: the rule that chooses the OOS threshold on ``validation``;
-    ``n_latency_queries`` single-query calls are timed after ``warmup`` untimed ones; ``batch_size`` and
-    ``throughput_batch_size`` batch the accuracy pass and the throughput measurement; ``threads``: torch threads
-    while measuring (None: the session's); ``clock``: the timer, replaceable in tests.
+    Attributes:
+        oos_score: ``"mahalanobis"`` (:class:`kdlib.oos.MahalanobisScore`, fit on the data's ``train``
+            split; ``energy`` for a predictor without features), ``"energy"`` or ``"msp"``
+            (:func:`kdlib.oos.oos_scores`).
+        threshold: how the OOS threshold is chosen on the ``validation`` split (:class:`kdlib.oos.ThresholdRule`).
+        n_latency_queries: single-query calls timed (the first queries of the test split).
+        warmup: untimed calls before timing.
+        batch_size: batch size of the accuracy pass (length-sorted, no gradients).
+        throughput_batch_size: batch size of the throughput measurement.
+        threads: torch threads while measuring (None: the session's).
+        clock: the timer, replaceable in tests.
+
+    A bad setting is refused here, when the options are built, before any model runs.
     """
 
     oos_score: str = RunConfig.model_fields["oos_score"].default
@@ -348,10 +361,19 @@ def _benchmark_splits(data: object, oos_score: str) -> tuple[Dataset, Dataset | 
 class PerformanceBenchmark:
     """Accuracy, size and latency of one model variant, under the reference study's names.
 
-    ``model`` is a :class:`~kdlib.inference.Predictor` or a ``transformers`` model (wrapped with ``tokenizer``);
-    ``data`` a ``datasets.DatasetDict`` of ``text`` and a ``label`` ClassLabel: ``test`` is measured, ``validation``
-    (if any) chooses the OOS threshold, ``train`` fits ``oos_score="mahalanobis"``. Every argument is checked here,
-    before any model runs; :meth:`run_benchmark` changes nothing, so a second call measures again.
+    Parameters:
+        model: a :class:`~kdlib.inference.Predictor` (any variant: fp32, int8, ONNX Runtime) or a
+            ``transformers`` model, which is wrapped together with ``tokenizer``.
+        data: a ``datasets.DatasetDict`` of ``text`` and a ``label`` ClassLabel: its ``test`` split is
+            measured, its ``validation`` split (if any) chooses the OOS threshold, and its ``train`` split
+            fits ``oos_score="mahalanobis"`` (needed only for that score).
+        name: the variant's name, the key of :meth:`run_benchmark`'s result.
+        options: how to measure (:class:`BenchmarkOptions`; None: its defaults, which are
+            :class:`~kdlib.config.RunConfig`'s; a run's: ``BenchmarkOptions.from_config(config)``).
+        tokenizer: needed only with a ``transformers`` model.
+
+    Every argument is checked here, before any model runs. :meth:`run_benchmark` returns one
+    :class:`BenchmarkResult` and changes nothing on the benchmark: a second call measures again.
     """
 
     def __init__(

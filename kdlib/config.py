@@ -17,6 +17,7 @@ import math
 import os
 import re
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ CONFIG_DIR_NAME = "configs"
 DEFAULT_PROFILE = "minilm"
 OVERRIDES = "overrides"  # the parameters-cell name that carries every run parameter the cell does not list
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SLUG_RULE = "must be a plain name: letters, digits, '.', '_' or '-', at most 64 characters, no '/'"  # SLUG in words
 MAX_LENGTH = 128  # tokens kept of each query, in training, inference and export alike
 VARIANTS = ("int8", "onnx", "onnx-int8", "onnx-fused-int8")  # kdlib.inference.build_variants builds them
 
@@ -217,6 +219,14 @@ def default_keep_layers(num_layers: int, keep: int | None = None) -> list[int]:
     return sorted({num_layers - 1 - round(i * num_layers / keep) for i in range(keep)})
 
 
+def layers_to_keep(num_layers: int, keep_layers: Sequence[int] | int | None) -> list[int]:
+    """The layer indices ``keep_layers`` stands for: a list names them, a count or None spreads them
+    (:func:`default_keep_layers`)."""
+    if keep_layers is None or isinstance(keep_layers, int):
+        return default_keep_layers(num_layers, keep_layers)
+    return list(keep_layers)
+
+
 def kept_count(share: float, total: int, param: str) -> int:
     """How many of ``total`` heads or neurons a layer keeps at ``share`` (``heads_keep``, ``ffn_keep``), or an error."""
     if isinstance(share, bool) or not 0 < share <= 1:
@@ -266,7 +276,7 @@ def _describe_error(error: dict, given: dict[str, Any]) -> str:
     shown = f" = {given[top]!r}" if top in given else ""
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "string_pattern_mismatch":  # every pattern here is SLUG
-        message = "must be a plain name: letters, digits, '.', '_' or '-', at most 64 characters, no '/'"
+        message = SLUG_RULE
     return f"{name}{shown}: {message}"
 
 
@@ -323,9 +333,12 @@ def parse_cli_value(name: str, text: str) -> Any:
         return value
     if name in {"run_name", "output_dir", "data_source", "teacher", "teacher_model", "student"}:
         return text
-    with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-3 (no dot) as text; a number field wants the number
-        if isinstance(value, str) and (math.isfinite(number := float(value)) or name not in RunConfig.model_fields):
-            return number
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text; a number field wants the number
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) or name not in RunConfig.model_fields else value
     return value
 
 

@@ -59,9 +59,12 @@ def load_intent_data(
 ) -> DatasetDict:
     """Load intent data from the embedded CLINC150, a release file, a folder of CSV/JSONL files or the Hub.
 
-    Relative paths are taken from ``base_dir``. Texts in more than one split give a :class:`DuplicateTextWarning`
-    (not with ``warn_duplicates=False``, for callers that show :func:`describe`'s counts instead);
-    ``drop_duplicates`` removes them from train and validation, never from test.
+    ``text_column`` / ``label_column`` name the columns of a folder or Hub dataset (the Hub's
+    ``clinc_oos`` uses ``intent`` for labels and is recognised automatically). Texts found in more
+    than one split are reported with a :class:`DuplicateTextWarning` (``warn_duplicates=False``: not
+    reported here, for a caller that shows :func:`describe`'s ``duplicates`` counts instead);
+    ``drop_duplicates`` drops them from train and validation (never from test). Relative paths are
+    taken from ``base_dir``.
     """
     resolved = resolve_data_source(source)
     if resolved == EMBEDDED_SOURCE:
@@ -237,7 +240,8 @@ def stratified_holdout(
         indices = by_label[label]
         rng.shuffle(indices)
         if len(indices) > 1:  # a label seen once stays in train
-            held.update(indices[:min(max(round(len(indices) * fraction), 1), len(indices) - 1)])
+            n_held = min(max(round(len(indices) * fraction), 1), len(indices) - 1)
+            held.update(indices[:n_held])
     keep = [i for i in range(len(texts)) if i not in held]
     return tuple(([texts[i] for i in part], [labels[i] for i in part]) for part in (keep, sorted(held)))
 
@@ -258,16 +262,14 @@ def load_hub(
         raise DataError(f"Could not load {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}){local}. "
                         f"Without Hub access, point `data_source` or ${DATA_ENV_VAR} at a local CLINC150 .json file "
                         "or folder.") from err
-    if "train" not in raw:
-        raise DataError(f"Hub dataset {name!r} has no 'train' split; it has {list(raw)}.")
-    if label_column not in raw["train"].column_names and "intent" in raw["train"].column_names:
-        label_column = "intent"  # clinc_oos names its label column `intent`
     splits = {}
-    for split in SPLITS:
+    for split in SPLITS:  # train first: its columns decide the label column
         source_split = split if split in raw else {"validation": "val"}.get(split, split)
         if source_split not in raw:
             raise DataError(f"Hub dataset {name!r} has no {split!r} split; it has {list(raw)}.")
         ds = raw[source_split]
+        if split == "train" and label_column not in ds.column_names and "intent" in ds.column_names:
+            label_column = "intent"  # clinc_oos names its label column `intent`
         missing = [c for c in (text_column, label_column) if c not in ds.column_names]
         if missing:
             raise DataError(f"Hub dataset {name!r} split {split!r}: missing column(s) {missing}; "
@@ -287,8 +289,8 @@ def build_dataset_dict(
 ) -> DatasetDict:
     """Validate raw (texts, labels) splits and build the ``DatasetDict`` every kdlib step expects.
 
-    Label ids follow ``label_names`` when the source defines an order (a Hub ClassLabel), else the
-    sorted train labels, so the same data always gives the same ids.
+    Label ids follow ``label_names`` when the source defines an order (a Hub ClassLabel; it must name every
+    train label), else the sorted train labels, so the same data always gives the same ids.
     """
     where = {split: str((files or {}).get(split) or origin) for split in SPLITS}
     for split in SPLITS:
@@ -337,10 +339,11 @@ def subsample(data: DatasetDict, sizes: dict[str, int | None], seed: int = 42) -
         # bool is an int to Python, but `max_train_rows=True` is a mistake, not one row.
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise DataError(f"max_{split}_rows must be a whole number >= 1 or None (the whole split), got {n!r}.")
-    return DatasetDict({
-        split: ds if (n := sizes.get(split)) is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(int(n)))
-        for split, ds in data.items()
-    })
+    out = {}
+    for split, ds in data.items():
+        n = sizes.get(split)
+        out[split] = ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(int(n)))
+    return DatasetDict(out)
 
 
 def _normalised(text: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def write_problem(folder: Path) -> tuple[Path, str | None]:
+    """The nearest existing folder of ``folder`` (itself when it exists) and why nothing can be created in it,
+    or None when a probe folder could be made there (and was removed at once)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return existing, f"{existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=existing))  # as root, os.access says yes to /proc
+    except OSError as err:
+        return existing, str(err.strerror or err)
+    return existing, None

@@ -14,6 +14,7 @@ import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 import huggingface_hub
 import torch
@@ -33,7 +34,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import prune_linear_layer
 
-from kdlib.config import MAX_LENGTH, default_keep_layers
+from kdlib.config import MAX_LENGTH, RunConfig, layers_to_keep
 from kdlib.io import atomic_path
 from kdlib.packaged import MPNET_ALIASES, mpnet_path
 
@@ -44,6 +45,7 @@ LOCAL_MODEL_OPTIONS = (
     "all-mpnet-base-v2 (offline from the `base` extra's packages), tiny-bert or tiny-distilbert"
 )
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+STUDENT_INITS = get_args(RunConfig.model_fields["student_init"].annotation)  # teacher_layers, pretrained, config
 
 # The tiny models: both architectures at the same sizes (DistilBERT names them differently).
 _TINY_ARCHITECTURES = {
@@ -322,8 +324,7 @@ def student_from_teacher(teacher: PreTrainedModel, keep_layers: Sequence[int] | 
     spread by :func:`default_keep_layers`; half when None), as DistilBERT starts from BERT (Sanh et al., 2019).
     MPNet's relative position bias belongs to its encoder, so every student keeps it."""
     prefix, layers = _layer_list(teacher)
-    keep = (default_keep_layers(len(layers), keep_layers) if keep_layers is None or isinstance(keep_layers, int)
-            else list(keep_layers))
+    keep = layers_to_keep(len(layers), keep_layers)
     if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(layers) for i in keep):
         raise ValueError(f"keep_layers must be distinct indices in [0, {len(layers) - 1}], got {keep}.")
     config = copy.deepcopy(teacher.config)
@@ -352,7 +353,7 @@ def init_student(init: str, *, teacher: PreTrainedModel, labels: Sequence[str], 
     if init == "pretrained":
         return load_classifier(student_ref, labels, seed=seed, param="student")
     if init != "config":
-        raise ValueError(f"Unknown student_init {init!r}; choose one of ('teacher_layers', 'pretrained', 'config').")
+        raise ValueError(f"Unknown student_init {init!r}; choose one of {STUDENT_INITS}.")
     if str(student_ref) in TINY_REFS:
         return make_tiny_model(str(student_ref), labels, seed=seed)
     config = _ref_config(student_ref, "student", **_label_maps(labels))

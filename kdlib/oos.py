@@ -117,11 +117,14 @@ THRESHOLD_RULES = typing.get_args(RunConfig.model_fields["threshold_rule"].annot
 class ThresholdRule:
     """How the threshold is chosen on validation, and the one setting each rule reads.
 
-    * ``in_scope_drop``: flag as many queries as possible while giving up at most ``in_scope_drop`` of the
-      model's **own** validation in-scope accuracy, so every variant pays the same in-scope price.
-    * ``flag_rate``: flag at most ``flag_rate`` of the validation in-scope queries.
-    * ``in_scope_accuracy`` (absolute): keep validation in-scope accuracy at or above ``in_scope_target``;
-      a model already below the target gets no threshold.
+    * ``in_scope_drop`` (relative to the model): flag as many queries as possible while giving up at
+      most ``in_scope_drop`` of the model's **own** validation in-scope accuracy (0.01: one point).
+      Every variant pays the same in-scope price, so their OOS recalls compare fairly, and a model
+      whose in-scope accuracy is low still gets a threshold.
+    * ``flag_rate`` (relative to the model): flag at most ``flag_rate`` of the validation in-scope
+      queries (a target false-positive rate).
+    * ``in_scope_accuracy`` (absolute): keep validation in-scope accuracy at or above
+      ``in_scope_target``; a model already below the target gets no threshold.
     * ``accuracy``: maximise validation accuracy (it depends on the validation split's OOS share).
     """
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdlib.config import SLUG, ConfigError, RunConfig
+from kdlib.config import SLUG, SLUG_RULE, ConfigError, RunConfig
 from kdlib.io import project_root
 
 
@@ -34,7 +34,7 @@ class RunPaths:
     def of(cls, output_dir: str | os.PathLike, run_name: str) -> RunPaths:
         """The folders of run ``run_name`` under ``output_dir`` (relative: to the project root)."""
         if not SLUG.match(run_name or ""):
-            raise ConfigError(f"run_name = {run_name!r}: must be letters, digits, '.', '_' or '-' (a folder name).")
+            raise ConfigError(f"run_name = {run_name!r}: {SLUG_RULE} (a folder name).")
         out = Path(output_dir).expanduser()
         if not out.is_absolute():
             out = project_root() / out

@@ -89,11 +89,16 @@ def _check_metric_table(table: pd.DataFrame, accuracy: str = "accuracy", latency
 
 def plot_metrics(table: pd.DataFrame, highlight: str | None = None, *, out_stem: str | os.PathLike | None = None,
                  runs_as_markers: bool = True, accuracy: str = "accuracy", latency: str = "time_avg_ms") -> Figure:
-    """Accuracy (%) against latency (the table's ``accuracy`` and ``latency`` columns), bubble area
-    proportional to model size, with each run's Pareto front as a step line.
+    """Accuracy (%) against latency, bubble area proportional to model size.
 
-    One colour per variant and, with ``runs_as_markers``, one marker shape per run. ``highlight`` (a
-    variant) is drawn filled, on top, outlined and named, so it stays visible behind overlapping bubbles.
+    ``accuracy`` and ``latency`` name the table's columns on the axes: plain accuracy against mean
+    latency by default; notebook 03 draws the recommendation's own axes (threshold accuracy against
+    p50, :func:`kdlib.recommend.recommendation`), so the front and the highlight are the ones the rule reads.
+    One point per (run, variant): a colour per variant and, with ``runs_as_markers``, a marker shape
+    per run. ``highlight`` (a variant name) is drawn filled, on top, with a thick black outline and
+    its name, so it stays visible behind overlapping bubbles. Each run's Pareto front is a step line
+    (the best accuracy reachable within a given latency). The legend, right of the axes, ends with a
+    key of bubble sizes in MB.
     """
     table = _check_metric_table(table, accuracy, latency)
     if table.empty:
@@ -117,9 +122,10 @@ def plot_metrics(table: pd.DataFrame, highlight: str | None = None, *, out_stem:
         if bold:
             for x, y in zip(rows[latency], rows[accuracy] * 100, strict=True):
                 ax.annotate(variant, (x, y), xytext=(8, 8), textcoords="offset points", fontweight="bold")
+        style = (dict(alpha=0.9, edgecolors="black", linewidths=2.0, zorder=3) if bold
+                 else dict(alpha=0.5, edgecolors="none", zorder=2))
         ax.scatter(rows[latency], rows[accuracy] * 100, marker=marker_of[run], s=areas, color=colour_of[variant],
-                   label=f"{run}/{variant}" if len(runs) > 1 else variant, alpha=0.9 if bold else 0.5,
-                   edgecolors="black" if bold else "none", linewidths=2.0 if bold else None, zorder=3 if bold else 2)
+                   label=f"{run}/{variant}" if len(runs) > 1 else variant, **style)
     for i, run in enumerate(runs):
         front = pareto_front(table[table["run"] == run], accuracy, latency)
         ax.step(front[latency], front[accuracy] * 100, where="post", color="0.35", linewidth=1, zorder=0,
@@ -209,8 +215,11 @@ def plot_soft_targets(probs_by_temperature: Mapping[float, np.ndarray], labels: 
     ax.set(ylabel="Probability (log scale)", yscale="log")
     lowest = min(float(probs[t][order].min()) for t in temperatures)
     ax.set_ylim(max(lowest / 2, 1e-12), 1.5)
-    shown = query if not query or len(query) <= 60 else query[:57] + "..."
-    ax.set_title("Teacher's soft targets" + (f' for "{shown}"' if query else ""))
+    title = "Teacher's soft targets"
+    if query:
+        shown = query if len(query) <= 60 else query[:57] + "..."
+        title += f' for "{shown}"'
+    ax.set_title(title)
     ax.set_xlabel(f"Top {len(names)} classes by probability at T = {reference:g}")
     ax.legend()
     ax.grid(True, axis="y", which="both", alpha=0.3)

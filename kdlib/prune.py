@@ -130,7 +130,8 @@ def prune_and_recover(
     shares = {"ffn_keep": config.ffn_keep, "heads_keep": config.heads_keep}
     settings = json.dumps([fingerprint, {**shares, "prune_epochs": config.prune_epochs}])
     pruned_fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:16]
-    training = train_model(prune_model(model, importance, **shares), tokenizer, data,
+    heads, neurons = choose_kept(importance, **shares)  # once: the pruned model and the record share the choice
+    training = train_model(shrink_layers(copy.deepcopy(model), heads, neurons), tokenizer, data,
                            replace(args, num_train_epochs=config.prune_epochs), teacher=teacher,
                            fingerprint=pruned_fingerprint)
-    return PruningResult(importance, training, pruned_fingerprint, kept_heads=choose_kept(importance, **shares)[0])
+    return PruningResult(importance, training, pruned_fingerprint, kept_heads=heads)

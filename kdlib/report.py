@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from kdlib.config import SLUG
+from kdlib.config import SLUG, SLUG_RULE
 from kdlib.data import EMBEDDED_SOURCE, resolve_data_source
 from kdlib.io import atomic_write_text, project_root
 from kdlib.oos import NOT_APPLICABLE, OOS_KEYS
 from kdlib.session import library_versions
 
-# Columns of the comparison table, in order (README and notebook 03 describe each).
+# Columns of the comparison table, in order (comparison_table defines the ratios).
 TABLE_COLUMNS = [
     "run", "variant", "accuracy", "in_scope_accuracy", "oos_recall", "oos_precision", "oos_score", *OOS_KEYS,
     "loses_more_oos", "size_mb", "num_parameters", "time_avg_ms", "time_std_ms", "time_p50_ms", "time_p95_ms",
@@ -32,8 +32,7 @@ TABLE_COLUMNS = [
 def _check_name(value: str, what: str) -> str:
     """``value``, refused unless it is a plain name (the run parameters' rule): it becomes a file name."""
     if not SLUG.match(value or ""):
-        raise ValueError(f"{what} {value!r} must be a plain name: letters, digits, '.', '_' or '-', at most 64 "
-                         "characters (it becomes a file name).")
+        raise ValueError(f"{what} {value!r} {SLUG_RULE} (it becomes a file name).")
     return value
 
 
@@ -47,9 +46,10 @@ def _json_safe(value):
 
 def portable_ref(ref: str | None) -> str | None:
     """A model path inside the project, relative to it (records are committed and shared)."""
-    if ref and os.path.isabs(ref) and Path(ref).resolve().is_relative_to(project_root()):
-        return str(Path(ref).resolve().relative_to(project_root()))
-    return ref
+    if not ref or not os.path.isabs(ref):
+        return ref
+    path, root = Path(ref).resolve(), project_root()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else ref
 
 
 def save_record(results_dir: str | os.PathLike, run: str, variant: str, metrics: dict, **identity: str | None) -> Path:
@@ -113,9 +113,15 @@ def check_lineage(records: list[dict], baseline: str = "teacher") -> None:
 
 
 def comparison_table(records: list[dict], baseline: str = "teacher") -> pd.DataFrame:
-    """One row per (run, variant) with the documented :data:`TABLE_COLUMNS`. The ``*_vs_baseline`` ratios
-    compare a variant with its own run's baseline (speed is only comparable within one run); ``loses_more_oos``:
-    its OOS recall with threshold fell further below the baseline's than its in-scope accuracy did."""
+    """One row per (run, variant) with the :data:`TABLE_COLUMNS`.
+
+    ``speedup_vs_baseline`` = baseline mean latency / variant mean latency,
+    ``throughput_vs_baseline`` = variant batch throughput / baseline's and
+    ``size_ratio_vs_baseline`` = variant size / baseline size, all within the same run, since
+    speed is only comparable between figures measured in one run on one machine.
+    ``loses_more_oos``: the variant's OOS recall with threshold fell further below the baseline's
+    than its in-scope accuracy with threshold did (None without OOS figures).
+    """
     rows = [{**{c: r.get(c) for c in TABLE_COLUMNS}, "threads": (r.get("env") or {}).get("threads")} for r in records]
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     numeric = [c for c in TABLE_COLUMNS if c not in ("run", "variant", "oos_score", "loses_more_oos")]
@@ -351,6 +357,7 @@ class CardFile:
         return f"model card: {shown.as_posix()}"
 
 
+# The test results a student's card lists, in this order, when its record has them.
 CARD_METRICS = ("accuracy", "in_scope_accuracy", "oos_recall", "oos_auroc", "threshold_accuracy",
                 "threshold_oos_recall")
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -44,7 +43,7 @@ from kdlib.config import (
     parse_cli_value,
     profile_path,
 )
-from kdlib.io import project_root
+from kdlib.io import project_root, write_problem
 from kdlib.paths import RunPaths
 
 NOTEBOOKS = ("01_baseline_benchmark", "02_distill", "03_compare")
@@ -63,15 +62,18 @@ def notebook_parameters(notebook: Path, params: dict) -> dict:
 
 class _CtrlC:
     """Ctrl-C while a notebook runs: the first interrupts the kernel's running cell (papermill saves the partly
-    executed notebook) or, between cells, stops the run before the next one; a second stops this process, and is
-    sent by itself after ``grace`` seconds when the interrupt was lost with a cell's reply. Only in a main thread
-    that handles SIGINT (a background process inherits it ignored)."""
+    executed notebook) or, between cells, stops the run before the next one; a second stops this process.
+    An interrupt that arrives after a cell ended but before it replied is lost, so without a reply within
+    ``grace`` seconds the second Ctrl-C is sent for the user. Only in a main thread that handles SIGINT (a
+    background process inherits it ignored)."""
 
     grace = 60.0
-    client: Any = None  # the notebook client, set by the engine's on_client
-    requested = False
-    _previous: Any = None
-    _second: threading.Timer | None = None
+
+    def __init__(self) -> None:
+        self.client: Any = None  # the notebook client, set by the engine's on_client
+        self.requested = False
+        self._previous: Any = None
+        self._second: threading.Timer | None = None
 
     def __enter__(self) -> _CtrlC:
         main_thread = threading.current_thread() is threading.main_thread()
@@ -294,14 +296,10 @@ def main(argv: list[str] | None = None) -> int:
 def _check_writable(folder: Path, *, param: str, given: object) -> None:
     """Raise :class:`ConfigError` unless a probe folder can be made (and is removed at once) in ``folder`` or,
     when it does not exist yet, its nearest existing parent."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file, not a folder")
-        os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=existing))
-    except OSError as err:
-        raise ConfigError(f"{param} = {given!r}: cannot write into {existing} ({err.strerror or err}). Choose a "
-                          f"folder you can write to with -p {param} PATH.") from None
+    existing, problem = write_problem(folder)
+    if problem:
+        raise ConfigError(f"{param} = {given!r}: cannot write into {existing} ({problem}). Choose a folder you can "
+                          f"write to with -p {param} PATH.")
 
 
 def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
@@ -329,14 +327,14 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
     if distils and config.heads_keep < 1:
         from kdlib.models import reference_num_heads  # torch and transformers: only a run that prunes waits
 
-        if config.student_init != "teacher_layers":
-            param = "student"  # the heads of the config the student starts from
-        heads = reference_num_heads(getattr(config, param), param=param)
+        # the heads of the model the student starts from: the teacher's layers, else the `student` config
+        source = param if config.student_init == "teacher_layers" else "student"
+        heads = reference_num_heads(getattr(config, source), param=source)
         try:
             kept_count(config.heads_keep, heads, "heads_keep")
         except ValueError:
             raise ConfigError(f"heads_keep = {config.heads_keep}: the student's layers have {heads} attention heads "
-                              f"({param} = {getattr(config, param)!r}), so this keeps none. Use -p heads_keep "
+                              f"({source} = {getattr(config, source)!r}), so this keeps none. Use -p heads_keep "
                               f"{1 / heads:.3g} or more.") from None
     if any(name.startswith(("01", "02")) for name in notebooks):
         with warnings.catch_warnings(action="ignore"):  # a warning about the data (duplicates) is the notebook's
@@ -345,7 +343,8 @@ def check_run(config: RunConfig, notebooks: Sequence[str] = NOTEBOOKS) -> None:
 
 def execute(config: RunConfig, profile: str, overrides: dict[str, Any], args: argparse.Namespace) -> int:
     """Run the selected notebooks on a validated configuration, holding the run's lock."""
-    from kdlib.data import DataError  # imports datasets (a second or more): a refused command answers without it
+    # kdlib.data imports datasets (a second or more): a command refused for its parameters answers without it
+    from kdlib.data import DataError
 
     paths = RunPaths.for_config(config)
     executed_dir = Path(args.into).resolve() if args.into else paths.notebooks_dir

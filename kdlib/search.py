@@ -272,8 +272,8 @@ def plan_distillation(
     tokenizer: PreTrainedTokenizerBase, data: DatasetDict, *, teacher: PreTrainedModel, student: PreTrainedModel,
 ) -> tuple[PreTrainedModel, DistillationTrainingArguments]:
     """Notebook 02's student and its training arguments: with ``n_trials`` the search's choice (a latency
-    search's depth: a fresh student) and its trials in ``tables/<run>/search_trials``; without, ``student``,
-    the run's settings and no trials table."""
+    search's depth: a fresh student) and its trials in ``tables/<run>/search_trials``; without, ``student``
+    and the run's settings, and an earlier run's trials table is removed so that 03 never shows it as this run's."""
     storage = config.search_storage or paths.search_journal
     best = search_from_config(config, make_student, tokenizer, data, teacher=teacher, storage=storage,
                               output_dir=paths.checkpoints_dir / "search")

@@ -341,13 +341,15 @@ def prepare_datasets(
 
 
 def _with_teacher_logits(
-    tokenized: DatasetDict, texts: DatasetDict, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase | None, *, max_length: int,
+    tokenized: DatasetDict, data: DatasetDict, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None, *, max_length: int, augment_copies: int = 0, seed: int = 0,
 ) -> DatasetDict:
-    """``tokenized`` (``texts`` tokenised) with the teacher's cached logits: of the same tokens when
-    ``teacher_tokenizer`` is None or shares the vocabulary, else of its own tokens of ``texts``."""
+    """``tokenized`` (``data`` with ``augment_copies`` noisy copies, tokenised) with the teacher's cached logits:
+    of the same tokens when ``teacher_tokenizer`` is None or shares the vocabulary, else of its own tokens of
+    each text (the copies made again only then: seeded, they are the same)."""
     if teacher_tokenizer is None or share_vocabulary(teacher_tokenizer, tokenizer):
         return add_teacher_logits(tokenized, teacher, tokenizer)
+    texts = add_noisy_copies(data, augment_copies, seed=seed)
     return add_teacher_logits(tokenized, teacher, teacher_tokenizer, texts=texts, max_length=max_length)
 
 
@@ -505,9 +507,12 @@ def train_model(
     (:func:`checkpoint_key`), resumed with ``args.resume``, locked against a second process. ``prepared``
     (:func:`prepare_datasets` of ``data``) lets runs share the tokenising and the logit cache;
     ``teacher=(teacher, teacher_tokenizer)`` serves a student of another vocabulary."""
-    teacher, teacher_tokenizer = teacher if isinstance(teacher, tuple) and len(teacher) == 2 else (teacher, None)
+    teacher_tokenizer = None
     if isinstance(teacher, tuple):
-        raise TypeError(f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} items.")
+        if len(teacher) != 2:
+            raise TypeError(f"teacher must be a model or a (model, tokenizer) pair; got a tuple of {len(teacher)} "
+                            "items.")
+        teacher, teacher_tokenizer = teacher
     _check_training(args, data, model, tokenizer, teacher, teacher_tokenizer, prepared)
     set_seed(args.seed)
     output_dir = Path(args.output_dir) / checkpoint_key(args, model, fingerprint)
@@ -595,9 +600,8 @@ def _training_data(
                                     augment_copies=args.augment_copies, seed=args.seed,
                                     teacher_tokenizer=teacher_tokenizer)
     elif cached and TEACHER_LOGITS not in prepared["train"].column_names:
-        texts = add_noisy_copies(data, args.augment_copies, seed=args.seed)
-        prepared = _with_teacher_logits(prepared, texts, teacher, tokenizer, teacher_tokenizer,
-                                        max_length=args.max_length)
+        prepared = _with_teacher_logits(prepared, data, teacher, tokenizer, teacher_tokenizer,
+                                        max_length=args.max_length, augment_copies=args.augment_copies, seed=args.seed)
     return prepared, teacher if online else None
 
 

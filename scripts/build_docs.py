@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdlib.config import default_keep_layers, load_config
+from kdlib.config import layers_to_keep, load_config
 from kdlib.recommend import recommendation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +346,7 @@ def book_table(base: dict, default: dict) -> list[str]:
 def kept_layers(profile: str, teacher_layers: int) -> str:
     """How many of its teacher's ``teacher_layers`` layers the profile's student keeps, e.g. "4 of its 6 layers"."""
     keep = load_config(profile).keep_layers
-    count = len(keep if isinstance(keep, list) else default_keep_layers(teacher_layers, keep))
+    count = len(layers_to_keep(teacher_layers, keep))
     return f"{count} of its {teacher_layers} layers"
 
 
@@ -723,7 +723,8 @@ def width_depth_tables(root: Path, spec: dict) -> list[str]:
 
 
 def recovery_epochs(row: dict, found: dict) -> str:
-    """The epochs of distillation that recovered a pruned candidate (its own, else the record's ``prune_epochs``)."""
+    """The epochs of distillation that recovered a pruned candidate: its own, else (a record written before
+    each row carried its own) the record's ``prune_epochs``."""
     if row["ffn_keep"] == 1 and row["heads_keep"] == 1:
         return DASH
     return str(row.get("prune_epochs", found.get("prune_epochs")))

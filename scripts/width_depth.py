@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from kdlib.config import ConfigError, kept_count, load_config, parse_cli_value
-from kdlib.io import atomic_write_text, project_root
+from kdlib.io import atomic_write_text, project_root, write_problem
 from kdlib.paths import RunPaths, missing_model_files
 from kdlib.run import absolute_paths
 
@@ -84,14 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
 def read_record(path: Path) -> dict:
     """The record to resume (empty when ``path`` does not exist yet), checked before any training: an
     existing file must be a record of this script, and its folder (or nearest existing parent) writable."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".kdlib-probe-", dir=folder))  # as root, os.access says yes to /proc
-    except OSError as err:
-        raise ConfigError(f"--out {path}: cannot write into {folder} ({err.strerror or err}); choose a file in a "
-                          "folder you can write to.") from None
+    folder, problem = write_problem(path.parent)
+    if problem:
+        raise ConfigError(f"--out {path}: cannot write into {folder} ({problem}); choose a file in a folder you can "
+                          "write to.")
     if not path.exists():
         return {"candidates": {}}
     try:
@@ -123,7 +118,7 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
         weights_digest,
     )
     from kdlib.models import student_from_teacher
-    from kdlib.prune import prune_and_recover
+    from kdlib.prune import is_pruning, prune_and_recover
     from kdlib.session import env_fingerprint
 
     prepare_session(config.seed, config.threads)
@@ -141,7 +136,8 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
         model = student_from_teacher(teacher, layers)
         if layers < depth:
             model = train_model(model, tokenizer, data, train_args, teacher=teacher, fingerprint=fingerprint).model
-        if ffn < 1 or head < 1:
+        pruning = is_pruning(candidate)
+        if pruning:
             model = prune_and_recover(model, tokenizer, data, train_args, candidate, teacher=teacher,
                                       fingerprint=fingerprint).training.model
         save_model(model, tokenizer, paths.models_dir / "width_depth" / name)
@@ -155,9 +151,9 @@ def run(profile: str, config, paths: RunPaths, candidates: dict[str, tuple[int, 
             "intermediate_size": model.config.intermediate_size,
             "attention_heads": getattr(model.config, "pruned_attention_heads", model.config.num_attention_heads),
             **measured, "seconds": round(time.perf_counter() - start, 1),
-            **({"prune_epochs": config.prune_epochs} if ffn < 1 or head < 1 else {}),
+            **({"prune_epochs": config.prune_epochs} if pruning else {}),
         }
-        record.update(run=config.run_name, prune_epochs=config.prune_epochs, epochs=config.epochs,
+        record.update(run=config.run_name, epochs=config.epochs,
                       machine={k: env_fingerprint()[k] for k in ("threads", "cpu", "torch_version")})
         atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
         print(name, json.dumps(record["candidates"][name]), flush=True)
